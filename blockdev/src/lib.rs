@@ -1,0 +1,8 @@
+//! vmsync storage core.
+//!
+//! * [`device`]: the [`BlockDevice`] trait every layer implements.
+//! * [`backing`]: the local backing store (file or block device) on io_uring.
+//! * [`meta`]: on-disk metadata: superblock, staleness bitmaps, activity log.
+//! * [`ublk`]: the frontend that serves a [`BlockDevice`] as `/dev/ublkbN`.
+
+pub mod meta;

@@ -1,0 +1,1 @@
+//! vmsync wire protocol (being written).

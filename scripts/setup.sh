@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything vmsync needs on a fresh Debian bookworm machine and builds it.
+# Idempotent: safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+PKGS=(libclang-dev clang pkg-config qemu-system-x86 busybox-static e2fsprogs fio xz-utils cpio gzip iproute2 util-linux kmod)
+
+need_pkgs=()
+for p in "${PKGS[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
+# Debian's 6.12 kernel (bookworm-security / backports) has CONFIG_BLK_DEV_UBLK=m; 6.1 does not.
+if ! ls /boot/vmlinuz-6.12.* >/dev/null 2>&1; then
+  need_kernel=1
+else
+  need_kernel=0
+fi
+
+if [ ${#need_pkgs[@]} -gt 0 ] || [ "$need_kernel" -eq 1 ]; then
+  $SUDO apt-get update -q
+  if [ ${#need_pkgs[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+  fi
+  if [ "$need_kernel" -eq 1 ]; then
+    kpkg=$(apt-cache search --names-only '^linux-image-6\.12\..*-amd64-unsigned$' | awk '{print $1}' | grep -v -e '-cloud-' -e '-rt-' | sort -V | tail -n1)
+    if [ -z "$kpkg" ]; then
+      echo "setup: no linux-image-6.12.*-amd64-unsigned package found in apt sources" >&2
+      exit 1
+    fi
+    # Only the kernel image and its modules are needed; the VM boots it directly.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$kpkg"
+  fi
+fi
+
+cargo build --release --workspace --all-targets
