@@ -6,3 +6,9 @@
 //! * [`ublk`]: the frontend that serves a [`BlockDevice`] as `/dev/ublkbN`.
 
 pub mod meta;
+pub mod backing;
+pub mod buffer;
+pub mod device;
+
+pub use backing::{BackingError, BackingOptions, BackingStore};
+pub use device::BlockDevice;

@@ -1,0 +1,274 @@
+//! The local backing store: a regular file or a block device, driven through
+//! io_uring.
+//!
+//! This is the bottom of the block stack. It knows nothing of replication; it
+//! turns [`BlockDevice`] calls into io_uring operations on one file
+//! descriptor, with O_DIRECT when the configuration asks for it.
+
+mod uring;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use io_uring::{opcode, types};
+
+use crate::buffer::{is_aligned, AlignedBuf};
+use crate::device::{check_range, BlockDevice};
+use uring::{cqe_to_result, Uring};
+
+/// Queue depth of the ring; more in-flight requests simply wait in `push`.
+const RING_ENTRIES: u32 = 256;
+
+/// Largest single zero-fill write when a backing cannot zero a range itself.
+const ZERO_FILL_CHUNK: u64 = 1 << 20;
+
+/// How the backing store is opened.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackingOptions {
+    /// Bypass the page cache (O_DIRECT). Buffers that are not 4 KiB-aligned
+    /// are bounced through an aligned copy.
+    pub direct_io: bool,
+}
+
+/// Why a backing store could not be opened. Every case names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum BackingError {
+    #[error("backing store {path}: cannot open: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("backing store {path} is neither a regular file nor a block device")]
+    NotFileOrDevice { path: PathBuf },
+    #[error("backing store {path} holds {actual} bytes, smaller than the configured size of {wanted} bytes")]
+    TooSmall {
+        path: PathBuf,
+        actual: u64,
+        wanted: u64,
+    },
+    #[error("backing store {path}: cannot set up io_uring: {source}")]
+    Uring { path: PathBuf, source: io::Error },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackingKind {
+    File,
+    BlockDevice,
+}
+
+/// A file or block device serving the first `size` bytes as a [`BlockDevice`].
+pub struct BackingStore {
+    file: File,
+    path: PathBuf,
+    kind: BackingKind,
+    size: u64,
+    direct_io: bool,
+    uring: Uring,
+}
+
+impl BackingStore {
+    /// Opens `path` to serve `size` bytes. Refuses, without writing anything,
+    /// a path that is missing, of the wrong type, or smaller than `size`.
+    pub fn open(path: &Path, size: u64, options: BackingOptions) -> Result<Self, BackingError> {
+        let open_err = |source| BackingError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut open = OpenOptions::new();
+        open.read(true).write(true);
+        if options.direct_io {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let file = open.open(path).map_err(open_err)?;
+        let file_type = file.metadata().map_err(open_err)?.file_type();
+        let (kind, actual) = if file_type.is_file() {
+            (BackingKind::File, file.metadata().map_err(open_err)?.len())
+        } else if file_type.is_block_device() {
+            (BackingKind::BlockDevice, block_device_size(&file).map_err(open_err)?)
+        } else {
+            return Err(BackingError::NotFileOrDevice {
+                path: path.to_path_buf(),
+            });
+        };
+        if actual < size {
+            return Err(BackingError::TooSmall {
+                path: path.to_path_buf(),
+                actual,
+                wanted: size,
+            });
+        }
+        let uring = Uring::new(RING_ENTRIES).map_err(|source| BackingError::Uring {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(BackingStore {
+            file,
+            path: path.to_path_buf(),
+            kind,
+            size,
+            direct_io: options.direct_io,
+            uring,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.file.as_raw_fd())
+    }
+
+    /// Reads exactly `buf.len()` bytes, retrying short reads.
+    async fn read_exact_at(&self, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let len = chunk_len(buf.len());
+            let entry = opcode::Read::new(self.fd(), buf.as_mut_ptr(), len)
+                .offset(offset)
+                .build();
+            // SAFETY: `buf` is borrowed until the op completes (UringOp waits on drop).
+            let done = cqe_to_result(unsafe { self.uring.submit(entry) }.await)?;
+            if done == 0 {
+                // Past the end of a file: the rest reads as zeroes, like a hole.
+                buf.fill(0);
+                return Ok(());
+            }
+            offset += done as u64;
+            buf = &mut buf[done..];
+        }
+        Ok(())
+    }
+
+    /// Writes all of `data`, retrying short writes.
+    async fn write_all_at(&self, mut offset: u64, mut data: &[u8], fua: bool) -> io::Result<()> {
+        let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
+        while !data.is_empty() {
+            let len = chunk_len(data.len());
+            let entry = opcode::Write::new(self.fd(), data.as_ptr(), len)
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build();
+            // SAFETY: `data` is borrowed until the op completes.
+            let done = cqe_to_result(unsafe { self.uring.submit(entry) }.await)?;
+            if done == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "backing write made no progress"));
+            }
+            offset += done as u64;
+            data = &data[done..];
+        }
+        Ok(())
+    }
+
+    async fn fallocate(&self, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+        let entry = opcode::Fallocate::new(self.fd(), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        // SAFETY: fallocate references no memory.
+        cqe_to_result(unsafe { self.uring.submit(entry) }.await).map(|_| ())
+    }
+
+    /// Writes zero buffers: the fallback for backings that cannot zero a range.
+    async fn zero_fill(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        let zeroes = AlignedBuf::zeroed(ZERO_FILL_CHUNK.min(len) as usize);
+        while offset < end {
+            let n = (end - offset).min(ZERO_FILL_CHUNK) as usize;
+            self.write_all_at(offset, &zeroes.as_slice()[..n], false).await?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// io_uring lengths are u32; large requests go in pieces.
+fn chunk_len(len: usize) -> u32 {
+    len.min(1 << 30) as u32
+}
+
+fn is_unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOTTY)
+    )
+}
+
+impl BlockDevice for BackingStore {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        if self.direct_io && !is_aligned(buf.as_ptr()) {
+            let mut bounce = AlignedBuf::zeroed(buf.len());
+            self.read_exact_at(offset, bounce.as_mut_slice()).await?;
+            buf.copy_from_slice(bounce.as_slice());
+            return Ok(());
+        }
+        self.read_exact_at(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        check_range(self.size, offset, data.len() as u64)?;
+        if self.direct_io && !is_aligned(data.as_ptr()) {
+            let bounce = AlignedBuf::copy_from(&data);
+            return self.write_all_at(offset, bounce.as_slice(), fua).await;
+        }
+        self.write_all_at(offset, &data, fua).await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let entry = opcode::Fsync::new(self.fd())
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        // SAFETY: fsync references no memory.
+        cqe_to_result(unsafe { self.uring.submit(entry) }.await).map(|_| ())
+    }
+
+    /// Punches a hole (files) or zeroes-with-unmap (block devices). Both
+    /// release the space *and* make the range read back as zeroes; a plain
+    /// BLKDISCARD would leave the contents undefined and replicas could
+    /// differ afterwards.
+    async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(offset, len, punch).await {
+            Err(e) if is_unsupported(&e) => self.zero_fill(offset, len).await,
+            other => other,
+        }
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(offset, len, zero_range).await {
+            Err(e) if is_unsupported(&e) => match self.kind {
+                // tmpfs and some file systems lack ZERO_RANGE; a hole reads as zeroes too.
+                BackingKind::File => self.discard(offset, len).await,
+                BackingKind::BlockDevice => self.zero_fill(offset, len).await,
+            },
+            other => other,
+        }
+    }
+}
+
+nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
+
+/// Capacity of a block device in bytes (BLKGETSIZE64).
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    unsafe { blk_get_size64(file.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests;
