@@ -1,1 +1,36 @@
-//! vmsync wire protocol (being written).
+//! The vmsync wire protocol: framing, messages, and the connection
+//! handshake with mutual authentication.
+//!
+//! This crate is pure: codecs and state machines over byte buffers, no
+//! sockets, no timers, no policy. The daemon owns the connections and feeds
+//! bytes in and out:
+//!
+//! * [`encode`] appends a [`Message`] as one frame to a send buffer;
+//!   [`decode`] takes one frame off the front of a receive buffer, returning
+//!   `Ok(None)` until a whole frame is there. Malformed input of any kind is
+//!   an error, never a panic or an unbounded allocation: the daemon closes
+//!   that connection and carries on.
+//! * [`Handshake`] runs the symmetric Hello / AuthResponse / AuthOk exchange
+//!   that checks version, resource, node ids and channel and proves both
+//!   sides know the shared secret.
+//!
+//! Module map: [`frame`] (frame header, encode/decode), [`message`] (the
+//! messages and their wire codes), [`handshake`], [`types`] (enums and small
+//! structs inside messages), `codec` (field encoding), [`error`].
+
+mod codec;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod message;
+pub mod types;
+
+pub use error::ProtocolError;
+pub use frame::{decode, encode, encode_to_bytes, HEADER_LEN, MAGIC, MAX_DATA_LEN, MAX_PAYLOAD};
+pub use handshake::{Handshake, HandshakeError, HandshakeParams, HandshakeStep, PeerInfo};
+pub use message::{BlockHash, Mac, Message, MessageType, Nonce};
+pub use types::{Channel, DiskState, GenerationIds, Role};
+
+/// Version of the wire protocol spoken by this crate. Peers must speak the
+/// same version; it is checked (and authenticated) in the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
