@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Installs everything vmsync needs on a fresh Debian bookworm machine and builds it.
-# Idempotent: safe to run again.
+# Installs everything vmsync needs on a fresh Debian bookworm machine, builds
+# it, and runs the demo (a vmsync disk with a file system, in the test VM).
+# Idempotent: safe to run again. --no-demo skips the demo (CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+run_demo=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-demo) run_demo=0 ;;
+    *) echo "usage: scripts/setup.sh [--no-demo]" >&2; exit 2 ;;
+  esac
+done
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -36,4 +45,15 @@ if [ ${#need_pkgs[@]} -gt 0 ] || [ "$need_kernel" -eq 1 ]; then
   fi
 fi
 
-cargo build --release --workspace --all-targets
+# Toolchain components the test command uses.
+if command -v rustup >/dev/null 2>&1; then
+  rustup component add rustfmt clippy >/dev/null 2>&1 || true
+fi
+
+cargo build --release --workspace --bins
+
+if [ "$run_demo" -eq 1 ]; then
+  # The main job: a vmsync disk served over real ublk inside the test VM,
+  # with an ext4 file system on it (see tests/vm/scenarios/demo.sh).
+  tests/vm/run.sh demo
+fi

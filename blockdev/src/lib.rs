@@ -5,10 +5,12 @@
 //! * [`meta`]: on-disk metadata: superblock, staleness bitmaps, activity log.
 //! * [`ublk`]: the frontend that serves a [`BlockDevice`] as `/dev/ublkbN`.
 
-pub mod meta;
 pub mod backing;
+pub mod blocksock;
 pub mod buffer;
 pub mod device;
+pub mod meta;
 
 pub use backing::{BackingError, BackingOptions, BackingStore};
 pub use device::BlockDevice;
+pub mod ublk;

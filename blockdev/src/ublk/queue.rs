@@ -1,0 +1,130 @@
+//! One ublk queue: a thread with its own io_uring, one task per tag.
+//!
+//! Each task fetches a request from the kernel, turns it into one call on the
+//! top [`BlockDevice`], and commits the result. The kernel guarantees a tag
+//! carries one request at a time, so a task owns its buffer outright.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::sys;
+use libublk::{BufDesc, UblkError};
+
+use super::doorbell::Doorbell;
+use crate::buffer::AlignedBuf;
+use crate::device::{errno_of, BlockDevice, SECTOR_SIZE};
+
+/// What a queue thread runs until the device stops.
+pub fn run_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, device: Arc<D>) {
+    let span = tracing::info_span!("ublk_queue", dev_id = dev.dev_info.dev_id, qid);
+    let _entered = span.enter();
+    let queue = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up ublk queue");
+            return;
+        }
+    };
+    let doorbell = match Doorbell::new() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the queue's eventfd");
+            return;
+        }
+    };
+    let executor = Rc::new(smol::LocalExecutor::new());
+    let tags: Vec<u16> = queue.tags().collect();
+    let live_tags = Rc::new(std::cell::Cell::new(tags.len()));
+
+    let mut tasks = Vec::with_capacity(tags.len() + 1);
+    for tag in tags {
+        let queue = Rc::clone(&queue);
+        let device = Arc::clone(&device);
+        let doorbell = Arc::clone(&doorbell);
+        let live_tags = Rc::clone(&live_tags);
+        tasks.push(executor.spawn(async move {
+            match serve_tag(&queue, tag, &*device, &doorbell).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => tracing::error!(tag, error = %e, "ublk tag task failed"),
+            }
+            live_tags.set(live_tags.get() - 1);
+            if live_tags.get() == 0 {
+                // Last tag gone: let the doorbell listener finish too.
+                doorbell.close();
+            }
+        }));
+    }
+    let listener = Arc::clone(&doorbell);
+    tasks.push(executor.spawn(async move { listener.listen().await }));
+
+    let exe = Rc::clone(&executor);
+    smol::block_on(executor.run(async move {
+        let run_ops = || while exe.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&queue, Some(20), run_ops, done).await {
+            tracing::error!(error = %e, "ublk queue event loop failed");
+        }
+    }));
+    tracing::debug!("ublk queue stopped");
+}
+
+async fn serve_tag<D: BlockDevice>(
+    queue: &UblkQueue<'_>,
+    tag: u16,
+    device: &D,
+    doorbell: &Arc<Doorbell>,
+) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(queue.dev.dev_info.max_io_buf_bytes as usize);
+    queue
+        .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    loop {
+        let iod = *queue.get_iod(tag);
+        let result = doorbell
+            .wrap(handle_request(&iod, buf.as_mut_slice(), device))
+            .await;
+        queue
+            .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), result)
+            .await?;
+    }
+}
+
+/// Executes one kernel request; returns what the kernel expects: the byte
+/// count for reads and writes, 0 for the rest, or a negative errno.
+async fn handle_request<D: BlockDevice>(
+    iod: &sys::ublksrv_io_desc,
+    buf: &mut [u8],
+    device: &D,
+) -> i32 {
+    let op = iod.op_flags & 0xff;
+    let offset = iod.start_sector * SECTOR_SIZE;
+    let len = iod.nr_sectors as u64 * SECTOR_SIZE;
+    let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
+    let outcome = match op {
+        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE if len as usize > buf.len() => {
+            return -libc::EINVAL;
+        }
+        sys::UBLK_IO_OP_READ => device.read(offset, &mut buf[..len as usize]).await,
+        sys::UBLK_IO_OP_WRITE => {
+            // One copy out of the ublk buffer; the local write and every
+            // replica share it from here on.
+            let data: Bytes = AlignedBuf::copy_from(&buf[..len as usize]).into_bytes();
+            device.write(offset, data, fua).await
+        }
+        sys::UBLK_IO_OP_FLUSH => device.flush().await,
+        sys::UBLK_IO_OP_DISCARD => device.discard(offset, len).await,
+        sys::UBLK_IO_OP_WRITE_ZEROES => device.write_zeroes(offset, len).await,
+        _ => return -libc::EOPNOTSUPP,
+    };
+    match outcome {
+        Ok(()) if matches!(op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE) => len as i32,
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::warn!(op, offset, len, error = %e, "request failed");
+            -errno_of(&e)
+        }
+    }
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the whole vmsync test suite:
+#   1. host tests: `cargo test` over the workspace (unit, property and
+#      multi-process integration tests on loopback; no ublk needed);
+#   2. VM tests: the real /dev/ublkbN inside a qemu guest with Debian's 6.12
+#      kernel (tests/vm/run.sh), using the release binaries built here.
+# Prints one closing line "N passed, N failed" over both.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+log_dir=${VMSYNC_TEST_LOGS:-target/test-logs}
+mkdir -p "$log_dir"
+status=0
+
+echo "== cargo fmt / clippy"
+cargo fmt --all -- --check || status=1
+cargo clippy --release --workspace --all-targets -- -D warnings || status=1
+
+echo "== host tests (cargo test)"
+cargo test --release --workspace 2>&1 | tee "$log_dir/cargo-test.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+host_passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log_dir/cargo-test.log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+host_failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log_dir/cargo-test.log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+
+vm_passed=0
+vm_failed=0
+if [ "${VMSYNC_SKIP_VM:-0}" != 1 ]; then
+  echo "== VM tests (real ublk in a qemu guest)"
+  cargo build --release --bins
+  VMTEST_LOG="$log_dir/vm-console.log" tests/vm/run.sh all 2>&1 | tee "$log_dir/vm-tests.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  vm_passed=$(grep -c '^VMTEST PASS' "$log_dir/vm-tests.log" || true)
+  vm_failed=$(grep -c '^VMTEST FAIL' "$log_dir/vm-tests.log" || true)
+  if [ "$vm_passed" -eq 0 ] && [ "$vm_failed" -eq 0 ]; then
+    echo "VM tests produced no result"; vm_failed=1; status=1
+  fi
+fi
+
+echo "== summary: host $host_passed passed / $host_failed failed; VM $vm_passed passed / $vm_failed failed"
+[ "$host_failed" -eq 0 ] && [ "$vm_failed" -eq 0 ] || status=1
+echo "$((host_passed + vm_passed)) passed, $((host_failed + vm_failed)) failed"
+exit $status

@@ -1,0 +1,152 @@
+//! `vmsyncctl`: the command line for a node.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vmsync::control::{self, Request, Status};
+
+#[derive(Parser)]
+#[command(version, about = "Control a vmsync node")]
+struct Args {
+    /// The daemon's control socket.
+    #[arg(long, global = true, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+    /// The node's configuration (its control socket is used).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Initialise the metadata of a new replica (needs --config).
+    CreateMd {
+        /// Overwrite existing valid metadata.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show role, term, device, peers.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this node primary and expose its device.
+    Promote {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Flush and remove the device; become secondary.
+    Demote {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop the daemon cleanly (refused while the device is open, unless forced).
+    Shutdown {
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmsyncctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<ExitCode, String> {
+    let config = args
+        .config
+        .as_deref()
+        .map(vmsync::config::load)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let request = match args.command {
+        Command::CreateMd { force } => {
+            let config = config.ok_or("create-md needs --config FILE")?;
+            vmsync::node::create_metadata(&config, force).map_err(|e| e.to_string())?;
+            println!("metadata created: {}", config.node.metadata.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Status { .. } => Request::Status,
+        Command::Promote { force } => Request::Promote { force },
+        Command::Demote { force } => Request::Demote { force },
+        Command::Shutdown { force } => Request::Shutdown { force },
+    };
+    let socket = match (&args.socket, &config) {
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => c.node.control_socket.clone(),
+        (None, None) => return Err("give --socket PATH or --config FILE".into()),
+    };
+    let response = call(&socket, &request)?;
+    if !response.ok {
+        return Err(response.error.unwrap_or_else(|| "request failed".into()));
+    }
+    match (args.command, response.status) {
+        (Command::Status { json: true }, Some(status)) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?
+            );
+        }
+        (Command::Status { json: false }, Some(status)) => print_status(&status),
+        _ => println!("{}", response.message.unwrap_or_else(|| "ok".into())),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn call(socket: &Path, request: &Request) -> Result<control::Response, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime
+        .block_on(control::call(socket, request))
+        .map_err(|e| format!("cannot reach the daemon at {}: {e}", socket.display()))
+}
+
+fn print_status(s: &Status) {
+    println!(
+        "resource {}  node {} (id {})  role {}",
+        s.resource, s.node, s.node_id, s.role
+    );
+    println!(
+        "  device {}  size {} bytes  term {}",
+        s.device.as_deref().unwrap_or("-"),
+        s.size,
+        s.term
+    );
+    println!(
+        "  disk {}  metadata {}  last shutdown {}  recovered extents {}",
+        s.disk, s.metadata, s.last_shutdown, s.recovered_extents
+    );
+    for p in &s.peers {
+        let eta = p
+            .eta_seconds
+            .map(|e| format!("{e}s"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  peer {} (id {}) {} {}  {}  {}  protocol {}  stale {} bytes  rate {} B/s  eta {}",
+            p.name,
+            p.id,
+            p.address,
+            p.link,
+            if p.connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            p.state,
+            p.protocol,
+            p.stale_bytes,
+            p.resync_rate_bytes_per_sec,
+            eta
+        );
+    }
+}

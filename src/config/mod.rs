@@ -1,0 +1,446 @@
+//! A node's TOML configuration: parsing and validation.
+//!
+//! Every error names the file, the key and the reason, and nothing is acted
+//! on until the whole file has been checked.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Highest node id + 1; matches the metadata's bitmap slots.
+pub const MAX_NODES: u32 = blockdev::meta::MAX_NODE_SLOTS;
+
+/// Replication protocol for LAN peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Protocol {
+    /// A write completes once written locally and queued to every LAN peer.
+    A,
+    /// A write completes once every connected LAN peer has written it too.
+    C,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, for messages.
+    pub path: PathBuf,
+    pub resource: Resource,
+    pub node: Node,
+    pub directory: Option<SocketAddr>,
+    pub secret_file: Option<PathBuf>,
+    pub peers: Vec<Peer>,
+    pub replication: Replication,
+}
+
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub name: String,
+    pub size: u64,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub id: u32,
+    pub name: String,
+    pub backing: PathBuf,
+    pub metadata: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub control_socket: PathBuf,
+    pub lan_group: String,
+    pub direct_io: bool,
+    /// When set, a primary serves its device on this Unix socket (the
+    /// block-socket protocol) instead of ublk: for tests and benchmarks on
+    /// machines whose kernel has no ublk.
+    pub block_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub id: u32,
+    pub name: String,
+    pub address: SocketAddr,
+    pub lan_group: String,
+}
+
+/// Tunables of the replication engine.
+#[derive(Debug, Clone)]
+pub struct Replication {
+    /// Writes after which the primary closes an epoch even without a flush.
+    pub max_epoch_writes: u32,
+    /// Bytes queued to one peer past which it falls behind (pull-ahead).
+    pub congestion_bytes: u64,
+    /// Longest a guest write may wait for one slow peer before that peer is
+    /// dropped to "behind" (milliseconds).
+    pub max_peer_wait_ms: u64,
+    /// Resync bandwidth cap in bytes per second (0: unlimited).
+    pub resync_rate: u64,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Replication {
+            max_epoch_writes: 1024,
+            congestion_bytes: 64 << 20,
+            max_peer_wait_ms: 2000,
+            resync_rate: 0,
+        }
+    }
+}
+
+impl Config {
+    pub fn is_standalone(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    pub fn peer(&self, id: u32) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.id == id)
+    }
+
+    /// Peers in this node's LAN group: writes are mirrored to them at once.
+    pub fn is_lan_peer(&self, peer: &Peer) -> bool {
+        peer.lan_group == self.node.lan_group
+    }
+
+    /// Reads the shared secret. An empty or unreadable file is an error.
+    pub fn read_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        let file = self.secret_file.as_ref().ok_or_else(|| {
+            self.err(
+                "security.secret_file",
+                "required when peers are configured".into(),
+            )
+        })?;
+        let secret = std::fs::read(file).map_err(|e| {
+            self.err(
+                "security.secret_file",
+                format!("cannot read {}: {e}", file.display()),
+            )
+        })?;
+        let trimmed = secret.trim_ascii().to_vec();
+        if trimmed.len() < 16 {
+            return Err(self.err(
+                "security.secret_file",
+                format!(
+                    "{} holds {} bytes; a shared secret needs at least 16",
+                    file.display(),
+                    trimmed.len()
+                ),
+            ));
+        }
+        Ok(trimmed)
+    }
+
+    fn err(&self, key: &str, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            key: key.to_string(),
+            reason,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: key `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+// ---- raw shape of the file -------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    resource: RawResource,
+    node: RawNode,
+    directory: Option<RawDirectory>,
+    security: Option<RawSecurity>,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+    replication: Option<RawReplication>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    name: String,
+    size: RawSize,
+    protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: i64,
+    name: String,
+    backing: PathBuf,
+    metadata: PathBuf,
+    listen: Option<String>,
+    control_socket: PathBuf,
+    lan_group: Option<String>,
+    direct_io: Option<bool>,
+    block_socket: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirectory {
+    address: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecurity {
+    secret_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    id: i64,
+    name: String,
+    address: String,
+    lan_group: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplication {
+    max_epoch_writes: Option<i64>,
+    congestion_limit: Option<RawSize>,
+    max_peer_wait_ms: Option<i64>,
+    resync_rate: Option<RawSize>,
+}
+
+/// A size: an integer number of bytes or a string with a suffix.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
+const DEFAULT_LAN_GROUP: &str = "default";
+
+/// Parses a size such as `4096`, `512KiB`, `16GiB`, `1G` (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits_end);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a size (expected e.g. 512MiB or 16GiB)"))?;
+    let shift = match suffix.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        other => {
+            return Err(format!(
+                "\"{text}\": unknown size suffix \"{other}\" (use KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("\"{text}\" is too large"))
+}
+
+/// Loads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Validates configuration text; `path` is only used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
+    })?;
+    Validator { path }.validate(raw)
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn size(&self, key: &str, raw: RawSize) -> Result<u64, ConfigError> {
+        match raw {
+            RawSize::Bytes(n) => {
+                u64::try_from(n).map_err(|_| self.err(key, format!("{n} is negative")))
+            }
+            RawSize::Text(t) => parse_size(&t).map_err(|reason| self.err(key, reason)),
+        }
+    }
+
+    fn node_id(&self, key: &str, id: i64) -> Result<u32, ConfigError> {
+        u32::try_from(id)
+            .ok()
+            .filter(|&id| id < MAX_NODES)
+            .ok_or_else(|| {
+                self.err(
+                    key,
+                    format!("{id} is out of range (0 to {})", MAX_NODES - 1),
+                )
+            })
+    }
+
+    fn address(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+        text.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("\"{text}\" is not an address of the form IP:PORT"),
+            )
+        })
+    }
+
+    fn name(&self, key: &str, name: &str) -> Result<String, ConfigError> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if ok {
+            Ok(name.to_string())
+        } else {
+            Err(self.err(
+                key,
+                format!("\"{name}\" must be 1 to 64 letters, digits, '-', '_' or '.'"),
+            ))
+        }
+    }
+
+    fn count(&self, key: &str, n: i64) -> Result<u64, ConfigError> {
+        u64::try_from(n)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| self.err(key, format!("{n} must be a positive number")))
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let size = self.size("resource.size", raw.resource.size)?;
+        if size == 0 || size % 4096 != 0 {
+            return Err(self.err(
+                "resource.size",
+                format!("{size} bytes must be a positive multiple of 4 KiB"),
+            ));
+        }
+        let protocol = match raw.resource.protocol.as_deref() {
+            None | Some("A") | Some("a") => Protocol::A,
+            Some("C") | Some("c") => Protocol::C,
+            Some(other) => {
+                return Err(self.err("resource.protocol", format!("\"{other}\" is not A or C")))
+            }
+        };
+        let resource = Resource {
+            name: self.name("resource.name", &raw.resource.name)?,
+            size,
+            protocol,
+        };
+        let node = Node {
+            id: self.node_id("node.id", raw.node.id)?,
+            name: self.name("node.name", &raw.node.name)?,
+            backing: raw.node.backing,
+            metadata: raw.node.metadata,
+            listen: raw
+                .node
+                .listen
+                .as_deref()
+                .map(|l| self.address("node.listen", l))
+                .transpose()?,
+            control_socket: raw.node.control_socket,
+            lan_group: raw
+                .node
+                .lan_group
+                .unwrap_or_else(|| DEFAULT_LAN_GROUP.into()),
+            direct_io: raw.node.direct_io.unwrap_or(false),
+            block_socket: raw.node.block_socket,
+        };
+        if node.backing == node.metadata {
+            return Err(self.err(
+                "node.metadata",
+                "must be a different file from node.backing",
+            ));
+        }
+        let mut peers = Vec::new();
+        let mut ids = HashSet::from([node.id]);
+        for (i, p) in raw.peer.into_iter().enumerate() {
+            let key = |k: &str| format!("peer[{i}].{k}");
+            let id = self.node_id(&key("id"), p.id)?;
+            if !ids.insert(id) {
+                return Err(self.err(&key("id"), format!("node id {id} is used twice")));
+            }
+            peers.push(Peer {
+                id,
+                name: self.name(&key("name"), &p.name)?,
+                address: self.address(&key("address"), &p.address)?,
+                lan_group: p.lan_group.unwrap_or_else(|| DEFAULT_LAN_GROUP.into()),
+            });
+        }
+        if !peers.is_empty() && node.listen.is_none() {
+            return Err(self.err("node.listen", "required when peers are configured"));
+        }
+        if !peers.is_empty() && raw.security.is_none() {
+            return Err(self.err("security.secret_file", "required when peers are configured"));
+        }
+        let mut replication = Replication::default();
+        if let Some(r) = raw.replication {
+            if let Some(n) = r.max_epoch_writes {
+                replication.max_epoch_writes = self
+                    .count("replication.max_epoch_writes", n)?
+                    .min(u32::MAX as u64) as u32;
+            }
+            if let Some(s) = r.congestion_limit {
+                replication.congestion_bytes = self.size("replication.congestion_limit", s)?;
+            }
+            if let Some(ms) = r.max_peer_wait_ms {
+                replication.max_peer_wait_ms = self.count("replication.max_peer_wait_ms", ms)?;
+            }
+            if let Some(s) = r.resync_rate {
+                replication.resync_rate = self.size("replication.resync_rate", s)?;
+            }
+        }
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            resource,
+            node,
+            directory: raw
+                .directory
+                .map(|d| self.address("directory.address", &d.address))
+                .transpose()?,
+            secret_file: raw.security.map(|s| s.secret_file),
+            peers,
+            replication,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

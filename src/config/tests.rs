@@ -1,0 +1,174 @@
+use super::*;
+
+const GOOD: &str = r#"
+[resource]
+name = "work-vm"
+size = "16GiB"
+protocol = "C"
+
+[node]
+id = 1
+name = "desk"
+backing = "/var/lib/vmsync/work-vm.img"
+metadata = "/var/lib/vmsync/work-vm.meta"
+listen = "192.168.1.10:7790"
+control_socket = "/run/vmsync/work-vm.sock"
+lan_group = "home"
+
+[directory]
+address = "192.168.1.20:7700"
+
+[security]
+secret_file = "/etc/vmsync/cluster.secret"
+
+[[peer]]
+id = 2
+name = "laptop"
+address = "192.168.1.11:7790"
+lan_group = "home"
+
+[[peer]]
+id = 3
+name = "office"
+address = "10.0.0.5:7790"
+lan_group = "office"
+"#;
+
+fn parse_str(text: &str) -> Result<Config, ConfigError> {
+    parse(Path::new("/etc/vmsync/node.toml"), text)
+}
+
+fn error_of(text: &str) -> String {
+    parse_str(text).unwrap_err().to_string()
+}
+
+#[test]
+fn the_documented_example_parses() {
+    let c = parse_str(GOOD).unwrap();
+    assert_eq!(c.resource.name, "work-vm");
+    assert_eq!(c.resource.size, 16 << 30);
+    assert_eq!(c.resource.protocol, Protocol::C);
+    assert_eq!(c.node.id, 1);
+    assert_eq!(c.node.listen, Some("192.168.1.10:7790".parse().unwrap()));
+    assert_eq!(c.directory, Some("192.168.1.20:7700".parse().unwrap()));
+    assert_eq!(c.peers.len(), 2);
+    assert!(c.is_lan_peer(&c.peers[0]));
+    assert!(!c.is_lan_peer(&c.peers[1]));
+    assert!(!c.node.direct_io);
+}
+
+#[test]
+fn a_standalone_node_needs_no_listen_secret_or_peers() {
+    let c = parse_str(
+        r#"
+[resource]
+name = "vm0"
+size = 268435456
+[node]
+id = 0
+name = "solo"
+backing = "/tmp/a.img"
+metadata = "/tmp/a.meta"
+control_socket = "/tmp/a.sock"
+direct_io = true
+"#,
+    )
+    .unwrap();
+    assert!(c.is_standalone());
+    assert_eq!(c.resource.size, 256 << 20);
+    assert_eq!(c.resource.protocol, Protocol::A);
+    assert!(c.node.direct_io);
+}
+
+#[test]
+fn sizes_accept_binary_suffixes() {
+    assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+    assert_eq!(parse_size("16GiB"), Ok(16 << 30));
+    assert_eq!(parse_size("4096"), Ok(4096));
+    assert_eq!(parse_size("2T"), Ok(2 << 40));
+    assert!(parse_size("12XB")
+        .unwrap_err()
+        .contains("unknown size suffix"));
+    assert!(parse_size("GiB").is_err());
+    assert!(parse_size("99999999999TiB")
+        .unwrap_err()
+        .contains("too large"));
+}
+
+#[test]
+fn errors_name_the_file_the_key_and_the_reason() {
+    let e = error_of(&GOOD.replace("\"16GiB\"", "\"16XB\""));
+    assert!(
+        e.starts_with("/etc/vmsync/node.toml: key `resource.size`:"),
+        "{e}"
+    );
+    assert!(e.contains("unknown size suffix"), "{e}");
+
+    let e = error_of(&GOOD.replace("size = \"16GiB\"", "size = \"1000\""));
+    assert!(
+        e.contains("`resource.size`") && e.contains("multiple of 4 KiB"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("protocol = \"C\"", "protocol = \"B\""));
+    assert!(
+        e.contains("`resource.protocol`") && e.contains("not A or C"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("id = 2", "id = 1"));
+    assert!(
+        e.contains("`peer[0].id`") && e.contains("used twice"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("id = 3", "id = 99"));
+    assert!(
+        e.contains("`peer[1].id`") && e.contains("out of range"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("\"10.0.0.5:7790\"", "\"office.example\""));
+    assert!(
+        e.contains("`peer[1].address`") && e.contains("IP:PORT"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("name = \"work-vm\"", "name = \"work vm\""));
+    assert!(e.contains("`resource.name`"), "{e}");
+
+    let e = error_of(&GOOD.replace("listen = \"192.168.1.10:7790\"\n", ""));
+    assert!(
+        e.contains("`node.listen`") && e.contains("required when peers"),
+        "{e}"
+    );
+}
+
+#[test]
+fn syntax_unknown_keys_and_missing_keys_name_the_file_and_key() {
+    let e = error_of("[resource\nname = 1");
+    assert!(e.starts_with("/etc/vmsync/node.toml:"), "{e}");
+
+    let e = error_of(&GOOD.replace(
+        "lan_group = \"home\"\n\n[directory]",
+        "lan_grop = \"home\"\n\n[directory]",
+    ));
+    assert!(e.contains("lan_grop"), "{e}");
+
+    let e = error_of(&GOOD.replace("backing = \"/var/lib/vmsync/work-vm.img\"\n", ""));
+    assert!(e.contains("backing"), "{e}");
+
+    let e = error_of(&GOOD.replace("id = 1\n", "id = \"one\"\n"));
+    assert!(e.contains("id"), "{e}");
+}
+
+#[test]
+fn load_reports_an_unreadable_file_with_its_path() {
+    let e = load(Path::new("/nonexistent/vmsync.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("/nonexistent/vmsync.toml: cannot read"),
+        "{e}"
+    );
+}

@@ -1,0 +1,166 @@
+//! The control socket between `vmsyncctl` and `vmsyncd`.
+//!
+//! One JSON object per line each way: a [`Request`], then a [`Response`].
+//! The socket is a Unix socket, so access is governed by its file mode.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Longest request line the daemon accepts; anything longer is garbage.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    /// Stop the daemon; without `force` refused while the device is open.
+    Shutdown {
+        force: bool,
+    },
+    Promote {
+        force: bool,
+    },
+    Demote {
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Self {
+        Response {
+            ok: true,
+            error: None,
+            status: None,
+            message: Some(message.into()),
+        }
+    }
+
+    pub fn error(error: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(error.into()),
+            status: None,
+            message: None,
+        }
+    }
+
+    pub fn status(status: Status) -> Self {
+        Response {
+            ok: true,
+            error: None,
+            status: Some(status),
+            message: None,
+        }
+    }
+}
+
+/// What `vmsyncctl status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub resource: String,
+    pub node_id: u32,
+    pub node: String,
+    /// "standalone", "primary" or "secondary".
+    pub role: String,
+    /// `/dev/ublkbN` while the device is exposed.
+    pub device: Option<String>,
+    pub size: u64,
+    pub term: u64,
+    /// "clean" or "unclean": the persisted flag (unclean while in use).
+    pub metadata: String,
+    /// How the previous run ended: "clean" or "crash".
+    pub last_shutdown: String,
+    /// Extents resynced or marked stale because of an unclean previous stop.
+    pub recovered_extents: u64,
+    pub disk: String,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub id: u32,
+    pub name: String,
+    pub address: String,
+    /// "lan" or "wan".
+    pub link: String,
+    pub connected: bool,
+    /// "up-to-date", "resyncing", "behind", "outdated" or "unknown".
+    pub state: String,
+    pub protocol: String,
+    /// Bytes this peer lacks (set bits × block size).
+    pub stale_bytes: u64,
+    pub resync_rate_bytes_per_sec: u64,
+    pub eta_seconds: Option<u64>,
+    /// Bytes resent by resync to this peer since the daemon started.
+    pub resynced_bytes: u64,
+}
+
+/// Sends one request to the daemon listening at `socket`.
+pub async fn call(socket: &Path, request: &Request) -> std::io::Result<Response> {
+    let stream = UnixStream::connect(socket).await?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    write.shutdown().await?;
+    let mut reply = String::new();
+    BufReader::new(read).read_line(&mut reply).await?;
+    serde_json::from_str(&reply).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unreadable reply from the daemon: {e}"),
+        )
+    })
+}
+
+/// Binds the control socket, replacing a stale socket file left by a dead
+/// daemon but refusing to steal one a live daemon still answers on.
+pub async fn bind(socket: &Path) -> std::io::Result<UnixListener> {
+    if socket.exists() {
+        if UnixStream::connect(socket).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running daemon", socket.display()),
+            ));
+        }
+        std::fs::remove_file(socket)?;
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    UnixListener::bind(socket)
+}
+
+/// Reads one request from a control connection. Garbage yields an error
+/// response for that connection only.
+pub async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
+    let (read, _) = stream.split();
+    let mut line = String::new();
+    let mut limited = tokio::io::AsyncReadExt::take(BufReader::new(read), MAX_REQUEST_BYTES);
+    limited
+        .read_line(&mut line)
+        .await
+        .map_err(|e| format!("cannot read request: {e}"))?;
+    serde_json::from_str(line.trim()).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Writes the response line.
+pub async fn write_response(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(response)?;
+    line.push(b'\n');
+    stream.write_all(&line).await
+}

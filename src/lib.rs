@@ -1,0 +1,9 @@
+//! vmsync node daemon library: configuration, control socket, the node and
+//! its replication engine. The binaries `vmsyncd` and `vmsyncctl` are thin
+//! wrappers over this crate.
+
+pub mod config;
+pub mod control;
+pub mod logging;
+pub mod node;
+pub mod replication;

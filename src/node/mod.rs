@@ -1,0 +1,272 @@
+//! The node daemon: one resource on one machine.
+//!
+//! Start-up order matters for "bad input changes nothing": the configuration,
+//! the backing store and the metadata are all checked before anything is
+//! written; only then is the metadata marked in use and the device exposed.
+//!
+//! A node without peers is a standalone disk: its device is always exposed.
+//! A node with peers starts as secondary (no device) and is made primary
+//! with `vmsyncctl promote`.
+
+mod frontend;
+mod status;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use blockdev::meta::{Expect, Metadata};
+use blockdev::{BackingOptions, BackingStore, BlockDevice};
+use protocol::Role;
+use tokio::net::UnixStream;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Mutex};
+
+use crate::config::Config;
+use crate::control::{self, Request, Response};
+use crate::replication::{ReplicatedDevice, Replication};
+use frontend::Frontend;
+
+/// A running node.
+pub struct Node {
+    config: Config,
+    metadata: Arc<Metadata>,
+    backing: Arc<BackingStore>,
+    /// None for a standalone disk.
+    replication: Option<Arc<Replication>>,
+    frontend: Mutex<Option<Frontend>>,
+    last_shutdown_clean: bool,
+    recovered_extents: u64,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Node {
+    /// Opens the backing store and metadata, refusing (and writing nothing)
+    /// when either does not match the configuration.
+    pub fn open(config: Config) -> anyhow::Result<Arc<Node>> {
+        let backing = BackingStore::open(
+            &config.node.backing,
+            config.resource.size,
+            BackingOptions {
+                direct_io: config.node.direct_io,
+            },
+        )?;
+        let expect = Expect::new(
+            config.resource.name.clone(),
+            config.resource.size,
+            config.node.id,
+        );
+        let metadata = Arc::new(Metadata::open(&config.node.metadata, &expect)?);
+        let recovery = metadata.recovery();
+        let last_shutdown_clean = !recovery.was_unclean;
+        let recovered_extents = recovery.al_extents.len() as u64;
+        if !last_shutdown_clean {
+            tracing::warn!(
+                extents = recovered_extents,
+                "previous run did not stop cleanly; activity-log extents marked stale for peers"
+            );
+        }
+        let backing = Arc::new(backing);
+        let replication = (!config.is_standalone())
+            .then(|| Replication::new(config.clone(), Arc::clone(&metadata), Arc::clone(&backing)));
+        let (shutdown, _) = watch::channel(false);
+        Ok(Arc::new(Node {
+            config,
+            metadata,
+            backing,
+            replication,
+            frontend: Mutex::new(None),
+            last_shutdown_clean,
+            recovered_extents,
+            shutdown,
+        }))
+    }
+
+    /// Exposes the top of the stack (the caller holds the frontend lock).
+    async fn expose(&self, slot: &mut Option<Frontend>) -> anyhow::Result<String> {
+        let resource = &self.config.resource.name;
+        let socket = self.config.node.block_socket.as_ref();
+        let frontend = match &self.replication {
+            None => Frontend::start(Arc::clone(&self.backing), resource, socket).await?,
+            Some(r) => {
+                Frontend::start(Arc::new(ReplicatedDevice(Arc::clone(r))), resource, socket).await?
+            }
+        };
+        let path = frontend.path();
+        *slot = Some(frontend);
+        Ok(path)
+    }
+
+    async fn promote(&self, force: bool) -> Result<String, String> {
+        let Some(repl) = &self.replication else {
+            return Err("this node has no peers: it is a standalone disk, always exposed".into());
+        };
+        let mut slot = self.frontend.lock().await;
+        let state = repl.promote(force)?;
+        match self.expose(&mut slot).await {
+            Ok(path) => Ok(format!("primary (term {}), device {path}", state.term)),
+            Err(e) => {
+                let _ = repl.demote().await;
+                Err(format!(
+                    "promoted, but the device could not be exposed: {e:#}; demoted again"
+                ))
+            }
+        }
+    }
+
+    async fn demote(&self, force: bool) -> Result<String, String> {
+        let Some(repl) = &self.replication else {
+            return Err("this node has no peers: it is a standalone disk, always exposed".into());
+        };
+        let mut slot = self.frontend.lock().await;
+        remove_device(&mut slot, force).await?;
+        repl.demote().await.map_err(|e| format!("demote: {e}"))?;
+        Ok("secondary".into())
+    }
+
+    /// Stops cleanly: device removed, data flushed, metadata marked clean.
+    async fn stop(&self, force: bool) -> Result<(), String> {
+        let mut slot = self.frontend.lock().await;
+        remove_device(&mut slot, force).await?;
+        if let Some(repl) = &self.replication {
+            repl.demote().await.map_err(|e| format!("demote: {e}"))?;
+        }
+        self.backing
+            .flush()
+            .await
+            .map_err(|e| format!("flushing the backing store: {e}"))?;
+        self.metadata
+            .mark_clean()
+            .map_err(|e| format!("marking the metadata clean: {e}"))?;
+        self.shutdown.send_replace(true);
+        Ok(())
+    }
+
+    async fn handle(&self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => return Response::status(self.status().await),
+            Request::Shutdown { force } => self.stop(force).await.map(|()| "stopped".to_string()),
+            Request::Promote { force } => self.promote(force).await,
+            Request::Demote { force } => self.demote(force).await,
+        };
+        match result {
+            Ok(message) => Response::ok(message),
+            Err(e) => Response::error(e),
+        }
+    }
+
+    async fn serve_control_connection(self: Arc<Self>, mut stream: UnixStream) {
+        let response = match control::read_request(&mut stream).await {
+            Ok(request) => {
+                tracing::debug!(?request, "control request");
+                self.handle(request).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "bad control request");
+                Response::error(e)
+            }
+        };
+        if let Err(e) = control::write_response(&mut stream, &response).await {
+            tracing::debug!(error = %e, "control client went away");
+        }
+    }
+
+    fn is_primary(&self) -> bool {
+        self.replication
+            .as_ref()
+            .is_some_and(|r| r.role().role == Role::Primary)
+    }
+}
+
+async fn remove_device(slot: &mut Option<Frontend>, force: bool) -> Result<(), String> {
+    if let Some(frontend) = slot.take() {
+        if let Err((frontend, e)) = frontend.stop(force).await {
+            *slot = Some(frontend);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Runs the daemon until a clean stop.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let span =
+        tracing::info_span!("node", resource = %config.resource.name, node = %config.node.name);
+    let _entered = span.enter();
+    let socket_path = config.node.control_socket.clone();
+    let node = Node::open(config)?;
+    if let Err(e) = start_serving(&node).await {
+        let _ = node.metadata.mark_clean();
+        return Err(e);
+    }
+    let listener = match control::bind(&socket_path).await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = node.stop(true).await;
+            return Err(e).with_context(|| format!("control socket {}", socket_path.display()));
+        }
+    };
+    tracing::info!(socket = %socket_path.display(), primary = node.is_primary(), "vmsyncd ready");
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut stopped = node.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(Arc::clone(&node).serve_control_connection(stream)); }
+                Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
+            },
+            _ = terminate.recv() => request_stop(&node, "SIGTERM").await,
+            _ = interrupt.recv() => request_stop(&node, "SIGINT").await,
+            _ = stopped.changed() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    tracing::info!("vmsyncd stopped cleanly");
+    Ok(())
+}
+
+/// Standalone: expose the device. With peers: start replication, and if a
+/// killed primary left its ublk device behind (a file system may be mounted
+/// on it, its I/O held by the kernel), become primary again and re-attach.
+async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
+    let mut slot = node.frontend.lock().await;
+    match &node.replication {
+        None => {
+            node.expose(&mut slot).await?;
+        }
+        Some(repl) => {
+            repl.start().await?;
+            let resource = &node.config.resource.name;
+            if node.config.node.block_socket.is_none()
+                && blockdev::ublk::has_recoverable_device(resource)
+            {
+                tracing::warn!(
+                    "a device of this resource is waiting for recovery: resuming as primary"
+                );
+                repl.promote(true).map_err(anyhow::Error::msg)?;
+                node.expose(&mut slot).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn request_stop(node: &Arc<Node>, why: &str) {
+    tracing::info!(signal = why, "stop requested");
+    if let Err(e) = node.stop(false).await {
+        tracing::error!("refusing to stop on {why}: {e}; unmount the device, or run `vmsyncctl shutdown --force`");
+    }
+}
+
+/// `vmsyncctl create-md`: writes fresh metadata for this node's replica.
+pub fn create_metadata(config: &Config, overwrite: bool) -> anyhow::Result<()> {
+    let params = blockdev::meta::CreateParams::new(
+        config.resource.name.clone(),
+        config.resource.size,
+        config.node.id,
+        crate::config::MAX_NODES,
+    );
+    Metadata::create(&config.node.metadata, &params, overwrite)?;
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! What `vmsyncctl status` reports.
+
+use std::sync::atomic::Ordering;
+
+use protocol::Role;
+
+use super::Node;
+use crate::control::{PeerStatus, Status};
+use crate::replication::peer::{PeerMode, PeerReplica};
+use crate::replication::Replication;
+
+impl Node {
+    pub async fn status(&self) -> Status {
+        let device = self.frontend.lock().await.as_ref().map(|f| f.path());
+        let sb = self.metadata.superblock();
+        let (role, disk, peers) = match &self.replication {
+            None => (
+                "standalone".to_string(),
+                "up-to-date".to_string(),
+                Vec::new(),
+            ),
+            Some(r) => (
+                match r.role().role {
+                    Role::Primary => "primary",
+                    Role::Secondary => "secondary",
+                }
+                .to_string(),
+                r.disk_state().to_string().to_lowercase(),
+                r.peers.iter().map(|p| peer_status(r, p)).collect(),
+            ),
+        };
+        Status {
+            resource: self.config.resource.name.clone(),
+            node_id: self.config.node.id,
+            node: self.config.node.name.clone(),
+            role,
+            device,
+            size: self.backing_size(),
+            term: self
+                .replication
+                .as_ref()
+                .map_or(sb.term, |r| r.known_term()),
+            metadata: if sb.clean { "clean" } else { "unclean" }.to_string(),
+            last_shutdown: if self.last_shutdown_clean {
+                "clean"
+            } else {
+                "crash"
+            }
+            .to_string(),
+            recovered_extents: self.recovered_extents,
+            disk,
+            peers,
+        }
+    }
+
+    fn backing_size(&self) -> u64 {
+        blockdev::BlockDevice::size(&*self.backing)
+    }
+}
+
+fn peer_status(repl: &Replication, peer: &PeerReplica) -> PeerStatus {
+    let block = peer.bitmap.block_size() as u64;
+    let stale_bytes = peer.bitmap.count_ones() * block;
+    let mode = peer.mode();
+    let started = *peer
+        .stats
+        .run_started
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let rate = match (mode, started) {
+        (PeerMode::Resyncing, Some(t)) => {
+            (peer.stats.run_bytes.load(Ordering::Acquire) as f64
+                / t.elapsed().as_secs_f64().max(0.001)) as u64
+        }
+        _ => 0,
+    };
+    PeerStatus {
+        id: peer.id(),
+        name: peer.config.name.clone(),
+        address: peer.config.address.to_string(),
+        link: if peer.is_lan { "lan" } else { "wan" }.to_string(),
+        connected: peer.is_connected(),
+        state: if repl.role().role == Role::Primary || mode == PeerMode::Disconnected {
+            mode.name().to_string()
+        } else if peer.is_peer_primary() {
+            "primary".to_string()
+        } else {
+            "secondary".to_string()
+        },
+        protocol: format!("{:?}", repl.config.resource.protocol),
+        stale_bytes,
+        resync_rate_bytes_per_sec: rate,
+        eta_seconds: (rate > 0).then(|| stale_bytes / rate),
+        resynced_bytes: peer.stats.resync_bytes.load(Ordering::Acquire),
+    }
+}

@@ -1,0 +1,271 @@
+//! Keeping a link to every peer, and deciding what runs on it.
+//!
+//! The node with the lower id dials, the other accepts, so each pair has one
+//! link; a link is a data and a meta connection. Once both are up, each side
+//! sends its `State` on meta, and the pair of roles decides the session:
+//! primary → secondary runs [`super::source`] here and [`super::target`]
+//! there; two secondaries just keep the link alive. Any error, or a role
+//! change on either side, ends the session; the link is then re-established
+//! with backoff, forever.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::{Channel, DiskState, GenerationIds, Message, Role};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::peer::PeerReplica;
+use super::transport::{self, Connection, FrameReader, FrameWriter, LinkError, LocalIdentity};
+use super::Replication;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Interval of keepalive pings on an idle meta connection.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// A link with no traffic for this long is dead.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// What the peer announced when the link came up.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerState {
+    pub role: Role,
+    pub term: u64,
+    pub generation: GenerationIds,
+    pub disk_state: DiskState,
+    pub size: u64,
+}
+
+/// Both connections of an established link.
+pub struct Link {
+    pub data_reader: FrameReader,
+    pub data_writer: FrameWriter,
+    pub meta_reader: FrameReader,
+    pub meta_writer: FrameWriter,
+}
+
+/// Binds the listener and starts a link task per peer.
+pub async fn start(repl: Arc<Replication>) -> anyhow::Result<()> {
+    let identity = LocalIdentity {
+        resource: repl.config.resource.name.clone(),
+        node_id: repl.config.node.id,
+        secret: Arc::new(repl.config.read_secret()?),
+    };
+    let listen = repl
+        .config
+        .node
+        .listen
+        .ok_or_else(|| anyhow::anyhow!("node.listen is required with peers"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(%listen, "listening for peers");
+
+    let mut routes = Vec::new();
+    for peer in &repl.peers {
+        let (tx, rx) = mpsc::channel(8);
+        routes.push((peer.id(), tx));
+        tokio::spawn(maintain(
+            Arc::clone(&repl),
+            Arc::clone(peer),
+            identity.clone(),
+            rx,
+        ));
+    }
+    tokio::spawn(accept_loop(listener, identity, routes));
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    identity: LocalIdentity,
+    routes: Vec<(u32, mpsc::Sender<Connection>)>,
+) {
+    let routes = Arc::new(routes);
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(BACKOFF_START).await;
+                continue;
+            }
+        };
+        let identity = identity.clone();
+        let routes = Arc::clone(&routes);
+        tokio::spawn(async move {
+            let known = |id: u32| routes.iter().any(|(peer, _)| *peer == id);
+            match transport::accept(&identity, stream, known).await {
+                Ok(conn) => {
+                    if let Some((_, route)) = routes.iter().find(|(id, _)| *id == conn.peer_id) {
+                        let _ = route.send(conn).await;
+                    }
+                }
+                Err(e) => tracing::warn!(%from, error = %e, "refused incoming connection"),
+            }
+        });
+    }
+}
+
+/// Keeps the link to one peer up for the life of the daemon.
+async fn maintain(
+    repl: Arc<Replication>,
+    peer: Arc<PeerReplica>,
+    identity: LocalIdentity,
+    mut incoming: mpsc::Receiver<Connection>,
+) {
+    let span = tracing::info_span!("peer", peer = %peer.config.name, peer_id = peer.id());
+    let _entered = span.enter();
+    let dials = repl.config.node.id < peer.id();
+    let mut backoff = BACKOFF_START;
+    loop {
+        let link = if dials {
+            dial(&identity, &peer).await
+        } else {
+            wait_for_dialer(&mut incoming).await
+        };
+        match link {
+            Ok(link) => {
+                backoff = BACKOFF_START;
+                tracing::info!("link up");
+                let result = run_session(&repl, &peer, link).await;
+                peer.disconnected();
+                match result {
+                    Ok(()) => tracing::info!("link closed; reconnecting"),
+                    Err(e) => tracing::warn!(error = %e, "link lost; reconnecting"),
+                }
+                tokio::time::sleep(BACKOFF_START).await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, ?backoff, "cannot reach peer");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn dial(identity: &LocalIdentity, peer: &PeerReplica) -> Result<Link, LinkError> {
+    let addr = peer.config.address;
+    let data = transport::connect(identity, addr, peer.id(), Channel::Data).await?;
+    let meta = transport::connect(identity, addr, peer.id(), Channel::Meta).await?;
+    Ok(Link {
+        data_reader: data.reader,
+        data_writer: data.writer,
+        meta_reader: meta.reader,
+        meta_writer: meta.writer,
+    })
+}
+
+/// Waits until the dialer has opened both connections (the newest of each).
+async fn wait_for_dialer(incoming: &mut mpsc::Receiver<Connection>) -> Result<Link, LinkError> {
+    let mut data = None;
+    let mut meta = None;
+    loop {
+        let conn = incoming.recv().await.ok_or(LinkError::Closed)?;
+        match conn.channel {
+            Channel::Data => data = Some(conn),
+            Channel::Meta => meta = Some(conn),
+        }
+        if let (Some(_), Some(_)) = (&data, &meta) {
+            let (d, m) = (data.take().expect("checked"), meta.take().expect("checked"));
+            return Ok(Link {
+                data_reader: d.reader,
+                data_writer: d.writer,
+                meta_reader: m.reader,
+                meta_writer: m.writer,
+            });
+        }
+    }
+}
+
+pub fn our_state(repl: &Replication) -> Message {
+    Message::State {
+        role: repl.role().role,
+        term: repl.known_term(),
+        generation: repl.generation(),
+        disk_state: repl.disk_state(),
+        size: repl.local_size(),
+    }
+}
+
+/// Exchanges State and runs the session the two roles call for.
+async fn run_session(
+    repl: &Arc<Replication>,
+    peer: &Arc<PeerReplica>,
+    mut link: Link,
+) -> Result<(), LinkError> {
+    let mut role_changes = repl.subscribe_role();
+    let me = *role_changes.borrow_and_update();
+    link.meta_writer.send(&our_state(repl)).await?;
+    let theirs = match tokio::time::timeout(LINK_TIMEOUT, link.meta_reader.next()).await {
+        Ok(Ok(Message::State {
+            role,
+            term,
+            generation,
+            disk_state,
+            size,
+        })) => PeerState {
+            role,
+            term,
+            generation,
+            disk_state,
+            size,
+        },
+        Ok(Ok(other)) => {
+            return Err(LinkError::Violation(format!(
+                "expected State, got {}",
+                other.message_type()
+            )))
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(LinkError::Violation("no State from peer".into())),
+    };
+    if theirs.size != repl.local_size() {
+        return Err(LinkError::Violation(format!(
+            "peer's device is {} bytes, ours is {}: refusing to replicate",
+            theirs.size,
+            repl.local_size()
+        )));
+    }
+    repl.observe_term(theirs.term);
+    peer.linked(theirs.role);
+    tracing::info!(our_role = %me.role, peer_role = %theirs.role, peer_term = theirs.term, peer_disk = %theirs.disk_state, "peer state");
+    match (me.role, theirs.role) {
+        (Role::Primary, Role::Secondary) => {
+            super::source::run(repl, peer, link, theirs, &mut role_changes).await
+        }
+        (Role::Secondary, Role::Primary) => {
+            super::target::run(repl, peer, link, theirs, &mut role_changes).await
+        }
+        (Role::Secondary, Role::Secondary) => idle(link, &mut role_changes).await,
+        (Role::Primary, Role::Primary) => Err(LinkError::Violation(
+            "split brain: both nodes are primary; demote one of them".into(),
+        )),
+    }
+}
+
+/// Two secondaries: keep the link alive until either side's role changes.
+async fn idle(
+    mut link: Link,
+    role_changes: &mut tokio::sync::watch::Receiver<super::RoleState>,
+) -> Result<(), LinkError> {
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    loop {
+        tokio::select! {
+            msg = tokio::time::timeout(LINK_TIMEOUT, link.meta_reader.next()) => match msg {
+                Ok(Ok(Message::Ping)) => link.meta_writer.send(&Message::PingAck).await?,
+                Ok(Ok(Message::PingAck)) => {}
+                // The peer changed role: start over so the right session runs.
+                Ok(Ok(Message::State { .. })) => return Ok(()),
+                Ok(Ok(other)) => return Err(LinkError::Violation(format!("unexpected {} between secondaries", other.message_type()))),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(LinkError::Violation("peer silent; link timed out".into())),
+            },
+            _ = ping.tick() => link.meta_writer.send(&Message::Ping).await?,
+            // Our role changed: drop the link; both sides reconnect and the
+            // right session starts.
+            _ = role_changes.changed() => return Ok(()),
+        }
+    }
+}

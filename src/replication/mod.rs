@@ -1,0 +1,436 @@
+//! The replication layer: a [`BlockDevice`] that mirrors every write of the
+//! primary to its LAN peers, and the links that carry it.
+//!
+//! * [`epochs`]: write ordering (epochs, barriers, range lock).
+//! * [`peer`]: the primary's per-peer state (unacked epochs, bitmap, mode).
+//! * [`transport`]: framed, authenticated TCP connections.
+//! * [`link`]: keeping a link to every peer up, and what runs on it:
+//!   [`source`] when we are primary, [`target`] when the peer is.
+
+mod epochs;
+mod link;
+pub mod peer;
+mod source;
+mod target;
+pub mod transport;
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockdev::meta::Metadata;
+use blockdev::{BackingStore, BlockDevice};
+use bytes::Bytes;
+use protocol::{DiskState, GenerationIds, Message, Role};
+use tokio::sync::{oneshot, watch};
+
+use crate::config::{Config, Protocol};
+use epochs::{EpochCounter, RangeLock};
+use peer::PeerReplica;
+
+/// The node's replication engine. When primary it is the device the
+/// frontend serves; as secondary it applies what its primary sends.
+pub struct Replication {
+    pub config: Config,
+    pub metadata: Arc<Metadata>,
+    pub local: Arc<BackingStore>,
+    pub peers: Vec<Arc<PeerReplica>>,
+    runtime: tokio::runtime::Handle,
+    /// Role and term; links restart when it changes.
+    role: watch::Sender<RoleState>,
+    epochs: Mutex<EpochCounter>,
+    ranges: RangeLock,
+    /// Highest term seen from anyone; writes of older terms are refused.
+    known_term: AtomicU64,
+    /// This replica's disk state (Inconsistent while being resynced).
+    disk_state: Mutex<DiskState>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoleState {
+    pub role: Role,
+    pub term: u64,
+}
+
+impl Replication {
+    pub fn new(config: Config, metadata: Arc<Metadata>, local: Arc<BackingStore>) -> Arc<Self> {
+        let peers = config
+            .peers
+            .iter()
+            .map(|p| {
+                let bitmap = metadata
+                    .bitmap(p.id)
+                    .expect("peer ids are validated against node slots");
+                Arc::new(PeerReplica::new(
+                    p.clone(),
+                    config.is_lan_peer(p),
+                    Arc::clone(bitmap),
+                ))
+            })
+            .collect();
+        let term = metadata.superblock().term;
+        let (role, _) = watch::channel(RoleState {
+            role: Role::Secondary,
+            term,
+        });
+        let disk_state = if metadata.superblock().inconsistent {
+            DiskState::Inconsistent
+        } else {
+            DiskState::UpToDate
+        };
+        Arc::new(Replication {
+            config,
+            metadata,
+            local,
+            peers,
+            runtime: tokio::runtime::Handle::current(),
+            role,
+            epochs: Mutex::new(EpochCounter::new()),
+            ranges: RangeLock::new(),
+            known_term: AtomicU64::new(term),
+            disk_state: Mutex::new(disk_state),
+        })
+    }
+
+    /// Starts the listener and one link task per peer.
+    pub async fn start(self: &Arc<Self>) -> anyhow::Result<()> {
+        link::start(Arc::clone(self)).await
+    }
+
+    pub fn role(&self) -> RoleState {
+        *self.role.borrow()
+    }
+
+    pub fn subscribe_role(&self) -> watch::Receiver<RoleState> {
+        self.role.subscribe()
+    }
+
+    pub fn generation(&self) -> GenerationIds {
+        to_wire(self.metadata.generations())
+    }
+
+    pub fn disk_state(&self) -> DiskState {
+        *self.disk_state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_disk_state(&self, state: DiskState) -> io::Result<()> {
+        let mut current = self.disk_state.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != state {
+            self.metadata
+                .set_inconsistent(state == DiskState::Inconsistent)
+                .map_err(io::Error::other)?;
+            *current = state;
+        }
+        Ok(())
+    }
+
+    /// A secondary that the primary reports in sync takes its generation.
+    fn adopt_generation(&self, generation: GenerationIds) -> io::Result<()> {
+        self.metadata
+            .set_generations(from_wire(generation))
+            .map_err(io::Error::other)?;
+        self.set_disk_state(DiskState::UpToDate)
+    }
+
+    /// Notes a term seen on the wire; persists it when it is newer.
+    fn observe_term(&self, term: u64) {
+        if self.known_term.fetch_max(term, Ordering::AcqRel) < term {
+            if let Err(e) = self.metadata.set_term(term) {
+                tracing::error!(error = %e, "cannot persist term {term}");
+            }
+        }
+    }
+
+    pub fn local_size(&self) -> u64 {
+        self.local.size()
+    }
+
+    pub fn known_term(&self) -> u64 {
+        self.known_term.load(Ordering::Acquire)
+    }
+
+    fn lan_peers(&self) -> impl Iterator<Item = &Arc<PeerReplica>> {
+        self.peers.iter().filter(|p| p.is_lan)
+    }
+
+    fn max_peer_wait(&self) -> Duration {
+        Duration::from_millis(self.config.replication.max_peer_wait_ms)
+    }
+
+    /// Becomes primary: refuses if a connected peer is primary, or if this
+    /// replica is not fit to serve (inconsistent, or empty while a peer has
+    /// data). Bumps the term and starts a new data generation.
+    pub fn promote(&self, force: bool) -> Result<RoleState, String> {
+        if self.role().role == Role::Primary {
+            return Err("already primary".into());
+        }
+        if let Some(p) = self.peers.iter().find(|p| p.is_peer_primary()) {
+            return Err(format!(
+                "peer {} (id {}) is primary; demote it first",
+                p.config.name,
+                p.id()
+            ));
+        }
+        if self.disk_state() == DiskState::Inconsistent && !force {
+            return Err("this replica is inconsistent (a resync did not finish); promote a node with good data, or force".into());
+        }
+        let term = self.known_term().max(self.metadata.superblock().term) + 1;
+        let old = self.generation();
+        let generation = GenerationIds {
+            current: blockdev::meta::GenerationIds::random_id(),
+            bitmap: old.current,
+            history: [old.current, old.history[0]],
+        };
+        self.metadata
+            .set_term_and_generations(term, Some(from_wire(generation)))
+            .map_err(|e| format!("cannot persist the new term: {e}"))?;
+        self.known_term.fetch_max(term, Ordering::AcqRel);
+        let state = RoleState {
+            role: Role::Primary,
+            term,
+        };
+        self.role.send_replace(state);
+        tracing::info!(
+            term,
+            generation = format!("{:016x}", generation.current),
+            "promoted to primary"
+        );
+        Ok(state)
+    }
+
+    /// Becomes secondary again (the caller has removed the device).
+    pub async fn demote(self: &Arc<Self>) -> io::Result<()> {
+        if self.role().role != Role::Primary {
+            return Ok(());
+        }
+        Arc::clone(self).replicated_flush().await?;
+        self.metadata.flush_bitmaps().map_err(io::Error::other)?;
+        self.role.send_replace(RoleState {
+            role: Role::Secondary,
+            term: self.known_term(),
+        });
+        tracing::info!("demoted to secondary");
+        Ok(())
+    }
+
+    /// Closes the open epoch on every peer. Returns barrier-ack receivers
+    /// (only when `want_ack`).
+    fn close_epoch(&self, want_ack: bool) -> Vec<(Arc<PeerReplica>, oneshot::Receiver<()>)> {
+        let term = self.role().term;
+        let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        let epoch = epochs.close();
+        self.lan_peers()
+            .filter_map(|p| {
+                p.barrier(term, epoch, want_ack)
+                    .map(|ack| (Arc::clone(p), ack))
+            })
+            .collect()
+    }
+
+    /// Waits for peers' acks, giving up on (and dropping behind) any peer
+    /// slower than the configured limit.
+    async fn wait_for_peers(&self, acks: Vec<(Arc<PeerReplica>, oneshot::Receiver<()>)>) {
+        let deadline = tokio::time::Instant::now() + self.max_peer_wait();
+        for (peer, ack) in acks {
+            match tokio::time::timeout_at(deadline, ack).await {
+                Ok(_) => {} // acked, or the link dropped (then the bitmap has it)
+                Err(_) => peer.fall_behind("no acknowledgement within max_peer_wait_ms"),
+            }
+        }
+    }
+
+    fn check_primary(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.role().role != Role::Primary {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "this node is not primary",
+            ));
+        }
+        blockdev::device::check_range(self.local_size(), offset, len)
+    }
+
+    /// The replicated write path; `make` builds the message for an
+    /// (epoch, seq) pair, `apply` does the local part.
+    async fn replicate<F>(
+        self: Arc<Self>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        make: impl Fn(u64, u64, u64) -> Message,
+        apply: F,
+    ) -> io::Result<()>
+    where
+        F: std::future::Future<Output = io::Result<()>>,
+    {
+        self.check_primary(offset, len)?;
+        // The extent must be in the persisted activity log before any byte
+        // of it changes anywhere, so a crash can find what might differ.
+        let _al = self
+            .metadata
+            .activity_log()
+            .begin_write(offset, len)
+            .map_err(io::Error::other)?;
+        let ranges = self
+            .ranges
+            .acquire(offset, len, || drop(self.close_epoch(false)))
+            .await;
+        let want_ack = self.config.resource.protocol == Protocol::C;
+        let congestion = self.config.replication.congestion_bytes;
+        let term = self.role().term;
+        let mut acks = Vec::new();
+        {
+            let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+            if epochs.writes >= self.config.replication.max_epoch_writes {
+                let epoch = epochs.close();
+                for p in self.lan_peers() {
+                    p.barrier(term, epoch, false);
+                }
+            }
+            let (epoch, seq) = epochs.assign();
+            for peer in &self.peers {
+                if !peer.is_lan {
+                    // WAN peers are brought up to date lazily.
+                    peer.bitmap.set_bytes(offset, len);
+                    continue;
+                }
+                if let Some(ack) = peer.mirror(
+                    epoch,
+                    seq,
+                    make(term, epoch, seq),
+                    (offset, len),
+                    want_ack,
+                    congestion,
+                ) {
+                    acks.push((Arc::clone(peer), ack));
+                }
+            }
+        }
+        let local = apply.await;
+        drop(ranges);
+        local?;
+        if fua {
+            // FUA is a flush point for the peers too.
+            acks.extend(self.close_epoch(want_ack));
+        }
+        self.wait_for_peers(acks).await;
+        Ok(())
+    }
+
+    async fn replicated_flush(self: Arc<Self>) -> io::Result<()> {
+        self.check_primary(0, 0)?;
+        let want_ack = self.config.resource.protocol == Protocol::C;
+        let acks = self.close_epoch(want_ack);
+        self.local.flush().await?;
+        self.wait_for_peers(acks).await;
+        Ok(())
+    }
+
+    /// Runs `work` on the tokio runtime: the ublk queue threads poll our
+    /// futures on their own executors, but timers and sockets need tokio.
+    async fn on_runtime<F>(&self, work: F) -> io::Result<()>
+    where
+        F: std::future::Future<Output = io::Result<()>> + Send + 'static,
+    {
+        self.runtime
+            .spawn(work)
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(format!("replication task failed: {e}"))))
+    }
+}
+
+fn to_wire(g: blockdev::meta::GenerationIds) -> GenerationIds {
+    GenerationIds {
+        current: g.current,
+        bitmap: g.bitmap,
+        history: g.history,
+    }
+}
+
+fn from_wire(g: GenerationIds) -> blockdev::meta::GenerationIds {
+    blockdev::meta::GenerationIds {
+        current: g.current,
+        bitmap: g.bitmap,
+        history: g.history,
+    }
+}
+
+/// The primary's device: what the frontend serves.
+#[derive(Clone)]
+pub struct ReplicatedDevice(pub Arc<Replication>);
+
+impl BlockDevice for ReplicatedDevice {
+    fn size(&self) -> u64 {
+        self.0.local.size()
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.check_primary(offset, buf.len() as u64)?;
+        self.0.local.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        let r = Arc::clone(&self.0);
+        let len = data.len() as u64;
+        let local = Arc::clone(&r.local);
+        let payload = data.clone();
+        let work = r.clone().replicate(
+            offset,
+            len,
+            fua,
+            move |term, epoch, seq| Message::Write {
+                term,
+                epoch,
+                seq,
+                offset,
+                fua,
+                data: payload.clone(),
+            },
+            async move { local.write(offset, data, fua).await },
+        );
+        self.0.on_runtime(work).await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let r = Arc::clone(&self.0);
+        self.0.on_runtime(r.replicated_flush()).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let r = Arc::clone(&self.0);
+        let local = Arc::clone(&r.local);
+        let work = r.clone().replicate(
+            offset,
+            len,
+            false,
+            move |term, epoch, seq| Message::Discard {
+                term,
+                epoch,
+                seq,
+                offset,
+                len,
+            },
+            async move { local.discard(offset, len).await },
+        );
+        self.0.on_runtime(work).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let r = Arc::clone(&self.0);
+        let local = Arc::clone(&r.local);
+        let work = r.clone().replicate(
+            offset,
+            len,
+            false,
+            move |term, epoch, seq| Message::WriteZeroes {
+                term,
+                epoch,
+                seq,
+                offset,
+                len,
+            },
+            async move { local.write_zeroes(offset, len).await },
+        );
+        self.0.on_runtime(work).await
+    }
+}

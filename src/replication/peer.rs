@@ -1,0 +1,344 @@
+//! The primary's view of one peer: whether writes flow to it, what it has not
+//! yet acknowledged, and its staleness bitmap.
+//!
+//! Invariant: every byte written by the guest is, for every peer, either in
+//! an epoch queued to that peer and not yet acknowledged (`unacked`), or
+//! marked in the peer's staleness bitmap — so a disconnect at any moment
+//! loses nothing: the unacked epochs fold into the bitmap and resync covers
+//! them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use blockdev::meta::Bitmap;
+use protocol::{Message, Role};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::config::Peer;
+
+/// Where a peer stands, from the primary's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerMode {
+    /// No link.
+    Disconnected,
+    /// Linked, but we are not primary (or it is): nothing flows.
+    Idle,
+    /// Writes are mirrored and stale blocks are being resent.
+    Resyncing,
+    /// Writes are mirrored and nothing is stale.
+    UpToDate,
+    /// Congested: writes only set bits until the backlog drains.
+    Behind,
+}
+
+impl PeerMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerMode::Disconnected => "disconnected",
+            PeerMode::Idle => "connected",
+            PeerMode::Resyncing => "resyncing",
+            PeerMode::UpToDate => "up-to-date",
+            PeerMode::Behind => "behind",
+        }
+    }
+
+    fn mirrors(self) -> bool {
+        matches!(self, PeerMode::Resyncing | PeerMode::UpToDate)
+    }
+}
+
+/// A message on its way to the peer's data connection.
+pub struct Outgoing {
+    pub message: Message,
+    /// Payload bytes, for congestion accounting.
+    pub bytes: u64,
+}
+
+/// What one epoch sent to this peer.
+#[derive(Default)]
+struct EpochRecord {
+    /// Byte ranges written in the epoch (to mark stale if never acked).
+    written: Vec<(u64, u64)>,
+    /// Resync chunks (first block, count) whose bits clear once acked.
+    resynced: Vec<(u64, u64)>,
+}
+
+struct Inner {
+    mode: PeerMode,
+    tx: Option<mpsc::UnboundedSender<Outgoing>>,
+    unacked: BTreeMap<u64, EpochRecord>,
+    write_waiters: HashMap<u64, oneshot::Sender<()>>,
+    barrier_waiters: Vec<(u64, oneshot::Sender<()>)>,
+}
+
+/// Counters for status and tests.
+#[derive(Default)]
+pub struct PeerStats {
+    /// Bytes sent by resync since the daemon started.
+    pub resync_bytes: AtomicU64,
+    /// Bytes sent by the current resync run, and when it started.
+    pub run_bytes: AtomicU64,
+    pub run_started: Mutex<Option<Instant>>,
+}
+
+pub struct PeerReplica {
+    pub config: Peer,
+    pub is_lan: bool,
+    pub bitmap: Arc<Bitmap>,
+    inner: Mutex<Inner>,
+    /// Bytes handed to the sender task and not yet written to the socket.
+    pub queued: AtomicU64,
+    pub stats: PeerStats,
+    /// The role the peer announced on the current link.
+    peer_primary: AtomicBool,
+    connected: AtomicBool,
+    /// Wakes the resync loop.
+    pub resync_wanted: Notify,
+}
+
+impl PeerReplica {
+    pub fn new(config: Peer, is_lan: bool, bitmap: Arc<Bitmap>) -> Self {
+        PeerReplica {
+            config,
+            is_lan,
+            bitmap,
+            inner: Mutex::new(Inner {
+                mode: PeerMode::Disconnected,
+                tx: None,
+                unacked: BTreeMap::new(),
+                write_waiters: HashMap::new(),
+                barrier_waiters: Vec::new(),
+            }),
+            queued: AtomicU64::new(0),
+            stats: PeerStats::default(),
+            peer_primary: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            resync_wanted: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn id(&self) -> u32 {
+        self.config.id
+    }
+
+    pub fn mode(&self) -> PeerMode {
+        self.lock().mode
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub fn is_peer_primary(&self) -> bool {
+        self.is_connected() && self.peer_primary.load(Ordering::Acquire)
+    }
+
+    /// A link came up; `role` is what the peer announced.
+    pub fn linked(&self, role: Role) {
+        self.peer_primary
+            .store(role == Role::Primary, Ordering::Release);
+        self.connected.store(true, Ordering::Release);
+        let mut inner = self.lock();
+        if inner.mode == PeerMode::Disconnected {
+            inner.mode = PeerMode::Idle;
+        }
+    }
+
+    /// Starts mirroring to the peer through `tx`. Blocks written before this
+    /// point are already in the bitmap.
+    pub fn start_mirroring(&self, tx: mpsc::UnboundedSender<Outgoing>) {
+        let mut inner = self.lock();
+        inner.tx = Some(tx);
+        inner.mode = if self.bitmap.count_ones() > 0 {
+            PeerMode::Resyncing
+        } else {
+            PeerMode::UpToDate
+        };
+        drop(inner);
+        self.resync_wanted.notify_one();
+    }
+
+    /// The link is gone: fold every unacknowledged epoch into the bitmap and
+    /// release anyone waiting on this peer.
+    pub fn disconnected(&self) {
+        self.connected.store(false, Ordering::Release);
+        self.peer_primary.store(false, Ordering::Release);
+        let mut inner = self.lock();
+        inner.mode = PeerMode::Disconnected;
+        inner.tx = None;
+        for (_, record) in std::mem::take(&mut inner.unacked) {
+            for (offset, len) in record.written {
+                self.bitmap.set_bytes(offset, len);
+            }
+        }
+        inner.write_waiters.clear();
+        inner.barrier_waiters.clear();
+        self.queued.store(0, Ordering::Release);
+    }
+
+    fn send(&self, inner: &Inner, message: Message, bytes: u64) -> bool {
+        match &inner.tx {
+            Some(tx) => {
+                self.queued.fetch_add(bytes, Ordering::AcqRel);
+                tx.send(Outgoing { message, bytes }).is_ok()
+            }
+            None => false,
+        }
+    }
+
+    /// Mirrors one write (called with the epoch lock held, so messages are
+    /// queued in epoch order). Returns an ack receiver when `want_ack`.
+    /// When the peer cannot take the write, its range goes into the bitmap.
+    pub fn mirror(
+        &self,
+        epoch: u64,
+        seq: u64,
+        message: Message,
+        range: (u64, u64),
+        want_ack: bool,
+        congestion_limit: u64,
+    ) -> Option<oneshot::Receiver<()>> {
+        let mut inner = self.lock();
+        if inner.mode.mirrors() && self.queued.load(Ordering::Acquire) > congestion_limit {
+            tracing::warn!(peer = %self.config.name, queued = self.queued.load(Ordering::Acquire),
+                "peer is congested: falling behind, resync later");
+            inner.mode = PeerMode::Behind;
+        }
+        let payload = match &message {
+            Message::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        if !inner.mode.mirrors() || !self.send(&inner, message, payload) {
+            self.mark_stale(&mut inner, range);
+            return None;
+        }
+        inner.unacked.entry(epoch).or_default().written.push(range);
+        want_ack.then(|| {
+            let (tx, rx) = oneshot::channel();
+            inner.write_waiters.insert(seq, tx);
+            rx
+        })
+    }
+
+    /// Marks a range the peer will not receive. A resync chunk in flight
+    /// over the same blocks must not clear them when acked: it carries the
+    /// older data.
+    fn mark_stale(&self, inner: &mut Inner, (offset, len): (u64, u64)) {
+        let blocks = self.bitmap.blocks_covering(offset, len);
+        for record in inner.unacked.values_mut() {
+            record
+                .resynced
+                .retain(|&(first, count)| first + count <= blocks.start || blocks.end <= first);
+        }
+        self.bitmap.set_bytes(offset, len);
+    }
+
+    /// Queues a resync chunk in `epoch` (epoch lock held). False if the peer
+    /// stopped mirroring meanwhile.
+    pub fn send_resync(
+        &self,
+        epoch: u64,
+        message: Message,
+        first_block: u64,
+        blocks: u64,
+        offset: u64,
+        len: u64,
+    ) -> bool {
+        let mut inner = self.lock();
+        if inner.mode != PeerMode::Resyncing || !self.send(&inner, message, len) {
+            return false;
+        }
+        let record = inner.unacked.entry(epoch).or_default();
+        record.written.push((offset, len));
+        record.resynced.push((first_block, blocks));
+        true
+    }
+
+    /// Queues a barrier closing `epoch` (epoch lock held).
+    pub fn barrier(&self, term: u64, epoch: u64, want_ack: bool) -> Option<oneshot::Receiver<()>> {
+        let mut inner = self.lock();
+        if !matches!(
+            inner.mode,
+            PeerMode::Resyncing | PeerMode::UpToDate | PeerMode::Behind
+        ) {
+            return None;
+        }
+        if !self.send(&inner, Message::Barrier { term, epoch }, 0) {
+            return None;
+        }
+        inner.unacked.entry(epoch).or_default();
+        want_ack.then(|| {
+            let (tx, rx) = oneshot::channel();
+            inner.barrier_waiters.push((epoch, tx));
+            rx
+        })
+    }
+
+    /// The peer has made every epoch up to `epoch` durable.
+    pub fn barrier_acked(&self, epoch: u64) {
+        let mut inner = self.lock();
+        let later = inner.unacked.split_off(&(epoch + 1));
+        let done = std::mem::replace(&mut inner.unacked, later);
+        for record in done.into_values() {
+            for (first, count) in record.resynced {
+                self.bitmap.clear_range(first, count);
+            }
+        }
+        let waiters = std::mem::take(&mut inner.barrier_waiters);
+        let (ready, pending): (Vec<_>, Vec<_>) =
+            waiters.into_iter().partition(|(e, _)| *e <= epoch);
+        inner.barrier_waiters = pending;
+        drop(inner);
+        for (_, tx) in ready {
+            let _ = tx.send(());
+        }
+    }
+
+    pub fn write_acked(&self, seq: u64) {
+        if let Some(tx) = self.lock().write_waiters.remove(&seq) {
+            let _ = tx.send(());
+        }
+    }
+
+    /// A guest write waited too long for this peer: stop waiting for it.
+    pub fn fall_behind(&self, why: &str) {
+        let mut inner = self.lock();
+        if inner.mode.mirrors() {
+            tracing::warn!(peer = %self.config.name, "peer falls behind: {why}");
+            inner.mode = PeerMode::Behind;
+        }
+        inner.write_waiters.clear();
+    }
+
+    /// Called by the sender as the backlog drains: a peer that fell behind
+    /// resumes mirroring once half the limit is free, and resyncs the rest.
+    pub fn backlog_drained(&self, congestion_limit: u64) {
+        if self.queued.load(Ordering::Acquire) > congestion_limit / 2 {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.mode == PeerMode::Behind && inner.tx.is_some() {
+            tracing::info!(peer = %self.config.name, "backlog drained: resyncing what the peer missed");
+            inner.mode = PeerMode::Resyncing;
+            drop(inner);
+            self.resync_wanted.notify_one();
+        }
+    }
+
+    /// A resync run found nothing left and everything acked.
+    pub fn mark_up_to_date(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.mode == PeerMode::Resyncing && self.bitmap.count_ones() == 0 {
+            inner.mode = PeerMode::UpToDate;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The primary's side of a link to a secondary: decide whether the peer's
+//! data can be brought up to date from our bitmap, then mirror writes to it,
+//! resend what it missed (resync), and collect its acks.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockdev::buffer::AlignedBuf;
+use blockdev::BlockDevice;
+use protocol::{DiskState, GenerationIds, Message, Role};
+use tokio::sync::{mpsc, watch};
+
+use super::link::{our_state, Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
+use super::peer::{Outgoing, PeerMode, PeerReplica};
+use super::transport::{FrameWriter, LinkError};
+use super::{Replication, RoleState};
+
+/// Largest resync chunk (contiguous stale blocks sent in one message).
+const MAX_RESYNC_CHUNK: u64 = 256 * 1024;
+/// Resync chunks per epoch: bits clear when the epoch's barrier is acked.
+const RESYNC_CHUNKS_PER_EPOCH: u32 = 16;
+/// Bytes sent per socket write at most (batching small messages).
+const SEND_BATCH: usize = 1 << 20;
+
+/// How the peer's data relates to ours.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lineage {
+    /// Same generation, or an older one of ours: the bitmap says what differs.
+    FromBitmap,
+    /// The peer never held data: everything must be sent.
+    Empty,
+    /// The peer has data we do not: refuse rather than overwrite it.
+    PeerAhead,
+    /// Neither descends from the other: split brain.
+    Diverged,
+}
+
+pub fn lineage(ours: GenerationIds, theirs: GenerationIds) -> Lineage {
+    if theirs.current == ours.current {
+        Lineage::FromBitmap
+    } else if theirs.current == 0 {
+        Lineage::Empty
+    } else if theirs.current == ours.bitmap || ours.history.contains(&theirs.current) {
+        Lineage::FromBitmap
+    } else if ours.current == theirs.bitmap || theirs.history.contains(&ours.current) {
+        Lineage::PeerAhead
+    } else {
+        Lineage::Diverged
+    }
+}
+
+pub async fn run(
+    repl: &Arc<Replication>,
+    peer: &Arc<PeerReplica>,
+    link: Link,
+    theirs: PeerState,
+    role_changes: &mut watch::Receiver<RoleState>,
+) -> Result<(), LinkError> {
+    match lineage(repl.generation(), theirs.generation) {
+        Lineage::FromBitmap => {}
+        Lineage::Empty => {
+            let blocks = peer.bitmap.set_all();
+            tracing::info!(blocks, "peer holds no data yet: full sync");
+        }
+        Lineage::PeerAhead => {
+            return Err(LinkError::Violation(format!(
+                "peer holds newer data (generation {:016x}) than this primary; refusing to overwrite it — demote here and promote the peer",
+                theirs.generation.current
+            )))
+        }
+        Lineage::Diverged => {
+            return Err(LinkError::Violation(format!(
+                "split brain: peer's data (generation {:016x}) and ours ({:016x}) diverged; recreate one side's metadata to discard its changes",
+                theirs.generation.current,
+                repl.generation().current
+            )))
+        }
+    }
+    let Link {
+        data_reader: _data_reader,
+        data_writer,
+        mut meta_reader,
+        meta_writer,
+    } = link;
+    let congestion = repl.config.replication.congestion_bytes;
+    let (data_tx, data_rx) = mpsc::unbounded_channel();
+    let (meta_tx, meta_rx) = mpsc::unbounded_channel();
+    let mut sender = tokio::spawn(send_data(
+        Arc::clone(peer),
+        data_writer,
+        data_rx,
+        congestion,
+    ));
+    let meta_sender = tokio::spawn(send_meta(meta_writer, meta_rx));
+    peer.start_mirroring(data_tx);
+    let resync = tokio::spawn(resync_loop(
+        Arc::clone(repl),
+        Arc::clone(peer),
+        meta_tx.clone(),
+    ));
+    tracing::info!(
+        mode = peer.mode().name(),
+        stale_bytes = peer.bitmap.count_ones() * peer.bitmap.block_size() as u64,
+        "mirroring to peer"
+    );
+
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let result = loop {
+        tokio::select! {
+            msg = tokio::time::timeout(LINK_TIMEOUT, meta_reader.next()) => match msg {
+                Ok(Ok(Message::BarrierAck { epoch })) => peer.barrier_acked(epoch),
+                Ok(Ok(Message::WriteAck { seq })) => peer.write_acked(seq),
+                Ok(Ok(Message::WriteNack { seq, errno })) => {
+                    break Err(LinkError::Violation(format!("peer failed write {seq}: errno {errno}")));
+                }
+                Ok(Ok(Message::Ping)) => { let _ = meta_tx.send(Message::PingAck); }
+                Ok(Ok(Message::PingAck)) => {}
+                Ok(Ok(Message::State { .. })) => break Ok(()),
+                Ok(Ok(other)) => break Err(LinkError::Violation(format!("unexpected {} from a secondary", other.message_type()))),
+                Ok(Err(e)) => break Err(e),
+                Err(_) => break Err(LinkError::Violation("peer silent; link timed out".into())),
+            },
+            _ = ping.tick() => { let _ = meta_tx.send(Message::Ping); }
+            _ = role_changes.changed() => break Ok(()),
+            sent = &mut sender => break match sent {
+                Ok(Err(e)) => Err(e),
+                _ => Err(LinkError::Closed),
+            },
+        }
+    };
+    resync.abort();
+    sender.abort();
+    meta_sender.abort();
+    result
+}
+
+/// Writes queued messages to the data connection, batching small ones.
+async fn send_data(
+    peer: Arc<PeerReplica>,
+    mut writer: FrameWriter,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    congestion: u64,
+) -> Result<(), LinkError> {
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.bytes;
+        writer.queue(&first.message)?;
+        while writer.buffered() < SEND_BATCH {
+            match rx.try_recv() {
+                Ok(next) => {
+                    bytes += next.bytes;
+                    writer.queue(&next.message)?;
+                }
+                Err(_) => break,
+            }
+        }
+        writer.flush().await?;
+        peer.queued.fetch_sub(
+            bytes.min(peer.queued.load(Ordering::Acquire)),
+            Ordering::AcqRel,
+        );
+        peer.backlog_drained(congestion);
+    }
+    Ok(())
+}
+
+async fn send_meta(
+    mut writer: FrameWriter,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+) -> Result<(), LinkError> {
+    while let Some(msg) = rx.recv().await {
+        writer.send(&msg).await?;
+    }
+    Ok(())
+}
+
+/// Resends stale blocks whenever the peer is in `Resyncing` mode.
+async fn resync_loop(
+    repl: Arc<Replication>,
+    peer: Arc<PeerReplica>,
+    meta_tx: mpsc::UnboundedSender<Message>,
+) {
+    loop {
+        peer.resync_wanted.notified().await;
+        match peer.mode() {
+            PeerMode::Resyncing => {
+                if let Err(e) = resync_pass(&repl, &peer).await {
+                    tracing::error!(error = %e, "resync stopped");
+                    return;
+                }
+                if peer.mark_up_to_date() {
+                    tracing::info!("peer is up to date");
+                    let _ = meta_tx.send(in_sync_state(&repl));
+                } else if peer.mode() == PeerMode::Resyncing {
+                    // Bits were set while we worked: go again.
+                    peer.resync_wanted.notify_one();
+                }
+            }
+            PeerMode::UpToDate => {
+                let _ = meta_tx.send(in_sync_state(&repl));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Tells the secondary that it now holds our generation's data.
+fn in_sync_state(repl: &Replication) -> Message {
+    match our_state(repl) {
+        Message::State {
+            term,
+            generation,
+            size,
+            ..
+        } => Message::State {
+            role: Role::Primary,
+            term,
+            generation,
+            disk_state: DiskState::UpToDate,
+            size,
+        },
+        other => other,
+    }
+}
+
+/// One pass over the bitmap; returns once every chunk it sent is acked.
+async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::io::Result<()> {
+    let bitmap = &peer.bitmap;
+    let block = bitmap.block_size() as u64;
+    let blocks_per_chunk = (MAX_RESYNC_CHUNK / block).max(1);
+    let total = bitmap.count_ones() * block;
+    let started = Instant::now();
+    *peer
+        .stats
+        .run_started
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(started);
+    peer.stats.run_bytes.store(0, Ordering::Release);
+    tracing::info!(stale_bytes = total, "resync starting");
+    let rate_limit = repl.config.replication.resync_rate;
+    let throttle_at = repl.config.replication.congestion_bytes / 4;
+    let mut cursor = 0;
+    let mut chunks = 0;
+    let mut last_report = Instant::now();
+    let mut sent = 0u64;
+    while let Some(first) = bitmap.find_next_set(cursor) {
+        if peer.mode() != PeerMode::Resyncing {
+            return Ok(());
+        }
+        let end = bitmap
+            .find_next_clear(first)
+            .unwrap_or(bitmap.nbits())
+            .min(first + blocks_per_chunk);
+        let offset = first * block;
+        let len = ((end - first) * block).min(repl.local_size() - offset);
+        let range = repl.ranges.acquire(offset, len, || {}).await;
+        let mut buf = AlignedBuf::zeroed(len as usize);
+        repl.local.read(offset, buf.as_mut_slice()).await?;
+        let queued = {
+            let epochs = repl.epochs.lock().unwrap_or_else(|e| e.into_inner());
+            let message = Message::ResyncData {
+                term: repl.role().term,
+                offset,
+                data: buf.into_bytes(),
+            };
+            peer.send_resync(epochs.current, message, first, end - first, offset, len)
+        };
+        drop(range);
+        if !queued {
+            return Ok(());
+        }
+        sent += len;
+        peer.stats.resync_bytes.fetch_add(len, Ordering::AcqRel);
+        peer.stats.run_bytes.fetch_add(len, Ordering::AcqRel);
+        cursor = end;
+        chunks += 1;
+        if chunks % RESYNC_CHUNKS_PER_EPOCH == 0 {
+            drop(repl.close_epoch(false));
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            report_progress(sent, total, started);
+        }
+        // Leave room for guest writes: never let resync fill the peer's queue.
+        while peer.queued.load(Ordering::Acquire) > throttle_at
+            && peer.mode() == PeerMode::Resyncing
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if rate_limit > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate_limit as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    // Close the last epoch and wait until the peer made it durable; the
+    // bits of everything sent clear with that ack.
+    let acks = repl.close_epoch(true);
+    if let Some((_, ack)) = acks.into_iter().find(|(p, _)| p.id() == peer.id()) {
+        let _ = ack.await;
+    }
+    report_progress(sent, total, started);
+    Ok(())
+}
+
+fn report_progress(done: u64, total: u64, started: Instant) {
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    let rate = done as f64 / secs;
+    let left = total.saturating_sub(done);
+    let eta = if rate > 0.0 {
+        left as f64 / rate
+    } else {
+        f64::INFINITY
+    };
+    tracing::info!(
+        bytes_done = done,
+        bytes_total = total,
+        rate_mib_s = format!("{:.1}", rate / (1 << 20) as f64),
+        eta_s = format!("{eta:.1}"),
+        "resync progress"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gen(current: u64, bitmap: u64, history: [u64; 2]) -> GenerationIds {
+        GenerationIds {
+            current,
+            bitmap,
+            history,
+        }
+    }
+
+    #[test]
+    fn lineage_decides_the_direction() {
+        let ours = gen(30, 20, [20, 10]);
+        assert_eq!(lineage(ours, gen(30, 20, [20, 10])), Lineage::FromBitmap);
+        assert_eq!(lineage(ours, gen(20, 10, [10, 0])), Lineage::FromBitmap);
+        assert_eq!(lineage(ours, gen(10, 0, [0, 0])), Lineage::FromBitmap);
+        assert_eq!(lineage(ours, gen(0, 0, [0, 0])), Lineage::Empty);
+        assert_eq!(lineage(ours, gen(40, 30, [30, 20])), Lineage::PeerAhead);
+        assert_eq!(lineage(ours, gen(77, 66, [66, 55])), Lineage::Diverged);
+    }
+}

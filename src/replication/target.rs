@@ -1,0 +1,251 @@
+//! The secondary's side of a link to its primary: apply what arrives on the
+//! data connection, in epochs.
+//!
+//! Writes of one epoch run concurrently (overlapping ones in arrival order);
+//! at a barrier every write of the epoch completes, the disk is flushed, and
+//! only then is the barrier acked and the next epoch started. So the disk
+//! only ever holds a prefix of the primary's epochs plus part of one.
+
+use std::io;
+use std::sync::Arc;
+
+use blockdev::device::check_range;
+use blockdev::BackingStore;
+use blockdev::BlockDevice;
+use bytes::Bytes;
+use protocol::{DiskState, Message};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::link::{Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
+use super::peer::PeerReplica;
+use super::transport::{FrameWriter, LinkError};
+use super::{Replication, RoleState};
+use crate::config::Protocol;
+
+/// One write to apply.
+enum Op {
+    Write { data: Bytes, fua: bool },
+    Discard,
+    WriteZeroes,
+}
+
+/// Applies the writes of the current epoch.
+struct Applier {
+    local: Arc<BackingStore>,
+    acks: mpsc::UnboundedSender<Message>,
+    ack_writes: bool,
+    in_flight: Vec<(u64, u64, JoinHandle<io::Result<()>>)>,
+}
+
+impl Applier {
+    async fn submit(
+        &mut self,
+        offset: u64,
+        len: u64,
+        seq: Option<u64>,
+        op: Op,
+    ) -> Result<(), LinkError> {
+        check_range(self.local.size(), offset, len)
+            .map_err(|e| LinkError::Violation(e.to_string()))?;
+        // Earlier writes to the same bytes must land first.
+        let mut i = 0;
+        while i < self.in_flight.len() {
+            let (start, end, _) = &self.in_flight[i];
+            if *start < offset + len && offset < *end || self.in_flight[i].2.is_finished() {
+                let (_, _, task) = self.in_flight.swap_remove(i);
+                finish(task).await?;
+            } else {
+                i += 1;
+            }
+        }
+        let local = Arc::clone(&self.local);
+        let acks = self.acks.clone();
+        let ack = self.ack_writes;
+        self.in_flight.push((
+            offset,
+            offset + len,
+            tokio::spawn(async move {
+                let result = match op {
+                    Op::Write { data, fua } => local.write(offset, data, fua).await,
+                    Op::Discard => local.discard(offset, len).await,
+                    Op::WriteZeroes => local.write_zeroes(offset, len).await,
+                };
+                if let (Some(seq), true) = (seq, ack) {
+                    let reply = match &result {
+                        Ok(()) => Message::WriteAck { seq },
+                        Err(e) => Message::WriteNack {
+                            seq,
+                            errno: blockdev::device::errno_of(e),
+                        },
+                    };
+                    let _ = acks.send(reply);
+                }
+                result
+            }),
+        ));
+        Ok(())
+    }
+
+    /// Completes the epoch: every write done, then the disk flushed.
+    async fn barrier(&mut self) -> Result<(), LinkError> {
+        for (_, _, task) in self.in_flight.drain(..) {
+            finish(task).await?;
+        }
+        self.local.flush().await?;
+        Ok(())
+    }
+}
+
+async fn finish(task: JoinHandle<io::Result<()>>) -> Result<(), LinkError> {
+    match task.await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(LinkError::Violation(format!("apply task failed: {e}"))),
+    }
+}
+
+pub async fn run(
+    repl: &Arc<Replication>,
+    _peer: &Arc<PeerReplica>,
+    link: Link,
+    _theirs: PeerState,
+    role_changes: &mut watch::Receiver<RoleState>,
+) -> Result<(), LinkError> {
+    let Link {
+        mut data_reader,
+        data_writer: _data_writer,
+        mut meta_reader,
+        meta_writer,
+    } = link;
+    let (meta_tx, meta_rx) = mpsc::unbounded_channel();
+    let meta_sender = tokio::spawn(send_meta(meta_writer, meta_rx));
+    let mut applier = Applier {
+        local: Arc::clone(&repl.local),
+        acks: meta_tx.clone(),
+        ack_writes: repl.config.resource.protocol == Protocol::C,
+        in_flight: Vec::new(),
+    };
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let result = loop {
+        tokio::select! {
+            msg = data_reader.next() => {
+                let step = match msg {
+                    Ok(msg) => apply(repl, &mut applier, &meta_tx, msg).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = step {
+                    break Err(e);
+                }
+            }
+            msg = tokio::time::timeout(LINK_TIMEOUT, meta_reader.next()) => match msg {
+                Ok(Ok(Message::Ping)) => { let _ = meta_tx.send(Message::PingAck); }
+                Ok(Ok(Message::PingAck)) => {}
+                Ok(Ok(Message::State { disk_state: DiskState::UpToDate, generation, term, .. })) => {
+                    repl.observe_term(term);
+                    if let Err(e) = repl.adopt_generation(generation) {
+                        break Err(LinkError::Io(e));
+                    }
+                    tracing::info!(generation = format!("{:016x}", generation.current), "in sync with the primary");
+                }
+                Ok(Ok(Message::State { .. })) => break Ok(()),
+                Ok(Ok(other)) => break Err(LinkError::Violation(format!("unexpected {} on meta from the primary", other.message_type()))),
+                Ok(Err(e)) => break Err(e),
+                Err(_) => break Err(LinkError::Violation("primary silent; link timed out".into())),
+            },
+            _ = ping.tick() => { let _ = meta_tx.send(Message::Ping); }
+            _ = role_changes.changed() => break Ok(()),
+        }
+    };
+    // Let writes already started finish before the link is reported down.
+    let _ = applier.barrier().await;
+    meta_sender.abort();
+    result
+}
+
+/// Rejects messages from a primary whose term is older than one we have
+/// seen: it was fenced by a newer promotion.
+fn check_term(repl: &Replication, term: u64) -> Result<(), LinkError> {
+    let known = repl.known_term();
+    if term < known {
+        return Err(LinkError::Violation(format!(
+            "stale primary: message of term {term}, but term {known} has been seen"
+        )));
+    }
+    repl.observe_term(term);
+    Ok(())
+}
+
+async fn apply(
+    repl: &Replication,
+    applier: &mut Applier,
+    meta_tx: &mpsc::UnboundedSender<Message>,
+    msg: Message,
+) -> Result<(), LinkError> {
+    match msg {
+        Message::Write {
+            term,
+            seq,
+            offset,
+            fua,
+            data,
+            ..
+        } => {
+            check_term(repl, term)?;
+            let len = data.len() as u64;
+            applier
+                .submit(offset, len, Some(seq), Op::Write { data, fua })
+                .await
+        }
+        Message::Discard {
+            term,
+            seq,
+            offset,
+            len,
+            ..
+        } => {
+            check_term(repl, term)?;
+            applier.submit(offset, len, Some(seq), Op::Discard).await
+        }
+        Message::WriteZeroes {
+            term,
+            seq,
+            offset,
+            len,
+            ..
+        } => {
+            check_term(repl, term)?;
+            applier
+                .submit(offset, len, Some(seq), Op::WriteZeroes)
+                .await
+        }
+        Message::ResyncData { term, offset, data } => {
+            check_term(repl, term)?;
+            // Until the resync finishes this replica is not a usable copy.
+            repl.set_disk_state(DiskState::Inconsistent)?;
+            let len = data.len() as u64;
+            applier
+                .submit(offset, len, None, Op::Write { data, fua: false })
+                .await
+        }
+        Message::Barrier { term, epoch } => {
+            check_term(repl, term)?;
+            applier.barrier().await?;
+            let _ = meta_tx.send(Message::BarrierAck { epoch });
+            Ok(())
+        }
+        other => Err(LinkError::Violation(format!(
+            "unexpected {} on the data connection",
+            other.message_type()
+        ))),
+    }
+}
+
+async fn send_meta(
+    mut writer: FrameWriter,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+) -> Result<(), LinkError> {
+    while let Some(msg) = rx.recv().await {
+        writer.send(&msg).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Framed, authenticated TCP connections between nodes.
+//!
+//! A peer link is two connections: *data* (replicated writes, resync data,
+//! barriers) and *meta* (acks, state, keepalive), so acks never queue behind
+//! bulk data. Each connection starts with the protocol's challenge-response
+//! handshake; anything malformed or unauthenticated closes that connection
+//! and nothing else.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use protocol::{
+    Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, ProtocolError,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// How long a connection may take to authenticate.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("unknown node {0} tried to connect")]
+    UnknownPeer(u32),
+    #[error("{0}")]
+    Violation(String),
+}
+
+/// Receiving half of a connection.
+pub struct FrameReader {
+    read: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    /// The next message; an error means the connection is unusable.
+    pub async fn next(&mut self) -> Result<Message, LinkError> {
+        loop {
+            if let Some(msg) = protocol::decode(&mut self.buf)? {
+                return Ok(msg);
+            }
+            self.buf.reserve(64 * 1024);
+            if self.read.read_buf(&mut self.buf).await? == 0 {
+                return Err(LinkError::Closed);
+            }
+        }
+    }
+}
+
+/// Sending half of a connection.
+pub struct FrameWriter {
+    write: OwnedWriteHalf,
+    buf: BytesMut,
+}
+
+impl FrameWriter {
+    pub async fn send(&mut self, msg: &Message) -> Result<(), LinkError> {
+        self.queue(msg)?;
+        self.flush().await
+    }
+
+    /// Encodes into the write buffer without sending yet (batching).
+    pub fn queue(&mut self, msg: &Message) -> Result<(), LinkError> {
+        protocol::encode(msg, &mut self.buf)?;
+        Ok(())
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub async fn flush(&mut self) -> Result<(), LinkError> {
+        if !self.buf.is_empty() {
+            self.write.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    (
+        FrameReader {
+            read,
+            buf: BytesMut::with_capacity(128 * 1024),
+        },
+        FrameWriter {
+            write,
+            buf: BytesMut::with_capacity(128 * 1024),
+        },
+    )
+}
+
+/// An authenticated connection.
+pub struct Connection {
+    pub peer_id: u32,
+    pub channel: Channel,
+    pub reader: FrameReader,
+    pub writer: FrameWriter,
+}
+
+/// Who we are, for handshakes.
+#[derive(Clone)]
+pub struct LocalIdentity {
+    pub resource: String,
+    pub node_id: u32,
+    pub secret: std::sync::Arc<Vec<u8>>,
+}
+
+/// Dials `addr` and authenticates as `channel` towards node `peer_id`.
+pub async fn connect(
+    identity: &LocalIdentity,
+    addr: SocketAddr,
+    peer_id: u32,
+    channel: Channel,
+) -> Result<Connection, LinkError> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout)??;
+    let (mut reader, mut writer) = split(stream);
+    let params = HandshakeParams {
+        resource: identity.resource.clone(),
+        node_id: identity.node_id,
+        peer_node_id: peer_id,
+        channel,
+    };
+    let (machine, hello) = Handshake::new(params, &identity.secret)?;
+    writer.send(&hello).await?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, drive(machine, &mut reader, &mut writer))
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout)??;
+    Ok(Connection {
+        peer_id,
+        channel,
+        reader,
+        writer,
+    })
+}
+
+/// Authenticates an accepted connection. The peer says who it claims to be
+/// in its Hello; `is_known_peer` decides whether we talk to it at all.
+pub async fn accept(
+    identity: &LocalIdentity,
+    stream: TcpStream,
+    is_known_peer: impl Fn(u32) -> bool,
+) -> Result<Connection, LinkError> {
+    let (mut reader, mut writer) = split(stream);
+    let work = async {
+        let first = reader.next().await?;
+        let Message::Hello {
+            node_id, channel, ..
+        } = &first
+        else {
+            return Err(LinkError::Violation(format!(
+                "expected Hello, got {}",
+                first.message_type()
+            )));
+        };
+        let (peer_id, channel) = (*node_id, *channel);
+        if !is_known_peer(peer_id) {
+            let _ = writer
+                .send(&Message::Refused {
+                    reason: format!("node {peer_id} is not a configured peer"),
+                })
+                .await;
+            return Err(LinkError::UnknownPeer(peer_id));
+        }
+        let params = HandshakeParams {
+            resource: identity.resource.clone(),
+            node_id: identity.node_id,
+            peer_node_id: peer_id,
+            channel,
+        };
+        let (mut machine, hello) = Handshake::new(params, &identity.secret)?;
+        writer.send(&hello).await?;
+        let step = machine.on_message(first);
+        respond(step, &mut writer).await?;
+        drive(machine, &mut reader, &mut writer).await?;
+        Ok((peer_id, channel))
+    };
+    let (peer_id, channel) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout)??;
+    Ok(Connection {
+        peer_id,
+        channel,
+        reader,
+        writer,
+    })
+}
+
+/// Sends what a handshake step asks for; a refusal is sent before failing.
+async fn respond(
+    step: Result<HandshakeStep, HandshakeError>,
+    writer: &mut FrameWriter,
+) -> Result<bool, LinkError> {
+    match step {
+        Ok(HandshakeStep::Send(msg)) => {
+            writer.send(&msg).await?;
+            Ok(false)
+        }
+        Ok(HandshakeStep::Done(_)) => Ok(true),
+        Err(e) => {
+            if let Some(refusal) = e.refusal() {
+                let _ = writer.send(&refusal).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+async fn drive(
+    mut machine: Handshake,
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+) -> Result<(), LinkError> {
+    loop {
+        let msg = reader.next().await?;
+        if respond(machine.on_message(msg), writer).await? {
+            return Ok(());
+        }
+    }
+}
