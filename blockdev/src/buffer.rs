@@ -83,7 +83,7 @@ impl Drop for AlignedBuf {
 
 /// True when `ptr` may be handed to an O_DIRECT transfer as is.
 pub fn is_aligned(ptr: *const u8) -> bool {
-    (ptr as usize) % IO_ALIGN == 0
+    (ptr as usize).is_multiple_of(IO_ALIGN)
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ pub trait BlockDevice: Send + Sync + 'static {
 /// sector-aligned; every layer uses this so out-of-range requests fail the
 /// same way everywhere, before they touch anything.
 pub fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
-    let aligned = offset % SECTOR_SIZE == 0 && len % SECTOR_SIZE == 0;
+    let aligned = offset.is_multiple_of(SECTOR_SIZE) && len.is_multiple_of(SECTOR_SIZE);
     let inside = offset.checked_add(len).is_some_and(|end| end <= size);
     if aligned && inside {
         Ok(())
@@ -69,7 +69,12 @@ pub fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
 
 /// The errno a failed request reports to the kernel (positive).
 pub fn errno_of(err: &io::Error) -> i32 {
-    err.raw_os_error().unwrap_or(libc::EIO)
+    match (err.raw_os_error(), err.kind()) {
+        (Some(errno), _) => errno,
+        (None, io::ErrorKind::InvalidInput) => libc::EINVAL,
+        (None, io::ErrorKind::PermissionDenied) => libc::EROFS,
+        _ => libc::EIO,
+    }
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("{}: cannot read", args.config.display()))?;
-    let _config: Config =
-        toml::from_str(&text).with_context(|| format!("{}: invalid configuration", args.config.display()))?;
+    let _config: Config = toml::from_str(&text)
+        .with_context(|| format!("{}: invalid configuration", args.config.display()))?;
     anyhow::bail!("vmsync-directory: the directory service is not implemented yet")
 }

@@ -85,7 +85,10 @@ impl BackingStore {
         let (kind, actual) = if file_type.is_file() {
             (BackingKind::File, file.metadata().map_err(open_err)?.len())
         } else if file_type.is_block_device() {
-            (BackingKind::BlockDevice, block_device_size(&file).map_err(open_err)?)
+            (
+                BackingKind::BlockDevice,
+                block_device_size(&file).map_err(open_err)?,
+            )
         } else {
             return Err(BackingError::NotFileOrDevice {
                 path: path.to_path_buf(),
@@ -152,7 +155,10 @@ impl BackingStore {
             // SAFETY: `data` is borrowed until the op completes.
             let done = cqe_to_result(unsafe { self.uring.submit(entry) }.await)?;
             if done == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "backing write made no progress"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "backing write made no progress",
+                ));
             }
             offset += done as u64;
             data = &data[done..];
@@ -175,7 +181,8 @@ impl BackingStore {
         let zeroes = AlignedBuf::zeroed(ZERO_FILL_CHUNK.min(len) as usize);
         while offset < end {
             let n = (end - offset).min(ZERO_FILL_CHUNK) as usize;
-            self.write_all_at(offset, &zeroes.as_slice()[..n], false).await?;
+            self.write_all_at(offset, &zeroes.as_slice()[..n], false)
+                .await?;
             offset += n as u64;
         }
         Ok(())

@@ -72,7 +72,10 @@ async fn many_concurrent_writes_all_land() {
         t.await.unwrap().unwrap();
     }
     for i in 0..512u64 {
-        assert_eq!(read_back(&store, i * 16384, 16384).await, pattern(i as u8, 16384));
+        assert_eq!(
+            read_back(&store, i * 16384, 16384).await,
+            pattern(i as u8, 16384)
+        );
     }
 }
 
@@ -80,22 +83,34 @@ async fn many_concurrent_writes_all_land() {
 async fn discard_punches_a_hole_that_reads_as_zeroes() {
     let file = backing_file(4 * MIB);
     let store = BackingStore::open(file.path(), 4 * MIB, BackingOptions::default()).unwrap();
-    store.write(0, pattern(1, 4 * MIB as usize), false).await.unwrap();
+    store
+        .write(0, pattern(1, 4 * MIB as usize), false)
+        .await
+        .unwrap();
     store.flush().await.unwrap();
     let before = allocated_bytes(file.path());
     store.discard(MIB, 2 * MIB).await.unwrap();
     let after = allocated_bytes(file.path());
     assert!(after + 2 * MIB <= before, "allocation {before} -> {after}");
-    assert!(read_back(&store, MIB, 2 * MIB as usize).await.iter().all(|&b| b == 0));
+    assert!(read_back(&store, MIB, 2 * MIB as usize)
+        .await
+        .iter()
+        .all(|&b| b == 0));
     // Neighbours are untouched.
-    assert_eq!(read_back(&store, 0, MIB as usize).await, &pattern(1, 4 * MIB as usize)[..MIB as usize]);
+    assert_eq!(
+        read_back(&store, 0, MIB as usize).await,
+        &pattern(1, 4 * MIB as usize)[..MIB as usize]
+    );
 }
 
 #[tokio::test]
 async fn write_zeroes_zeroes_the_range() {
     let file = backing_file(MIB);
     let store = BackingStore::open(file.path(), MIB, BackingOptions::default()).unwrap();
-    store.write(0, pattern(2, MIB as usize), false).await.unwrap();
+    store
+        .write(0, pattern(2, MIB as usize), false)
+        .await
+        .unwrap();
     store.write_zeroes(4096, 8192).await.unwrap();
     let back = read_back(&store, 0, 16384).await;
     assert!(back[4096..12288].iter().all(|&b| b == 0));
@@ -120,18 +135,26 @@ fn a_backing_smaller_than_the_configured_size_is_refused() {
     let err = BackingStore::open(file.path(), 2 * MIB, BackingOptions::default())
         .err()
         .unwrap();
-    assert!(matches!(err, BackingError::TooSmall { actual, wanted, .. } if actual == MIB && wanted == 2 * MIB));
+    assert!(
+        matches!(err, BackingError::TooSmall { actual, wanted, .. } if actual == MIB && wanted == 2 * MIB)
+    );
     assert!(err.to_string().contains("smaller than the configured size"));
 }
 
 #[test]
 fn a_missing_or_odd_backing_is_refused_with_its_path() {
-    let err = BackingStore::open(Path::new("/nonexistent/vmsync.img"), MIB, BackingOptions::default())
-        .err()
-        .unwrap();
+    let err = BackingStore::open(
+        Path::new("/nonexistent/vmsync.img"),
+        MIB,
+        BackingOptions::default(),
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("/nonexistent/vmsync.img"));
     let dir = tempfile::tempdir().unwrap();
-    let err = BackingStore::open(dir.path(), MIB, BackingOptions::default()).err().unwrap();
+    let err = BackingStore::open(dir.path(), MIB, BackingOptions::default())
+        .err()
+        .unwrap();
     // A directory cannot be opened read-write at all; either way it is refused.
     assert!(err.to_string().contains(&dir.path().display().to_string()));
 }

@@ -59,9 +59,18 @@ fn create_refuses_to_overwrite_without_permission() {
     );
     assert_eq!(fx.bytes(), before);
 
-    let old = superblock_on_disk(&fx).generations;
+    {
+        let md = fx.open();
+        md.set_term(7).unwrap();
+        md.mark_clean().unwrap();
+    }
+    assert_eq!(superblock_on_disk(&fx).term, 7);
     Metadata::create(&fx.path, &fx.params, true).unwrap();
-    assert_ne!(superblock_on_disk(&fx).generations, old);
+    assert_eq!(
+        superblock_on_disk(&fx).term,
+        0,
+        "overwritten with fresh metadata"
+    );
 
     std::fs::write(&fx.path, b"not metadata").unwrap();
     let err = Metadata::create(&fx.path, &fx.params, false).unwrap_err();
@@ -267,7 +276,7 @@ fn term_and_generations_persist() {
 fn unclean_open_marks_al_extents_stale_for_other_nodes_only() {
     let fx = Fixture::new();
     let md = fx.open();
-    let layout = *md.layout();
+    let layout = md.layout();
     let al = md.activity_log();
     drop(al.begin_io(2..3).unwrap());
     drop(

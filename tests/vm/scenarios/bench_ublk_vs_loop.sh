@@ -1,0 +1,65 @@
+#!/bin/bash
+# bench_ublk_vs_loop: fio on /dev/ublkbN (vmsyncd, direct_io = true) and on
+# a kernel loop device (losetup --direct-io=on) over the same kind of backing
+# file on the same scratch ext4. Prints one line per test:
+#   BENCH <test> loop_iops=N loop_mibps=X vmsync_iops=N vmsync_mibps=X
+# benches/ublk-vs-loop.sh turns them into a table. Only the ratio means
+# anything: the guest runs under TCG.
+# Knobs: BENCH_RUNTIME (s per run, 20), BENCH_SIZE_MIB (512),
+#        BENCH_ENGINE (libaio | io_uring), BENCH_TESTS (all four).
+. "$REPO/tests/vm/lib.sh"
+require_binaries
+RT=${BENCH_RUNTIME:-20}
+SZ=${BENCH_SIZE_MIB:-512}
+ENGINE=${BENCH_ENGINE:-libaio}
+TESTS=${BENCH_TESTS:-randread_4k randwrite_4k seqread_1m seqwrite_1m}
+
+# Both backing files fully allocated (written, not fallocated: reads of
+# unwritten extents would cost nothing).
+for f in "$W/vm0.img" "$W/loop.img"; do
+  must dd if=/dev/zero of="$f" bs=1M count="$SZ" conv=fsync status=none
+done
+make_config vm0 "$SZ" true "$W/vm0.img"
+create_md
+start_daemon
+wait_device
+LOOPDEV=$(losetup --direct-io=on --find --show "$W/loop.img") || fail "losetup failed"
+echo "$LOOPDEV" > "$W/loopdev"
+log "loop: $LOOPDEV (dio=$(cat /sys/block/${LOOPDEV#/dev/}/loop/dio 2>/dev/null)), vmsync: $DEV"
+for d in "$LOOPDEV" "$DEV"; do
+  q=/sys/block/${d#/dev/}/queue
+  log "$d: nr_requests=$(cat $q/nr_requests) max_sectors_kb=$(cat $q/max_sectors_kb) lbs=$(cat $q/logical_block_size) rotational=$(cat $q/rotational) scheduler=$(cat $q/scheduler)"
+done
+
+# fio_run DEV TEST -> "iops kib_per_s"
+fio_run() {
+  local dev=$1 t=$2 rw bs qd out
+  case $t in
+    randread_4k) rw=randread bs=4k qd=32 ;;
+    randwrite_4k) rw=randwrite bs=4k qd=32 ;;
+    seqread_1m) rw=read bs=1M qd=8 ;;
+    seqwrite_1m) rw=write bs=1M qd=8 ;;
+    *) fail "unknown bench test $t" ;;
+  esac
+  out=$(fio --name="$t" --filename="$dev" --direct=1 --ioengine="$ENGINE" --iodepth="$qd" \
+        --rw="$rw" --bs="$bs" --size="${SZ}M" --time_based --runtime="$RT" --ramp_time=2 \
+        --norandommap --randrepeat=0 --output-format=terse --terse-version=3 2>"$W/fio.err") \
+    || fail "fio $t on $dev failed: $(head -c 300 "$W/fio.err")"
+  echo "$out" | awk -F';' -v rw="$rw" '$1 == 3 {
+      if ($5 != 0) { print "error " $5; exit }
+      if (rw ~ /read/) print $8, $7; else print $49, $48 }'
+}
+
+for t in $TESTS; do
+  res_l=$(fio_run "$LOOPDEV" "$t")
+  res_v=$(fio_run "$DEV" "$t")
+  case "$res_l $res_v" in *error*|"") fail "fio $t: loop=[$res_l] vmsync=[$res_v]" ;; esac
+  proc_alive "$DAEMON_PID" || fail "vmsyncd died during $t"
+  read -r li lb <<<"$res_l"
+  read -r vi vb <<<"$res_v"
+  echo "BENCH $t loop_iops=$li loop_mibps=$(awk -v b="$lb" 'BEGIN{printf "%.1f", b/1024}') vmsync_iops=$vi vmsync_mibps=$(awk -v b="$vb" 'BEGIN{printf "%.1f", b/1024}')"
+done
+
+must losetup -d "$LOOPDEV"
+stop_daemon_clean
+pass
