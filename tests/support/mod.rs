@@ -10,11 +10,14 @@
 // Every test crate uses a different subset of these helpers.
 #![allow(dead_code, unused_imports)]
 
+pub mod cluster;
 pub mod daemon;
 pub mod hash;
+pub mod proxy;
 pub mod testdir;
 pub mod workload;
 
+pub use cluster::Cluster;
 pub use daemon::{ctl, wait_for, Daemon};
 pub use hash::{blake3_of_device_via_client, blake3_of_file};
 pub use testdir::{ClusterSpec, NodeFiles, TestDir};

@@ -24,14 +24,18 @@ impl Proxy {
         let (accept_open, accept_gen) = (Arc::clone(&open), generation.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
                 if !accept_open.load(Ordering::Acquire) {
                     drop(client);
                     continue;
                 }
                 let mut cut = accept_gen.subscribe();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(target).await else { return };
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     tokio::select! {

@@ -1,0 +1,325 @@
+//! LAN replication between real `vmsyncd` processes on loopback: mirroring,
+//! protocols A and C, peer and primary crashes, link cuts, resync.
+//!
+//! The primary serves its top layer on a block socket (no ublk on the host);
+//! the workload runs through it and a model says what every replica must
+//! hold afterwards.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use blockdev::blocksock::BlockClient;
+use support::proxy::Proxy;
+use support::workload::{self, BLOCK};
+use support::{runtime, Cluster, ClusterSpec, Model, Op, Workload};
+
+const MIB: u64 = 1 << 20;
+
+fn spec(nodes: u32, protocol: &'static str) -> ClusterSpec {
+    ClusterSpec {
+        nodes,
+        protocol,
+        ..ClusterSpec::default()
+    }
+}
+
+fn client(rt: &tokio::runtime::Runtime, cluster: &Cluster, id: u32) -> BlockClient {
+    let path = cluster.dir.node(id).block_socket.clone();
+    rt.block_on(BlockClient::connect(path))
+        .expect("connect to the primary's block socket")
+}
+
+/// The 4 KiB blocks an op sequence touches.
+fn touched_blocks(ops: &[Op]) -> BTreeSet<u64> {
+    ops.iter()
+        .filter_map(|op| op.range())
+        .flat_map(|r| (r.start / BLOCK)..r.end.div_ceil(BLOCK))
+        .collect()
+}
+
+fn converge_three_nodes(protocol: &'static str) {
+    let cluster = Cluster::start(spec(3, protocol));
+    cluster.promote(1);
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "initial sync did not finish"
+    );
+    let rt = runtime();
+    let c = client(&rt, &cluster, 1);
+    let size = cluster.dir.spec.size;
+    let ops = Workload::new(11, size).ops(3000);
+    let model = rt
+        .block_on(workload::run(&c, &ops, 16, Model::zeroed(size)))
+        .expect("workload on the primary");
+    rt.block_on(c.flush()).unwrap();
+    let hash = cluster.wait_identical(Some(model.blake3()));
+    assert!(hash.is_ok(), "replicas differ from the model: {hash:?}");
+    let status = cluster.status(1);
+    assert_eq!(status["role"], "primary");
+    for p in status["peers"].as_array().unwrap() {
+        assert_eq!(p["protocol"], protocol);
+        assert_eq!(p["state"], "up-to-date");
+    }
+    assert_eq!(cluster.status(2)["role"], "secondary");
+}
+
+#[test]
+fn three_nodes_converge_with_protocol_a() {
+    converge_three_nodes("A");
+}
+
+#[test]
+fn three_nodes_converge_with_protocol_c() {
+    converge_three_nodes("C");
+}
+
+#[test]
+fn a_killed_peer_gets_only_the_blocks_it_missed() {
+    let mut cluster = Cluster::start(spec(3, "A"));
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+    let rt = runtime();
+    let c = client(&rt, &cluster, 1);
+    let size = cluster.dir.spec.size;
+    let mut gen = Workload::new(21, size);
+    let phase1 = gen.ops(1000);
+    let model = rt
+        .block_on(workload::run(&c, &phase1, 16, Model::zeroed(size)))
+        .unwrap();
+    rt.block_on(c.flush()).unwrap();
+    assert!(cluster.wait_identical(Some(model.blake3())).is_ok());
+    let resynced_before = cluster.peer(1, 3)["resynced_bytes"].as_u64().unwrap();
+
+    cluster.daemon(3).sigkill();
+    // Phase 2 touches a known set of blocks while node 3 is down.
+    let phase2: Vec<Op> = gen.ops(100);
+    let model = rt.block_on(workload::run(&c, &phase2, 16, model)).unwrap();
+    rt.block_on(c.flush()).unwrap();
+    let missed = touched_blocks(&phase2).len() as u64 * BLOCK;
+    let stale = cluster.peer(1, 3)["stale_bytes"].as_u64().unwrap();
+    assert!(
+        stale >= missed,
+        "bitmap holds {stale} bytes, the outage wrote {missed}"
+    );
+    // Only what was in flight when the link dropped may be added.
+    assert!(
+        stale <= missed + 8 * MIB,
+        "bitmap holds {stale} bytes, the outage wrote {missed}"
+    );
+
+    *cluster.daemon(3) = support::Daemon::start(cluster.dir.node(3));
+    cluster.daemon(3).wait_ready(support::cluster::START);
+    assert!(cluster.wait_peers_up_to_date(1), "node 3 did not resync");
+    let resent = cluster.peer(1, 3)["resynced_bytes"].as_u64().unwrap() - resynced_before;
+    assert_eq!(resent, stale, "resync must send exactly the stale blocks");
+    assert!(
+        resent < size / 4,
+        "a bitmap resync, not a full copy: {resent} bytes"
+    );
+    assert!(cluster.wait_identical(Some(model.blake3())).is_ok());
+}
+
+#[test]
+fn a_cut_link_heals_and_the_replicas_converge() {
+    let mut spec = spec(2, "C");
+    spec.extra_toml = "[replication]\nmax_peer_wait_ms = 500\n".into();
+    let rt = runtime();
+    // Node 1 dials node 2 through a proxy the test can cut.
+    let cluster = {
+        let dir = support::TestDir::with_spec(spec);
+        let proxy_addr = support::testdir::free_ports(1)[0];
+        let n2 = dir.node(2).listen.to_string();
+        let toml = dir.config_toml(1).replace(
+            &format!("address = \"{n2}\""),
+            &format!("address = \"{proxy_addr}\""),
+        );
+        dir.write_config(1, &toml);
+        let proxy = rt.block_on(Proxy::start(proxy_addr, dir.node(2).listen));
+        for n in &dir.nodes {
+            assert!(support::ctl(&n.config, &["create-md"]).status.success());
+        }
+        let daemons: Vec<_> = dir.nodes.iter().map(support::Daemon::start).collect();
+        let mut cluster = Cluster { dir, daemons };
+        for d in &mut cluster.daemons {
+            d.wait_ready(support::cluster::START);
+        }
+        cluster.wait_linked(1);
+        (cluster, proxy)
+    };
+    let (cluster, proxy) = cluster;
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+    let c = client(&rt, &cluster, 1);
+    let size = cluster.dir.spec.size;
+    let ops = Workload::new(31, size).ops(3000);
+    let run = rt.spawn({
+        let c = c.clone();
+        async move { workload::run(&c, &ops, 16, Model::zeroed(size)).await }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    proxy.cut();
+    assert!(
+        support::wait_for(
+            || cluster.peer(1, 2)["connected"] == false,
+            Duration::from_secs(10)
+        ),
+        "primary did not notice the cut"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    proxy.heal();
+    let model = rt
+        .block_on(run)
+        .unwrap()
+        .expect("guest writes never fail because a peer is gone");
+    rt.block_on(c.flush()).unwrap();
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "peer did not resync after the link healed"
+    );
+    let result = cluster.wait_identical(Some(model.blake3()));
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[test]
+fn a_killed_primary_resyncs_its_activity_log_after_restart() {
+    let mut cluster = Cluster::start(spec(3, "A"));
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+    let rt = runtime();
+    let size = cluster.dir.spec.size;
+    let mut gen = Workload::new(41, size);
+    let phase1 = gen.ops(800);
+    let flushed = {
+        let c = client(&rt, &cluster, 1);
+        let m = rt
+            .block_on(workload::run(&c, &phase1, 16, Model::zeroed(size)))
+            .unwrap();
+        rt.block_on(c.flush()).unwrap();
+        m
+    };
+    // Phase 2 is cut short by SIGKILL of the primary.
+    let phase2 = gen.ops(3000);
+    let c = client(&rt, &cluster, 1);
+    let ops = phase2.clone();
+    let run = rt.spawn(async move { workload::run(&c, &ops, 16, Model::zeroed(size)).await });
+    std::thread::sleep(Duration::from_millis(400));
+    cluster.daemon(1).sigkill();
+    let _ = rt.block_on(run);
+
+    *cluster.daemon(1) = support::Daemon::start(cluster.dir.node(1));
+    cluster.daemon(1).wait_ready(support::cluster::START);
+    let status = cluster.status(1);
+    assert_eq!(status["last_shutdown"], "crash");
+    assert!(status["recovered_extents"].as_u64().unwrap() > 0);
+    assert_eq!(
+        status["role"], "secondary",
+        "a restarted node with peers waits to be promoted"
+    );
+    cluster.wait_linked(1);
+    cluster.promote(1);
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "activity-log resync did not finish"
+    );
+    let hash = cluster.wait_identical(None);
+    assert!(
+        hash.is_ok(),
+        "replicas differ after the primary's crash: {hash:?}"
+    );
+    // Everything flushed before the crash and not rewritten after it survives.
+    let image = std::fs::read(&cluster.dir.node(2).backing).unwrap();
+    let rewritten = touched_blocks(&phase2);
+    for block in 0..size / BLOCK {
+        if rewritten.contains(&block) {
+            continue;
+        }
+        let r = (block * BLOCK) as usize..((block + 1) * BLOCK) as usize;
+        assert!(
+            image[r.clone()] == flushed.image()[r],
+            "flushed block {block} was lost"
+        );
+    }
+}
+
+/// Stamps every 4 KiB block of epoch `n` with `n`.
+fn epoch_block(n: u64) -> Vec<u8> {
+    n.to_le_bytes().repeat(BLOCK as usize / 8)
+}
+
+#[test]
+fn a_crashed_peer_holds_a_prefix_of_the_primarys_epochs() {
+    const WRITES_PER_EPOCH: u64 = 8;
+    const EPOCHS: u64 = 500;
+    let mut cluster = Cluster::start(spec(2, "A"));
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+    let rt = runtime();
+    let c = client(&rt, &cluster, 1);
+    for round in 0..3u64 {
+        // Each round uses its own region, so blocks are written once.
+        let base = round * 4100;
+        let writer = rt.spawn({
+            let c = c.clone();
+            async move {
+                for n in 1..=EPOCHS {
+                    let mut writes = tokio::task::JoinSet::new();
+                    for i in 0..WRITES_PER_EPOCH {
+                        let c = c.clone();
+                        let offset = (base + n * WRITES_PER_EPOCH + i) * BLOCK;
+                        writes.spawn(
+                            async move { c.write(offset, epoch_block(base + n), false).await },
+                        );
+                    }
+                    while let Some(w) = writes.join_next().await {
+                        w.unwrap()?;
+                    }
+                    // A flush closes the epoch on the peer.
+                    c.flush().await?;
+                }
+                std::io::Result::Ok(())
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300 + rand::random::<u64>() % 700));
+        cluster.daemon(2).sigkill();
+        rt.block_on(writer)
+            .unwrap()
+            .expect("the primary keeps serving without its peer");
+
+        let image = std::fs::read(&cluster.dir.node(2).backing).unwrap();
+        let present = |n: u64| -> u64 {
+            (0..WRITES_PER_EPOCH)
+                .filter(|i| {
+                    let at = ((base + n * WRITES_PER_EPOCH + i) * BLOCK) as usize;
+                    image[at..at + BLOCK as usize] == epoch_block(base + n)[..]
+                })
+                .count() as u64
+        };
+        let counts: Vec<u64> = (1..=EPOCHS).map(present).collect();
+        let last_seen = counts.iter().rposition(|&c| c > 0);
+        if let Some(last) = last_seen {
+            for (n, &count) in counts[..last].iter().enumerate() {
+                assert_eq!(
+                    count,
+                    WRITES_PER_EPOCH,
+                    "round {round}: epoch {} is visible on the peer but epoch {} is incomplete",
+                    last + 1,
+                    n + 1
+                );
+            }
+        }
+        assert!(
+            last_seen.is_some_and(|l| l > 0),
+            "round {round}: the peer received nothing before the crash"
+        );
+
+        *cluster.daemon(2) = support::Daemon::start(cluster.dir.node(2));
+        cluster.daemon(2).wait_ready(support::cluster::START);
+        assert!(
+            cluster.wait_peers_up_to_date(1),
+            "round {round}: peer did not resync"
+        );
+    }
+    assert!(cluster.wait_identical(None).is_ok());
+}

@@ -1,0 +1,131 @@
+//! A running cluster of real `vmsyncd` processes on loopback.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{blake3_of_file, ctl, wait_for, ClusterSpec, Daemon, TestDir};
+
+pub const START: Duration = Duration::from_secs(15);
+pub const CONVERGE: Duration = Duration::from_secs(60);
+
+pub struct Cluster {
+    pub dir: TestDir,
+    /// Index `id - 1`.
+    pub daemons: Vec<Daemon>,
+}
+
+impl Cluster {
+    /// Creates metadata for every node, starts them all and waits until
+    /// every node is linked to every other.
+    pub fn start(spec: ClusterSpec) -> Cluster {
+        let dir = TestDir::with_spec(spec);
+        for n in &dir.nodes {
+            let out = ctl(&n.config, &["create-md"]);
+            assert!(
+                out.status.success(),
+                "create-md: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let daemons = dir.nodes.iter().map(Daemon::start).collect();
+        let mut cluster = Cluster { dir, daemons };
+        for d in &mut cluster.daemons {
+            d.wait_ready(START);
+        }
+        for id in 1..=cluster.dir.spec.nodes {
+            cluster.wait_linked(id);
+        }
+        cluster
+    }
+
+    pub fn daemon(&mut self, id: u32) -> &mut Daemon {
+        &mut self.daemons[id as usize - 1]
+    }
+
+    pub fn status(&self, id: u32) -> Value {
+        self.daemons[id as usize - 1].status_json()
+    }
+
+    /// The status entry node `id` keeps for `peer`.
+    pub fn peer(&self, id: u32, peer: u32) -> Value {
+        let status = self.status(id);
+        status["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["id"] == peer).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Waits until node `id` reports every peer connected.
+    pub fn wait_linked(&self, id: u32) {
+        let linked = wait_for(
+            || {
+                self.daemons[id as usize - 1]
+                    .try_status_json()
+                    .and_then(|s| {
+                        s["peers"]
+                            .as_array()
+                            .map(|ps| ps.iter().all(|p| p["connected"] == true))
+                    })
+                    .unwrap_or(false)
+            },
+            START,
+        );
+        assert!(linked, "node {id} did not link to all its peers");
+    }
+
+    pub fn promote(&self, id: u32) {
+        let out = self.daemons[id as usize - 1].ctl(&["promote"]);
+        assert!(
+            out.status.success(),
+            "promote n{id}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits until `primary` reports every peer up to date with nothing stale.
+    pub fn wait_peers_up_to_date(&self, primary: u32) -> bool {
+        wait_for(
+            || {
+                self.daemons[primary as usize - 1]
+                    .try_status_json()
+                    .and_then(|s| {
+                        s["peers"].as_array().map(|ps| {
+                            ps.iter()
+                                .all(|p| p["state"] == "up-to-date" && p["stale_bytes"] == 0)
+                        })
+                    })
+                    .unwrap_or(false)
+            },
+            CONVERGE,
+        )
+    }
+
+    pub fn hash(&self, id: u32) -> blake3::Hash {
+        blake3_of_file(&self.dir.node(id).backing, self.dir.spec.size)
+    }
+
+    /// Waits until every node's backing image has the same BLAKE3 (and, if
+    /// given, equals `expected`). Returns the hashes seen last on failure.
+    pub fn wait_identical(
+        &self,
+        expected: Option<blake3::Hash>,
+    ) -> Result<blake3::Hash, Vec<String>> {
+        let mut last = Vec::new();
+        let ok = wait_for(
+            || {
+                let hashes: Vec<blake3::Hash> =
+                    (1..=self.dir.spec.nodes).map(|id| self.hash(id)).collect();
+                last = hashes.iter().map(|h| h.to_hex().to_string()).collect();
+                hashes.windows(2).all(|w| w[0] == w[1]) && expected.is_none_or(|e| hashes[0] == e)
+            },
+            CONVERGE,
+        );
+        if ok {
+            Ok(self.hash(1))
+        } else {
+            Err(last)
+        }
+    }
+}
