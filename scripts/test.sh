@@ -27,10 +27,11 @@ vm_failed=0
 if [ "${VMSYNC_SKIP_VM:-0}" != 1 ]; then
   echo "== VM tests (real ublk in a qemu guest)"
   cargo build --release --bins
-  VMTEST_LOG="$log_dir/vm-console.log" tests/vm/run.sh all 2>&1 | tee "$log_dir/vm-tests.log"
+  VM_CONSOLE_LOG="$log_dir/vm-console.log" tests/vm/run.sh all 2>&1 | tee "$log_dir/vm-tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  vm_passed=$(grep -c '^VMTEST PASS' "$log_dir/vm-tests.log" || true)
-  vm_failed=$(grep -c '^VMTEST FAIL' "$log_dir/vm-tests.log" || true)
+  # run.sh ends with one summary line per scenario: "  PASS  name  time".
+  vm_passed=$(grep -cE '^  PASS  ' "$log_dir/vm-tests.log" || true)
+  vm_failed=$(grep -cE '^  (FAIL|NONE)  ' "$log_dir/vm-tests.log" || true)
   if [ "$vm_passed" -eq 0 ] && [ "$vm_failed" -eq 0 ]; then
     echo "VM tests produced no result"; vm_failed=1; status=1
   fi
