@@ -130,6 +130,11 @@ async fn maintain(
                 tracing::info!("link up");
                 let result = run_session(&repl, &peer, link).await;
                 peer.disconnected();
+                // The folded-in bits may lie in extents the activity log no
+                // longer covers: persist them now, or a crash would lose them.
+                if let Err(e) = repl.metadata.flush_bitmaps() {
+                    tracing::error!(error = %e, "cannot persist the staleness bitmaps");
+                }
                 match result {
                     Ok(()) => tracing::info!("link closed; reconnecting"),
                     Err(e) => tracing::warn!(error = %e, "link lost; reconnecting"),

@@ -92,7 +92,7 @@ pub async fn run(
         data_rx,
         congestion,
     ));
-    let meta_sender = tokio::spawn(send_meta(meta_writer, meta_rx));
+    let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
     peer.start_mirroring(data_tx);
     let resync = tokio::spawn(resync_loop(
         Arc::clone(repl),
@@ -160,16 +160,6 @@ async fn send_data(
             Ordering::AcqRel,
         );
         peer.backlog_drained(congestion);
-    }
-    Ok(())
-}
-
-async fn send_meta(
-    mut writer: FrameWriter,
-    mut rx: mpsc::UnboundedReceiver<Message>,
-) -> Result<(), LinkError> {
-    while let Some(msg) = rx.recv().await {
-        writer.send(&msg).await?;
     }
     Ok(())
 }

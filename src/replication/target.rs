@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::link::{Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
 use super::peer::PeerReplica;
-use super::transport::{FrameWriter, LinkError};
+use super::transport::LinkError;
 use super::{Replication, RoleState};
 use crate::config::Protocol;
 
@@ -118,7 +118,7 @@ pub async fn run(
         meta_writer,
     } = link;
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
-    let meta_sender = tokio::spawn(send_meta(meta_writer, meta_rx));
+    let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
     let mut applier = Applier {
         local: Arc::clone(&repl.local),
         acks: meta_tx.clone(),
@@ -238,14 +238,4 @@ async fn apply(
             other.message_type()
         ))),
     }
-}
-
-async fn send_meta(
-    mut writer: FrameWriter,
-    mut rx: mpsc::UnboundedReceiver<Message>,
-) -> Result<(), LinkError> {
-    while let Some(msg) = rx.recv().await {
-        writer.send(&msg).await?;
-    }
-    Ok(())
 }

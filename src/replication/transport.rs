@@ -81,6 +81,18 @@ impl FrameWriter {
         self.buf.len()
     }
 
+    /// Sends every message from `rx` until the channel closes (the meta
+    /// connection's writer task).
+    pub async fn pump(
+        mut self,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Message>,
+    ) -> Result<(), LinkError> {
+        while let Some(msg) = rx.recv().await {
+            self.send(&msg).await?;
+        }
+        Ok(())
+    }
+
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         if !self.buf.is_empty() {
             self.write.write_all(&self.buf).await?;
