@@ -121,36 +121,41 @@ fn a_killed_peer_gets_only_the_blocks_it_missed() {
     assert!(cluster.wait_identical(Some(model.blake3())).is_ok());
 }
 
-#[test]
-fn a_cut_link_heals_and_the_replicas_converge() {
-    let mut spec = spec(2, "C");
-    spec.extra_toml = "[replication]\nmax_peer_wait_ms = 500\n".into();
-    let rt = runtime();
-    // Node 1 dials node 2 through a proxy the test can cut.
-    let cluster = {
-        let dir = support::TestDir::with_spec(spec);
-        let proxy_addr = support::testdir::free_ports(1)[0];
-        let n2 = dir.node(2).listen.to_string();
-        let toml = dir.config_toml(1).replace(
-            &format!("address = \"{n2}\""),
-            &format!("address = \"{proxy_addr}\""),
-        );
-        dir.write_config(1, &toml);
-        let proxy = rt.block_on(Proxy::start(proxy_addr, dir.node(2).listen));
-        for n in &dir.nodes {
-            assert!(support::ctl(&n.config, &["create-md"]).status.success());
-        }
-        let daemons: Vec<_> = dir.nodes.iter().map(support::Daemon::start).collect();
-        let mut cluster = Cluster { dir, daemons };
-        for d in &mut cluster.daemons {
-            d.wait_ready(support::cluster::START);
-        }
-        cluster.wait_linked(1);
-        (cluster, proxy)
-    };
-    let (cluster, proxy) = cluster;
+/// Two nodes; node 1 reaches node 2 through a proxy the test controls.
+fn proxied_pair(
+    rt: &tokio::runtime::Runtime,
+    protocol: &'static str,
+    extra_toml: &str,
+) -> (Cluster, Proxy) {
+    let mut spec = spec(2, protocol);
+    spec.extra_toml = extra_toml.into();
+    let dir = support::TestDir::with_spec(spec);
+    let proxy_addr = support::testdir::free_ports(1)[0];
+    let n2 = dir.node(2).listen.to_string();
+    let toml = dir.config_toml(1).replace(
+        &format!("address = \"{n2}\""),
+        &format!("address = \"{proxy_addr}\""),
+    );
+    dir.write_config(1, &toml);
+    let proxy = rt.block_on(Proxy::start(proxy_addr, dir.node(2).listen));
+    for n in &dir.nodes {
+        assert!(support::ctl(&n.config, &["create-md"]).status.success());
+    }
+    let daemons: Vec<_> = dir.nodes.iter().map(support::Daemon::start).collect();
+    let mut cluster = Cluster { dir, daemons };
+    for d in &mut cluster.daemons {
+        d.wait_ready(support::cluster::START);
+    }
+    cluster.wait_linked(1);
     cluster.promote(1);
     assert!(cluster.wait_peers_up_to_date(1));
+    (cluster, proxy)
+}
+
+#[test]
+fn a_cut_link_heals_and_the_replicas_converge() {
+    let rt = runtime();
+    let (cluster, proxy) = proxied_pair(&rt, "C", "[replication]\nmax_peer_wait_ms = 500\n");
     let c = client(&rt, &cluster, 1);
     let size = cluster.dir.spec.size;
     let ops = Workload::new(31, size).ops(3000);
@@ -177,6 +182,45 @@ fn a_cut_link_heals_and_the_replicas_converge() {
     assert!(
         cluster.wait_peers_up_to_date(1),
         "peer did not resync after the link healed"
+    );
+    let result = cluster.wait_identical(Some(model.blake3()));
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[test]
+fn a_slow_peer_falls_behind_without_stalling_the_guest_and_catches_up() {
+    let rt = runtime();
+    let (cluster, proxy) = proxied_pair(
+        &rt,
+        "C",
+        "[replication]\ncongestion_limit = \"2MiB\"\nmax_peer_wait_ms = 300\n",
+    );
+    let c = client(&rt, &cluster, 1);
+    let size = cluster.dir.spec.size;
+    // The peer stops taking data but keeps its connections.
+    proxy.pause();
+    let ops = Workload::new(51, size).ops(1500);
+    let started = std::time::Instant::now();
+    let model = rt
+        .block_on(workload::run(&c, &ops, 16, Model::zeroed(size)))
+        .expect("writes complete while the peer is stuck");
+    let took = started.elapsed();
+    let peer = cluster.peer(1, 2);
+    assert_eq!(
+        peer["state"], "behind",
+        "a stuck peer must fall behind: {peer}"
+    );
+    assert!(peer["stale_bytes"].as_u64().unwrap() > 0);
+    // At most one max_peer_wait per write chain, not one per write.
+    assert!(
+        took < Duration::from_secs(20),
+        "the guest was stalled by a slow peer: {took:?}"
+    );
+    proxy.resume();
+    rt.block_on(c.flush()).unwrap();
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "the peer did not catch up once the backlog drained"
     );
     let result = cluster.wait_identical(Some(model.blake3()));
     assert!(result.is_ok(), "{result:?}");

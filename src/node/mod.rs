@@ -20,6 +20,7 @@ use protocol::Role;
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Mutex};
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::control::{self, Request, Response};
@@ -213,7 +214,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(Arc::clone(&node).serve_control_connection(stream)); }
+                Ok((stream, _)) => { tokio::spawn(Arc::clone(&node).serve_control_connection(stream).in_current_span()); }
                 Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
             },
             _ = terminate.recv() => request_stop(&node, "SIGTERM").await,

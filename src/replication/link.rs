@@ -14,6 +14,7 @@ use std::time::Duration;
 use protocol::{Channel, DiskState, GenerationIds, Message, Role};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::peer::PeerReplica;
 use super::transport::{self, Connection, FrameReader, FrameWriter, LinkError, LocalIdentity};
@@ -72,7 +73,7 @@ pub async fn start(repl: Arc<Replication>) -> anyhow::Result<()> {
             rx,
         ));
     }
-    tokio::spawn(accept_loop(listener, identity, routes));
+    tokio::spawn(accept_loop(listener, identity, routes).in_current_span());
     Ok(())
 }
 
@@ -114,8 +115,6 @@ async fn maintain(
     identity: LocalIdentity,
     mut incoming: mpsc::Receiver<Connection>,
 ) {
-    let span = tracing::info_span!("peer", peer = %peer.config.name, peer_id = peer.id());
-    let _entered = span.enter();
     let dials = repl.config.node.id < peer.id();
     let mut backoff = BACKOFF_START;
     loop {

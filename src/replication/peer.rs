@@ -18,6 +18,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::Peer;
 
+/// A peer that fell behind resumes only with at most this many epochs
+/// unacknowledged.
+const MAX_UNACKED_TO_RESUME: usize = 2;
+
 /// Where a peer stands, from the primary's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerMode {
@@ -281,7 +285,7 @@ impl PeerReplica {
     }
 
     /// The peer has made every epoch up to `epoch` durable.
-    pub fn barrier_acked(&self, epoch: u64) {
+    pub fn barrier_acked(&self, epoch: u64, congestion_limit: u64) {
         let mut inner = self.lock();
         let later = inner.unacked.split_off(&(epoch + 1));
         let done = std::mem::replace(&mut inner.unacked, later);
@@ -298,6 +302,7 @@ impl PeerReplica {
         for (_, tx) in ready {
             let _ = tx.send(());
         }
+        self.backlog_drained(congestion_limit);
     }
 
     pub fn write_acked(&self, seq: u64) {
@@ -316,14 +321,20 @@ impl PeerReplica {
         inner.write_waiters.clear();
     }
 
-    /// Called by the sender as the backlog drains: a peer that fell behind
-    /// resumes mirroring once half the limit is free, and resyncs the rest.
+    /// Called as the backlog drains (by the sender, and when acks arrive):
+    /// a peer that fell behind resumes mirroring, and resyncs what it
+    /// missed, once half the send limit is free *and* it has acknowledged
+    /// all but the last few epochs — socket buffers emptying into a stuck
+    /// peer is not progress.
     pub fn backlog_drained(&self, congestion_limit: u64) {
         if self.queued.load(Ordering::Acquire) > congestion_limit / 2 {
             return;
         }
         let mut inner = self.lock();
-        if inner.mode == PeerMode::Behind && inner.tx.is_some() {
+        if inner.mode == PeerMode::Behind
+            && inner.tx.is_some()
+            && inner.unacked.len() <= MAX_UNACKED_TO_RESUME
+        {
             tracing::info!(peer = %self.config.name, "backlog drained: resyncing what the peer missed");
             inner.mode = PeerMode::Resyncing;
             drop(inner);

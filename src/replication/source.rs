@@ -10,6 +10,7 @@ use blockdev::buffer::AlignedBuf;
 use blockdev::BlockDevice;
 use protocol::{DiskState, GenerationIds, Message, Role};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use super::link::{our_state, Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
 use super::peer::{Outgoing, PeerMode, PeerReplica};
@@ -94,11 +95,9 @@ pub async fn run(
     ));
     let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
     peer.start_mirroring(data_tx);
-    let resync = tokio::spawn(resync_loop(
-        Arc::clone(repl),
-        Arc::clone(peer),
-        meta_tx.clone(),
-    ));
+    let resync = tokio::spawn(
+        resync_loop(Arc::clone(repl), Arc::clone(peer), meta_tx.clone()).in_current_span(),
+    );
     tracing::info!(
         mode = peer.mode().name(),
         stale_bytes = peer.bitmap.count_ones() * peer.bitmap.block_size() as u64,
@@ -109,7 +108,7 @@ pub async fn run(
     let result = loop {
         tokio::select! {
             msg = tokio::time::timeout(LINK_TIMEOUT, meta_reader.next()) => match msg {
-                Ok(Ok(Message::BarrierAck { epoch })) => peer.barrier_acked(epoch),
+                Ok(Ok(Message::BarrierAck { epoch })) => peer.barrier_acked(epoch, congestion),
                 Ok(Ok(Message::WriteAck { seq })) => peer.write_acked(seq),
                 Ok(Ok(Message::WriteNack { seq, errno })) => {
                     break Err(LinkError::Violation(format!("peer failed write {seq}: errno {errno}")));

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 pub struct Proxy {
     pub listen: SocketAddr,
     open: Arc<AtomicBool>,
+    paused: watch::Sender<bool>,
     generation: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -21,7 +22,9 @@ impl Proxy {
         let listener = TcpListener::bind(listen).await.expect("bind proxy");
         let open = Arc::new(AtomicBool::new(true));
         let (generation, _) = watch::channel(0u64);
-        let (accept_open, accept_gen) = (Arc::clone(&open), generation.clone());
+        let (paused, _) = watch::channel(false);
+        let (accept_open, accept_gen, accept_paused) =
+            (Arc::clone(&open), generation.clone(), paused.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -32,15 +35,16 @@ impl Proxy {
                     continue;
                 }
                 let mut cut = accept_gen.subscribe();
+                let (up, down) = (accept_paused.subscribe(), accept_paused.subscribe());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy(&mut cr, &mut sw) => {}
-                        _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        _ = forward(cr, sw, up) => {}
+                        _ = forward(sr, cw, down) => {}
                         _ = cut.changed() => {}
                     }
                 });
@@ -49,9 +53,20 @@ impl Proxy {
         Proxy {
             listen,
             open,
+            paused,
             generation,
             task,
         }
+    }
+
+    /// Stops forwarding bytes (connections stay open): a peer that is alive
+    /// but does not keep up.
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
     }
 
     /// Drops every forwarded connection and refuses new ones.
@@ -63,6 +78,28 @@ impl Proxy {
     /// Accepts connections again.
     pub fn heal(&self) {
         self.open.store(true, Ordering::Release);
+    }
+}
+
+/// Copies one direction, holding data back while paused.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut paused: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if paused.wait_for(|p| !*p).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if paused.wait_for(|p| !*p).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -31,7 +31,7 @@ fi
 export REPO VMSYNC_BIN_DIR SCENARIO_TIMEOUT
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
-up() { cut -d' ' -f1 /proc/uptime; }
+up() { local u _; read -r u _ < /proc/uptime; echo "$u"; }
 marker() { printf 'VMTEST %s\n' "$*"; }
 marker "BOOT up=$(up)s kernel=$(uname -r)"
 

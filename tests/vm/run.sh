@@ -24,7 +24,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 BUILD=${VM_BUILD_DIR:-$HERE/.build}
-ALL_SCENARIOS="smoke fs_basic raw_equals_backing crash_recovery discard"
+ALL_SCENARIOS="smoke fs_basic raw_equals_backing crash_recovery discard replicated_fs"
 
 usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 QUIET=0; SHELL_AFTER=0
@@ -103,19 +103,35 @@ QEMU=(qemu-system-x86_64
 )
 
 echo "run.sh: kernel $KVER, scenarios: ${scen[*]:-none}, log: $LOG" >&2
+# Multi-threaded TCG (qemu 7.2) now and then oopses the guest kernel while it
+# live-patches its own code ("Oops: int3" early in boot). A guest that never
+# reached the test runner is booted again, up to VM_BOOT_RETRIES times.
+BOOT_RETRIES=${VM_BOOT_RETRIES:-2}
+rm -f "$LOG".bootfail.*
 start=$(date +%s)
-set +e
-if [ "$SHELL_AFTER" = 1 ]; then
-  timeout -k 10 "$VM_TIMEOUT" "${QEMU[@]}" 2>&1 | tee "$LOG"
-  qrc=${PIPESTATUS[0]}
-elif [ "$QUIET" = 1 ]; then
-  timeout -k 10 "$VM_TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | tee "$LOG" | grep --line-buffered -a -E 'VMTEST|BENCH'
-  qrc=${PIPESTATUS[0]}
-else
-  timeout -k 10 "$VM_TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | tee "$LOG"
-  qrc=${PIPESTATUS[0]}
-fi
-set -e
+attempt=0
+while :; do
+  attempt=$((attempt + 1))
+  set +e
+  if [ "$SHELL_AFTER" = 1 ]; then
+    timeout -k 10 "$VM_TIMEOUT" "${QEMU[@]}" 2>&1 | tee "$LOG"
+    qrc=${PIPESTATUS[0]}
+  elif [ "$QUIET" = 1 ]; then
+    timeout -k 10 "$VM_TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | tee "$LOG" | grep --line-buffered -a -E 'VMTEST|BENCH|Oops|Kernel panic'
+    qrc=${PIPESTATUS[0]}
+  else
+    timeout -k 10 "$VM_TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | tee "$LOG"
+    qrc=${PIPESTATUS[0]}
+  fi
+  set -e
+  grep -a -q 'VMTEST BOOT' "$LOG" && break
+  grep -a -q 'VMTEST FATAL' "$LOG" && break   # deterministic setup error: no retry
+  [ "$attempt" -le "$BOOT_RETRIES" ] || break
+  cp "$LOG" "$LOG.bootfail.$attempt"
+  echo "run.sh: guest died before the test runner started (attempt $attempt, log $LOG.bootfail.$attempt: $(tr -d '\r' < "$LOG" | grep -a -m1 -o -E '(Oops|Kernel panic|BUG):.*' || echo "no kernel message")); booting again" >&2
+  truncate -s 0 "$SCRATCH_IMG"; truncate -s "${VM_SCRATCH_SIZE:-4G}" "$SCRATCH_IMG"
+  [ "$SCRATCH_FMT" != ext4 ] || mkfs.ext4 -q -F -N 65536 -J size=32 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 -L vmscratch "$SCRATCH_IMG"
+done
 elapsed=$(( $(date +%s) - start ))
 
 # ---- results --------------------------------------------------------------
@@ -136,6 +152,9 @@ done
 boot=$(grep -a -o -E 'VMTEST BOOT up=[0-9.]+' <<<"$clean" | head -n1 | sed 's/.*up=//' || true)
 [ -z "$boot" ] || echo "  guest reached the test runner ${boot}s after kernel start"
 grep -a -E 'VMTEST (FATAL|WATCHDOG)' <<<"$clean" | sed 's/^/  /' || true
+[ "$attempt" -eq 1 ] || echo "  booted $attempt times (earlier boots crashed, see $LOG.bootfail.*)"
+kmsg=$(grep -a -m1 -o -E '(Oops|Kernel panic - not syncing|BUG):.*' <<<"$clean" || true)
+[ -z "$kmsg" ] || echo "  guest kernel: $kmsg"
 if ! grep -a -q 'VMTEST DONE' <<<"$clean"; then
   echo "  no 'VMTEST DONE' marker: the guest did not finish (crash, hang or timeout)"
   [ "$qrc" -ne 124 ] || echo "  qemu killed after VM_TIMEOUT=${VM_TIMEOUT}s"

@@ -6,13 +6,15 @@
 # benches/ublk-vs-loop.sh turns them into a table. Only the ratio means
 # anything: the guest runs under TCG.
 # Knobs: BENCH_RUNTIME (s per run, 20), BENCH_SIZE_MIB (512),
-#        BENCH_ENGINE (libaio | io_uring), BENCH_TESTS (all four).
+#        BENCH_ENGINE (libaio | io_uring), BENCH_TESTS (all four),
+#        BENCH_SCHED (I/O scheduler forced on both devices, "none"; "" = defaults).
 . "$REPO/tests/vm/lib.sh"
 require_binaries
 RT=${BENCH_RUNTIME:-20}
 SZ=${BENCH_SIZE_MIB:-512}
 ENGINE=${BENCH_ENGINE:-libaio}
 TESTS=${BENCH_TESTS:-randread_4k randwrite_4k seqread_1m seqwrite_1m}
+SCHED=${BENCH_SCHED-none}   # "" keeps each device's default scheduler
 
 # Both backing files fully allocated (written, not fallocated: reads of
 # unwritten extents would cost nothing).
@@ -28,6 +30,8 @@ echo "$LOOPDEV" > "$W/loopdev"
 log "loop: $LOOPDEV (dio=$(cat /sys/block/${LOOPDEV#/dev/}/loop/dio 2>/dev/null)), vmsync: $DEV"
 for d in "$LOOPDEV" "$DEV"; do
   q=/sys/block/${d#/dev/}/queue
+  # Same I/O scheduler on both (the kernel picks mq-deadline for ublk, none for loop).
+  [ -z "$SCHED" ] || echo "$SCHED" > "$q/scheduler" || fail "cannot set scheduler $SCHED on $d"
   log "$d: nr_requests=$(cat $q/nr_requests) max_sectors_kb=$(cat $q/max_sectors_kb) lbs=$(cat $q/logical_block_size) rotational=$(cat $q/rotational) scheduler=$(cat $q/scheduler)"
 done
 

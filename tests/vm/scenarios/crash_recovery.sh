@@ -60,7 +60,8 @@ for c in $(seq 1 "$CYCLES"); do
   start_daemon
   wait_device "$CFG" 120
   [ "$DEV" = "$old_dev" ] || fail "restarted vmsyncd serves $DEV, not the recovered $old_dev"
-  log "status after recovery: $(status_json)"
+  js=$(status_json)
+  log "after recovery $c: last_shutdown='$(json_get last_shutdown <<<"$js")' recovered_extents='$(json_get recovered_extents <<<"$js")' metadata='$(json_get metadata <<<"$js")'"
   wait_progress 5 120 "after recovery $c"
   mounted_rw "$M" || fail "$M is no longer mounted read-write after recovery $c"
   log "crash $c: writer at $(recs) files after recovery"

@@ -54,7 +54,9 @@ start_daemon
 wait_device
 js=$(status_json)
 log "status after restart: $js"
-log "metadata after a clean stop: '$(json_get metadata <<<"$js")'"
+ls=$(json_get last_shutdown <<<"$js")
+log "after a clean stop: last_shutdown='$ls' metadata='$(json_get metadata <<<"$js")'"
+[ -z "$ls" ] || [ "$ls" = clean ] || fail "status reports last_shutdown='$ls' after a clean stop"
 must mount -t ext4 "$DEV" "$M"
 verify_sums "$M" "$W/sums"
 must umount "$M"
