@@ -8,14 +8,31 @@
 use bytes::Bytes;
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 /// Alignment of every [`AlignedBuf`].
 pub const IO_ALIGN: usize = 4096;
 
-/// A zero-initialised heap buffer aligned to [`IO_ALIGN`].
+/// Buffers are recycled per power-of-two size class up to this size, so the
+/// write path does not pay an allocation (and page faults) per request.
+const MAX_POOLED: usize = 8 << 20;
+/// Bytes kept idle per size class at most.
+const POOL_BYTES_PER_CLASS: usize = 16 << 20;
+const POOL_CLASSES: usize = (MAX_POOLED / IO_ALIGN).trailing_zeros() as usize + 1;
+
+/// Idle allocations by size class (addresses, so the pool is `Send`).
+static POOL: Mutex<[Vec<usize>; POOL_CLASSES]> = Mutex::new([const { Vec::new() }; POOL_CLASSES]);
+
+fn class_of(capacity: usize) -> usize {
+    (capacity / IO_ALIGN).trailing_zeros() as usize
+}
+
+/// A heap buffer aligned to [`IO_ALIGN`], recycled through a small pool.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Size of the allocation: a power of two, at least [`IO_ALIGN`].
+    capacity: usize,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -24,34 +41,53 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes.
-    pub fn zeroed(len: usize) -> Self {
+    /// A buffer of `len` bytes whose contents are unspecified until written.
+    fn uninit(len: usize) -> Self {
         if len == 0 {
             return AlignedBuf {
                 ptr: NonNull::dangling(),
                 len: 0,
+                capacity: 0,
             };
         }
-        let layout = Self::layout(len);
+        let capacity = len.next_power_of_two().max(IO_ALIGN);
+        if capacity <= MAX_POOLED {
+            let reused = POOL.lock().unwrap_or_else(|e| e.into_inner())[class_of(capacity)].pop();
+            if let Some(addr) = reused {
+                let ptr = NonNull::new(addr as *mut u8).expect("pooled addresses are non-null");
+                return AlignedBuf { ptr, len, capacity };
+            }
+        }
+        let layout = Self::layout(capacity);
         // SAFETY: layout has a non-zero size.
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let raw = unsafe { alloc::alloc(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, capacity }
+    }
+
+    /// A zeroed buffer of `len` bytes.
+    pub fn zeroed(len: usize) -> Self {
+        let mut buf = Self::uninit(len);
+        // SAFETY: ptr is valid for len bytes; writing initialises them.
+        unsafe { std::ptr::write_bytes(buf.ptr.as_ptr(), 0, len) };
+        buf.len = len;
+        buf
     }
 
     /// An aligned copy of `data`.
     pub fn copy_from(data: &[u8]) -> Self {
-        let mut buf = Self::zeroed(data.len());
-        buf.as_mut_slice().copy_from_slice(data);
+        let buf = Self::uninit(data.len());
+        // SAFETY: both ranges are valid for data.len() bytes and disjoint.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
         buf
     }
 
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len, IO_ALIGN).expect("buffer size overflows a Layout")
+    fn layout(capacity: usize) -> Layout {
+        Layout::from_size_align(capacity, IO_ALIGN).expect("buffer size overflows a Layout")
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len bytes (or dangling with len 0).
+        // SAFETY: ptr is valid for len initialised bytes (or dangling with len 0).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -74,10 +110,19 @@ impl AsRef<[u8]> for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len != 0 {
-            // SAFETY: allocated in `zeroed` with this same layout.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        if self.capacity == 0 {
+            return;
         }
+        if self.capacity <= MAX_POOLED {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            let idle = &mut pool[class_of(self.capacity)];
+            if (idle.len() + 1) * self.capacity <= POOL_BYTES_PER_CLASS.max(2 * self.capacity) {
+                idle.push(self.ptr.as_ptr() as usize);
+                return;
+            }
+        }
+        // SAFETY: allocated in `uninit` with this same layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
     }
 }
 
@@ -99,5 +144,17 @@ mod tests {
         assert_eq!(bytes.len(), 8192);
         assert!(bytes.iter().all(|&b| b == 7));
         assert_eq!(AlignedBuf::zeroed(0).as_slice().len(), 0);
+    }
+
+    #[test]
+    fn recycled_buffers_come_back_zeroed_or_copied_never_stale() {
+        for _ in 0..4 {
+            drop(AlignedBuf::copy_from(&[0xAB; 12288]));
+            let z = AlignedBuf::zeroed(12288);
+            assert!(z.as_slice().iter().all(|&b| b == 0));
+            assert!(is_aligned(z.as_slice().as_ptr()));
+            let c = AlignedBuf::copy_from(&[5u8; 5000]);
+            assert_eq!(c.as_slice(), &[5u8; 5000][..]);
+        }
     }
 }

@@ -43,7 +43,8 @@ impl UblkOptions {
             resource: resource.to_string(),
             queues: 1,
             depth: 64,
-            max_io_bytes: 512 * 1024,
+            // 1 MiB: a 1 MiB guest write reaches us whole instead of split.
+            max_io_bytes: 1 << 20,
         }
     }
 }
