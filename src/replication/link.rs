@@ -232,6 +232,13 @@ async fn run_session(
             repl.local_size()
         )));
     }
+    if theirs.role == Role::Primary && theirs.term < repl.known_term() {
+        return Err(LinkError::Violation(format!(
+            "stale primary: peer is primary of term {}, but term {} has been seen",
+            theirs.term,
+            repl.known_term()
+        )));
+    }
     repl.observe_term(theirs.term);
     peer.linked(theirs.role);
     tracing::info!(our_role = %me.role, peer_role = %theirs.role, peer_term = theirs.term, peer_disk = %theirs.disk_state, "peer state");

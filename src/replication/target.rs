@@ -141,7 +141,10 @@ pub async fn run(
                 Ok(Ok(Message::Ping)) => { let _ = meta_tx.send(Message::PingAck); }
                 Ok(Ok(Message::PingAck)) => {}
                 Ok(Ok(Message::State { disk_state: DiskState::UpToDate, generation, term, .. })) => {
-                    repl.observe_term(term);
+                    // A fenced primary must not rewrite our generation either.
+                    if let Err(e) = check_term(repl, term) {
+                        break Err(e);
+                    }
                     if let Err(e) = repl.adopt_generation(generation) {
                         break Err(LinkError::Io(e));
                     }

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod hash;
 pub mod proxy;
+pub mod rawpeer;
 pub mod testdir;
 pub mod workload;
 
