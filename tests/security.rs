@@ -455,12 +455,9 @@ fn persisted_generation(cluster: &Cluster, id: u32) -> GenerationIds {
     }
 }
 
-// A secondary fences a stale primary's data messages (`check_term`), but not
-// the `State { disk_state: UpToDate }` that a primary sends on meta once a
-// peer is in sync: node 2 persists the fenced primary's generation ids and
-// marks itself up to date (src/replication/target.rs, the `Message::State`
-// arm of the meta `select!` in `run`, calls `observe_term` and
-// `adopt_generation` with no `check_term`).
+// A secondary fences a stale primary's `State { disk_state: UpToDate }` on
+// meta like its data messages: it must not persist the fenced primary's
+// generation ids or mark itself up to date.
 #[test]
 fn a_stale_primary_cannot_make_the_secondary_adopt_its_generation() {
     let mut cluster = primary_and_secondary();
