@@ -42,10 +42,19 @@ mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose hostroot /host \
   || mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot /host \
   || fatal "cannot mount the host root over 9p"
+# The checkout may live under a directory that gets a tmpfs below (CI clones
+# into temporary directories): keep a handle on it first, and put it back on
+# top of the tmpfs afterwards.
+mkdir -p /keep-repo
+mount -o bind "/host$REPO" /keep-repo || fatal "cannot bind the repository $REPO"
 for d in tmp run var/tmp dev/shm; do
   mount -t tmpfs -o mode=1777 tmpfs "/host/$d" || echo "VMTEST INIT cannot mount tmpfs on /host/$d"
 done
 chmod 755 /host/run
+if [ ! -e "/host$REPO/tests/vm/guest-run.sh" ]; then
+  mkdir -p "/host$REPO" && mount -o bind /keep-repo "/host$REPO" \
+    || fatal "cannot bind the repository back at $REPO"
+fi
 mount -t proc proc /host/proc || fatal "mount /host/proc"
 mount -t sysfs sysfs /host/sys || fatal "mount /host/sys"
 mount -t devtmpfs devtmpfs /host/dev || fatal "mount /host/dev"
