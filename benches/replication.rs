@@ -132,6 +132,24 @@ struct Params {
     keep_cache: bool,
     /// Appended to every node's config (e.g. a `[replication]` table).
     extra_toml: String,
+    /// `VMSYNC_BENCH_PIN=1`: CPUs for node 1 and the bench client, and
+    /// CPUs for the peers (halves of the machine), standing in for the
+    /// separate machines peers are in real use. `None`: all share all CPUs.
+    pinning: Option<(Vec<usize>, Vec<usize>)>,
+}
+
+/// Splits the machine's CPUs into a half for the primary (and the bench
+/// client, playing the guest) and a half for the peers.
+fn split_cpus() -> Option<(Vec<usize>, Vec<usize>)> {
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    if cpus.len() < 2 {
+        return None;
+    }
+    let (primary, peers) = cpus.split_at(cpus.len() / 2);
+    Some((primary.to_vec(), peers.to_vec()))
 }
 
 /// What one workload run measured.
@@ -212,7 +230,21 @@ fn main() {
         direct_io: env_u64("VMSYNC_BENCH_DIRECT_IO", 0) != 0,
         keep_cache: env_u64("VMSYNC_BENCH_KEEP_CACHE", 0) != 0,
         extra_toml: std::env::var("VMSYNC_BENCH_EXTRA_TOML").unwrap_or_default(),
+        pinning: if env_u64("VMSYNC_BENCH_PIN", 0) != 0 {
+            Some(split_cpus().expect("VMSYNC_BENCH_PIN needs at least 2 CPUs"))
+        } else {
+            None
+        },
     };
+    if let Some((primary, _)) = &params.pinning {
+        // Only the main thread exists yet: the client runtime's threads
+        // inherit this.
+        nix::sched::sched_setaffinity(
+            nix::unistd::Pid::from_raw(0),
+            &support::daemon::cpu_set(primary),
+        )
+        .expect("pin the bench client");
+    }
     // `cargo bench` passes `--bench`; other arguments filter configurations.
     let filters: Vec<String> = std::env::args()
         .skip(1)
@@ -246,6 +278,12 @@ fn main() {
     if !params.extra_toml.is_empty() {
         println!("extra config: {:?}", params.extra_toml);
     }
+    match &params.pinning {
+        Some((primary, peers)) => println!(
+            "pinned: node 1 and the bench client on CPUs {primary:?}, peers on CPUs {peers:?}"
+        ),
+        None => println!("not pinned: every process shares every CPU"),
+    }
 
     let mut results: Vec<(Setup, Vec<(Workload, Measurement)>)> = Vec::new();
     for setup in setups {
@@ -259,13 +297,18 @@ fn main() {
         .find(|(s, _)| s.peers == 0)
         .map(|(_, rows)| rows);
     println!(
-        "\n## Results ({} MiB device, {}s per workload, loopback, {} backings)\n",
+        "\n## Results ({} MiB device, {}s per workload, loopback, {} backings, {})\n",
         params.size / MIB,
         params.measure.as_secs(),
         if params.direct_io {
             "O_DIRECT"
         } else {
             "buffered"
+        },
+        if params.pinning.is_some() {
+            "primary and peers pinned to separate CPUs"
+        } else {
+            "all processes share all CPUs"
         },
     );
     println!("| configuration | workload | IOPS | MB/s | p50 µs | p99 µs | vs local | CPU % n1 / peers / bench / irq (other) | n1 CPU µs/op | peers after |");
@@ -389,7 +432,20 @@ fn start_cluster(setup: Setup, params: &Params) -> Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let daemons = dir.nodes.iter().map(Daemon::start).collect();
+    let daemons = dir
+        .nodes
+        .iter()
+        .map(|node| {
+            let cpus = params.pinning.as_ref().map(|(primary, peers)| {
+                if node.id == 1 {
+                    primary.as_slice()
+                } else {
+                    peers.as_slice()
+                }
+            });
+            Daemon::start_on(node, cpus)
+        })
+        .collect();
     let mut cluster = Cluster { dir, daemons };
     for d in &mut cluster.daemons {
         d.wait_ready(support::cluster::START);

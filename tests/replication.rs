@@ -227,6 +227,77 @@ fn a_slow_peer_falls_behind_without_stalling_the_guest_and_catches_up() {
 }
 
 #[test]
+fn a_briefly_congested_peer_throttles_the_guest_instead_of_falling_behind() {
+    let rt = runtime();
+    let (cluster, proxy) = proxied_pair(
+        &rt,
+        "A",
+        "[replication]\ncongestion_limit = \"1MiB\"\nmax_peer_wait_ms = 20000\n",
+    );
+    let c = std::sync::Arc::new(client(&rt, &cluster, 1));
+    let size = cluster.dir.spec.size;
+    let resynced_before = cluster.peer(1, 2)["resynced_bytes"].as_u64().unwrap();
+    // Far more than the congestion limit plus what the sockets can buffer.
+    const CHUNK: u64 = 256 * 1024;
+    let total = size * 3 / 4;
+    let mut expected = vec![0u8; size as usize];
+    for (i, b) in expected[..total as usize].iter_mut().enumerate() {
+        *b = (i / 4096 % 251) as u8 ^ (i % 13) as u8;
+    }
+    let payload = bytes::Bytes::from(expected[..total as usize].to_vec());
+
+    proxy.pause();
+    let writer = {
+        let c = std::sync::Arc::clone(&c);
+        rt.spawn(async move {
+            let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
+            let mut tasks = tokio::task::JoinSet::new();
+            for offset in (0..total).step_by(CHUNK as usize) {
+                let permit = std::sync::Arc::clone(&sem).acquire_owned().await.unwrap();
+                let (c, data) = (
+                    std::sync::Arc::clone(&c),
+                    payload.slice(offset as usize..(offset + CHUNK) as usize),
+                );
+                tasks.spawn(async move {
+                    let r = c.write(offset, data, false).await;
+                    drop(permit);
+                    r
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap()?;
+            }
+            std::io::Result::Ok(())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !writer.is_finished(),
+        "{total} bytes of writes completed while the peer took nothing: no backpressure"
+    );
+    let peer = cluster.peer(1, 2);
+    assert_eq!(
+        peer["state"], "up-to-date",
+        "a peer slower for less than max_peer_wait_ms must stay mirrored: {peer}"
+    );
+    proxy.resume();
+    rt.block_on(writer)
+        .unwrap()
+        .expect("the throttled writes complete once the peer drains");
+    rt.block_on(c.flush()).unwrap();
+    let peer = cluster.peer(1, 2);
+    assert_eq!(peer["state"], "up-to-date", "{peer}");
+    assert_eq!(peer["stale_bytes"], 0, "{peer}");
+    assert_eq!(
+        peer["resynced_bytes"].as_u64().unwrap(),
+        resynced_before,
+        "the peer was dropped behind and resynced: {peer}"
+    );
+    let result = cluster.wait_identical(Some(blake3::hash(&expected)));
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[test]
 fn a_killed_primary_resyncs_its_activity_log_after_restart() {
     let mut cluster = Cluster::start(spec(3, "A"));
     cluster.promote(1);

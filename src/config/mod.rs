@@ -69,7 +69,9 @@ pub struct Peer {
 pub struct Replication {
     /// Writes after which the primary closes an epoch even without a flush.
     pub max_epoch_writes: u32,
-    /// Bytes queued to one peer past which it falls behind (pull-ahead).
+    /// Bytes queued to one peer past which new guest writes wait for its
+    /// backlog to drain (for at most `max_peer_wait_ms`, then the peer falls
+    /// behind: pull-ahead). Twice this much queued makes it fall behind at once.
     pub congestion_bytes: u64,
     /// Longest a guest write may wait for one slow peer before that peer is
     /// dropped to "behind" (milliseconds).

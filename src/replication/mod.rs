@@ -228,10 +228,13 @@ impl Replication {
             .collect()
     }
 
-    /// Waits for peers' acks, giving up on (and dropping behind) any peer
-    /// slower than the configured limit.
-    async fn wait_for_peers(&self, acks: Vec<(Arc<PeerReplica>, oneshot::Receiver<()>)>) {
-        let deadline = tokio::time::Instant::now() + self.max_peer_wait();
+    /// Waits for peers' acks until `deadline`, then gives up on (and drops
+    /// behind) any peer that has not answered.
+    async fn wait_for_peers(
+        &self,
+        acks: Vec<(Arc<PeerReplica>, oneshot::Receiver<()>)>,
+        deadline: tokio::time::Instant,
+    ) {
         for (peer, ack) in acks {
             match tokio::time::timeout_at(deadline, ack).await {
                 Ok(_) => {} // acked, or the link dropped (then the bitmap has it)
@@ -264,6 +267,15 @@ impl Replication {
         F: std::future::Future<Output = io::Result<()>>,
     {
         self.check_primary(offset, len)?;
+        // One slow peer may hold this write up for `max_peer_wait` in all,
+        // whether by its backlog (below) or by its acks (protocol C).
+        let deadline = tokio::time::Instant::now() + self.max_peer_wait();
+        let congestion = self.config.replication.congestion_bytes;
+        for peer in self.lan_peers() {
+            if peer.is_congested(congestion) {
+                peer.wait_for_backlog(congestion, deadline).await;
+            }
+        }
         // The extent must be in the persisted activity log before any byte
         // of it changes anywhere, so a crash can find what might differ.
         let _al = self
@@ -276,7 +288,6 @@ impl Replication {
             .acquire(offset, len, || drop(self.close_epoch(false)))
             .await;
         let want_ack = self.config.resource.protocol == Protocol::C;
-        let congestion = self.config.replication.congestion_bytes;
         let term = self.role().term;
         let mut acks = Vec::new();
         {
@@ -313,16 +324,17 @@ impl Replication {
             // FUA is a flush point for the peers too.
             acks.extend(self.close_epoch(want_ack));
         }
-        self.wait_for_peers(acks).await;
+        self.wait_for_peers(acks, deadline).await;
         Ok(())
     }
 
     async fn replicated_flush(self: Arc<Self>) -> io::Result<()> {
         self.check_primary(0, 0)?;
         let want_ack = self.config.resource.protocol == Protocol::C;
+        let deadline = tokio::time::Instant::now() + self.max_peer_wait();
         let acks = self.close_epoch(want_ack);
         self.local.flush().await?;
-        self.wait_for_peers(acks).await;
+        self.wait_for_peers(acks, deadline).await;
         Ok(())
     }
 

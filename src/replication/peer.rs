@@ -100,6 +100,8 @@ pub struct PeerReplica {
     connected: AtomicBool,
     /// Wakes the resync loop.
     pub resync_wanted: Notify,
+    /// Wakes guest writes waiting for this peer's backlog to drain.
+    pub drained: Notify,
 }
 
 impl PeerReplica {
@@ -120,6 +122,7 @@ impl PeerReplica {
             peer_primary: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             resync_wanted: Notify::new(),
+            drained: Notify::new(),
         }
     }
 
@@ -184,6 +187,8 @@ impl PeerReplica {
         inner.write_waiters.clear();
         inner.barrier_waiters.clear();
         self.queued.store(0, Ordering::Release);
+        drop(inner);
+        self.drained.notify_waiters();
     }
 
     fn send(&self, inner: &Inner, message: Message, bytes: u64) -> bool {
@@ -209,8 +214,11 @@ impl PeerReplica {
         congestion_limit: u64,
     ) -> Option<oneshot::Receiver<()>> {
         let mut inner = self.lock();
-        if inner.mode.mirrors() && self.queued.load(Ordering::Acquire) > congestion_limit {
-            tracing::warn!(peer = %self.config.name, queued = self.queued.load(Ordering::Acquire),
+        // Writers wait at `congestion_limit` (see `wait_for_backlog`); this
+        // hard cap only bounds memory when many arrive at once.
+        let queued = self.queued.load(Ordering::Acquire);
+        if inner.mode.mirrors() && queued > congestion_limit.saturating_mul(2) {
+            tracing::warn!(peer = %self.config.name, queued,
                 "peer is congested: falling behind, resync later");
             inner.mode = PeerMode::Behind;
         }
@@ -311,6 +319,29 @@ impl PeerReplica {
         }
     }
 
+    /// Whether a new write must wait before it is queued to this peer: it is
+    /// mirrored to, and more than `congestion_limit` bytes are not yet sent.
+    pub fn is_congested(&self, congestion_limit: u64) -> bool {
+        self.queued.load(Ordering::Acquire) > congestion_limit && self.lock().mode.mirrors()
+    }
+
+    /// Waits until the peer is no longer congested. Gives up at `deadline`,
+    /// dropping the peer behind so the guest is not held up any longer.
+    pub async fn wait_for_backlog(&self, congestion_limit: u64, deadline: tokio::time::Instant) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if !self.is_congested(congestion_limit) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                self.fall_behind("backlog above congestion_limit for max_peer_wait_ms");
+                return;
+            }
+        }
+    }
+
     /// A guest write waited too long for this peer: stop waiting for it.
     pub fn fall_behind(&self, why: &str) {
         let mut inner = self.lock();
@@ -319,6 +350,8 @@ impl PeerReplica {
             inner.mode = PeerMode::Behind;
         }
         inner.write_waiters.clear();
+        drop(inner);
+        self.drained.notify_waiters();
     }
 
     /// Called as the backlog drains (by the sender, and when acks arrive):
@@ -327,6 +360,7 @@ impl PeerReplica {
     /// all but the last few epochs — socket buffers emptying into a stuck
     /// peer is not progress.
     pub fn backlog_drained(&self, congestion_limit: u64) {
+        self.drained.notify_waiters();
         if self.queued.load(Ordering::Acquire) > congestion_limit / 2 {
             return;
         }

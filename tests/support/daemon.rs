@@ -35,6 +35,14 @@ impl Daemon {
     /// Starts `vmsyncd --config <node.config>`, appending its output to
     /// `node.log` (restarts add to the same log, after a marker line).
     pub fn start(node: &NodeFiles) -> Daemon {
+        Daemon::start_on(node, None)
+    }
+
+    /// Like [`Daemon::start`], but the process (every thread it will ever
+    /// have, io_uring workers included) runs only on `cpus`, when given.
+    /// Benchmarks use this to give the primary and its peers CPUs of their
+    /// own, as on separate machines.
+    pub fn start_on(node: &NodeFiles, cpus: Option<&[usize]>) -> Daemon {
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -47,7 +55,18 @@ impl Daemon {
         )
         .unwrap();
         let stderr = log.try_clone().unwrap();
-        let child = Command::new(VMSYNCD)
+        let mut command = Command::new(VMSYNCD);
+        if let Some(cpus) = cpus {
+            let set = cpu_set(cpus);
+            // SAFETY: the closure runs in the forked child before exec and
+            // only makes one system call.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    nix::sched::sched_setaffinity(Pid::from_raw(0), &set).map_err(Into::into)
+                });
+            }
+        }
+        let child = command
             .arg("--config")
             .arg(&node.config)
             .env(
@@ -211,4 +230,13 @@ fn print_log_tail(name: &str, log: &Path) {
         eprintln!("{line}");
     }
     eprintln!("----- end of {name}'s log -----");
+}
+
+/// A CPU set of the given CPU numbers.
+pub fn cpu_set(cpus: &[usize]) -> nix::sched::CpuSet {
+    let mut set = nix::sched::CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu).expect("CPU number within CpuSet::count()");
+    }
+    set
 }
