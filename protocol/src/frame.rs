@@ -101,6 +101,42 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+/// Bulk data shorter than this is copied into the frame by
+/// [`encode_split`]: an extra I/O vector costs more than copying it.
+pub const SPLIT_MIN_DATA: usize = 16 * 1024;
+
+/// Like [`encode`], but leaves a message's bulk data (of at least
+/// [`SPLIT_MIN_DATA`] bytes) out of `out` and returns it instead: the frame
+/// is the bytes appended to `out` followed by the returned data. A sender
+/// hands both to one vectored socket write and never copies the payload.
+pub fn encode_split(msg: &Message, out: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
+    let mut head = msg.clone();
+    let data = match head.take_trailing_data() {
+        Some(data) if data.len() >= SPLIT_MIN_DATA => data,
+        _ => return encode(msg, out).map(|()| None),
+    };
+    msg.validate()?;
+    let start = out.len();
+    encode(&head, out)?;
+    // `head` ends with the empty data's u32 length prefix; the frame length
+    // and that prefix must count the data that follows separately.
+    let payload_len = out.len() - start - HEADER_LEN + data.len();
+    let Some(frame_len) = u32::try_from(payload_len)
+        .ok()
+        .filter(|_| payload_len <= MAX_PAYLOAD)
+    else {
+        out.truncate(start);
+        return Err(ProtocolError::Oversize {
+            len: payload_len as u64,
+        });
+    };
+    out[start + LEN_OFFSET..start + HEADER_LEN].copy_from_slice(&frame_len.to_le_bytes());
+    let prefix_at = out.len() - 4;
+    // Below MAX_PAYLOAD, so it fits in a u32.
+    out[prefix_at..].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    Ok(Some(data))
+}
+
 /// Encodes `msg` as one frame in a buffer of its own.
 pub fn encode_to_bytes(msg: &Message) -> Result<Bytes, ProtocolError> {
     let mut out = BytesMut::new();
@@ -163,6 +199,61 @@ mod tests {
         let mut b = header(MAGIC, msg_type.code(), 0, payload.len() as u32);
         b.put_slice(payload);
         b
+    }
+
+    #[test]
+    fn split_encoding_is_the_same_bytes_as_encode() {
+        let big = Bytes::from((0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        let small = Bytes::from_static(&[7; 4096]);
+        let messages = [
+            Message::Write {
+                term: 3,
+                epoch: 9,
+                seq: 77,
+                offset: 1 << 20,
+                fua: true,
+                data: big.clone(),
+            },
+            Message::ResyncData {
+                term: 1,
+                offset: 4096,
+                data: big.clone(),
+            },
+            Message::Write {
+                term: 3,
+                epoch: 9,
+                seq: 78,
+                offset: 0,
+                fua: false,
+                data: small,
+            },
+            Message::Barrier { term: 3, epoch: 9 },
+        ];
+        for msg in &messages {
+            let whole = encode_to_bytes(msg).unwrap();
+            let mut head = BytesMut::from(&b"earlier frames"[..]);
+            let data = encode_split(msg, &mut head).unwrap();
+            let mut joined = head[b"earlier frames".len()..].to_vec();
+            if let Some(data) = &data {
+                assert!(data.len() >= SPLIT_MIN_DATA, "{msg:?}");
+                joined.extend_from_slice(data);
+            }
+            assert_eq!(joined, &whole[..], "{msg:?}");
+            let mut buf = BytesMut::from(&joined[..]);
+            assert_eq!(decode(&mut buf).unwrap().as_ref(), Some(msg));
+        }
+    }
+
+    #[test]
+    fn split_encoding_refuses_oversized_data_and_leaves_the_buffer_alone() {
+        let msg = Message::ResyncData {
+            term: 1,
+            offset: 0,
+            data: Bytes::from(vec![0; MAX_DATA_LEN + 1]),
+        };
+        let mut out = BytesMut::from(&b"kept"[..]);
+        assert!(encode_split(&msg, &mut out).is_err());
+        assert_eq!(&out[..], b"kept");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! sockets, no timers, no policy. The daemon owns the connections and feeds
 //! bytes in and out:
 //!
-//! * [`encode`] appends a [`Message`] as one frame to a send buffer;
+//! * [`encode`] appends a [`Message`] as one frame to a send buffer
+//!   ([`encode_split`] leaves large payloads out, for vectored writes);
 //!   [`decode`] takes one frame off the front of a receive buffer, returning
 //!   `Ok(None)` until a whole frame is there. Malformed input of any kind is
 //!   an error, never a panic or an unbounded allocation: the daemon closes
@@ -26,7 +27,9 @@ pub mod message;
 pub mod types;
 
 pub use error::ProtocolError;
-pub use frame::{decode, encode, encode_to_bytes, HEADER_LEN, MAGIC, MAX_DATA_LEN, MAX_PAYLOAD};
+pub use frame::{
+    decode, encode, encode_split, encode_to_bytes, HEADER_LEN, MAGIC, MAX_DATA_LEN, MAX_PAYLOAD,
+};
 pub use handshake::{Handshake, HandshakeError, HandshakeParams, HandshakeStep, PeerInfo};
 pub use message::{BlockHash, Mac, Message, MessageType, Nonce};
 pub use types::{Channel, DiskState, GenerationIds, Role};

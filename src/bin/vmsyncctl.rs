@@ -132,7 +132,7 @@ fn print_status(s: &Status) {
             .map(|e| format!("{e}s"))
             .unwrap_or_else(|| "-".into());
         println!(
-            "  peer {} (id {}) {} {}  {}  {}  protocol {}  stale {} bytes  rate {} B/s  eta {}",
+            "  peer {} (id {}) {} {}  {}  {}  protocol {}  stale {} bytes  rate {} B/s  eta {}  send queue {} bytes",
             p.name,
             p.id,
             p.address,
@@ -146,7 +146,8 @@ fn print_status(s: &Status) {
             p.protocol,
             p.stale_bytes,
             p.resync_rate_bytes_per_sec,
-            eta
+            eta,
+            p.send_queue_bytes
         );
     }
 }

@@ -83,7 +83,7 @@ pub struct Replication {
 impl Default for Replication {
     fn default() -> Self {
         Replication {
-            max_epoch_writes: 1024,
+            max_epoch_writes: 8192,
             congestion_bytes: 64 << 20,
             max_peer_wait_ms: 2000,
             resync_rate: 0,

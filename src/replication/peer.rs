@@ -328,6 +328,14 @@ impl PeerReplica {
     /// Waits until the peer is no longer congested. Gives up at `deadline`,
     /// dropping the peer behind so the guest is not held up any longer.
     pub async fn wait_for_backlog(&self, congestion_limit: u64, deadline: tokio::time::Instant) {
+        let started = tokio::time::Instant::now();
+        self.wait_for_backlog_until(congestion_limit, deadline)
+            .await;
+        tracing::trace!(peer = %self.config.name, waited = ?started.elapsed(),
+            "guest write waited for the peer's send queue");
+    }
+
+    async fn wait_for_backlog_until(&self, congestion_limit: u64, deadline: tokio::time::Instant) {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);

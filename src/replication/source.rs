@@ -144,14 +144,25 @@ async fn send_data(
     while let Some(first) = rx.recv().await {
         let mut bytes = first.bytes;
         writer.queue(&first.message)?;
-        while writer.buffered() < SEND_BATCH {
-            match rx.try_recv() {
-                Ok(next) => {
-                    bytes += next.bytes;
-                    writer.queue(&next.message)?;
+        // Each socket write costs a system call and, on the receiving side,
+        // a wake-up: let the writes submitted concurrently with this one
+        // join it (one pass of the scheduler) before sending.
+        let mut yielded = false;
+        loop {
+            while writer.buffered() < SEND_BATCH {
+                match rx.try_recv() {
+                    Ok(next) => {
+                        bytes += next.bytes;
+                        writer.queue(&next.message)?;
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
+            if yielded || writer.buffered() >= SEND_BATCH {
+                break;
+            }
+            yielded = true;
+            tokio::task::yield_now().await;
         }
         writer.flush().await?;
         peer.queued.fetch_sub(

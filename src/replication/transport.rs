@@ -6,10 +6,11 @@
 //! handshake; anything malformed or unauthenticated closes that connection
 //! and nothing else.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use protocol::{
     Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, ProtocolError,
 };
@@ -60,9 +61,17 @@ impl FrameReader {
 }
 
 /// Sending half of a connection.
+///
+/// Messages are encoded into `buf`, except large payloads, which are queued
+/// as they are (shared, not copied) behind the encoded bytes before them;
+/// [`FrameWriter::flush`] hands everything to the socket in vectored writes.
 pub struct FrameWriter {
     write: OwnedWriteHalf,
     buf: BytesMut,
+    /// Encoded frames and payloads queued before `buf`, in order.
+    chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    chunked: usize,
 }
 
 impl FrameWriter {
@@ -73,12 +82,17 @@ impl FrameWriter {
 
     /// Encodes into the write buffer without sending yet (batching).
     pub fn queue(&mut self, msg: &Message) -> Result<(), LinkError> {
-        protocol::encode(msg, &mut self.buf)?;
+        if let Some(data) = protocol::encode_split(msg, &mut self.buf)? {
+            let head = self.buf.split().freeze();
+            self.chunked += head.len() + data.len();
+            self.chunks.push_back(head);
+            self.chunks.push_back(data);
+        }
         Ok(())
     }
 
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.chunked + self.buf.len()
     }
 
     /// Sends every message from `rx` until the channel closes (the meta
@@ -99,11 +113,71 @@ impl FrameWriter {
     }
 
     pub async fn flush(&mut self) -> Result<(), LinkError> {
-        if !self.buf.is_empty() {
-            self.write.write_all(&self.buf).await?;
-            self.buf.clear();
+        if self.chunks.is_empty() {
+            if !self.buf.is_empty() {
+                self.write.write_all(&self.buf).await?;
+                self.buf.clear();
+            }
+            return Ok(());
         }
+        if !self.buf.is_empty() {
+            let tail = self.buf.split().freeze();
+            self.chunked += tail.len();
+            self.chunks.push_back(tail);
+        }
+        // No chunk is empty (each holds a frame header or a large payload),
+        // so every vectored write makes progress.
+        let mut queue = ChunkQueue {
+            remaining: self.chunked,
+            chunks: std::mem::take(&mut self.chunks),
+        };
+        self.chunked = 0;
+        // Vectored when the socket supports it (TCP does).
+        self.write.write_all_buf(&mut queue).await?;
+        // Reuse the deque's allocation.
+        self.chunks = queue.chunks;
         Ok(())
+    }
+}
+
+/// A queue of byte chunks read front to back, for vectored socket writes.
+struct ChunkQueue {
+    chunks: VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl Buf for ChunkQueue {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |b| &b[..])
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        let mut left = cnt.min(self.remaining);
+        self.remaining -= left;
+        while left > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                return;
+            };
+            if left < front.len() {
+                front.advance(left);
+                return;
+            }
+            left -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, chunk) in dst.iter_mut().zip(self.chunks.iter()) {
+            *slot = std::io::IoSlice::new(chunk);
+            n += 1;
+        }
+        n
     }
 }
 
@@ -118,6 +192,8 @@ fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
         FrameWriter {
             write,
             buf: BytesMut::with_capacity(128 * 1024),
+            chunks: VecDeque::new(),
+            chunked: 0,
         },
     )
 }
@@ -250,5 +326,33 @@ async fn drive(
         if respond(machine.on_message(msg), writer).await? {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_queue_reads_its_chunks_in_order_across_partial_advances() {
+        let parts: [&'static [u8]; 3] = [b"head", b"payload-bytes", b"tail"];
+        let mut queue = ChunkQueue {
+            chunks: parts.iter().map(|p| Bytes::from_static(p)).collect(),
+            remaining: parts.iter().map(|p| p.len()).sum(),
+        };
+        let mut seen = Vec::new();
+        // Odd step sizes cut chunks in the middle, as short writes do.
+        for step in [3, 5, 1, 7, 100] {
+            let take = step.min(queue.remaining());
+            let mut slices = [std::io::IoSlice::new(&[]); 4];
+            let n = queue.chunks_vectored(&mut slices);
+            let flat: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(flat.len(), queue.remaining());
+            seen.extend_from_slice(&flat[..take]);
+            queue.advance(take);
+        }
+        assert_eq!(seen, b"headpayload-bytestail");
+        assert_eq!(queue.remaining(), 0);
+        assert!(queue.chunk().is_empty());
     }
 }
