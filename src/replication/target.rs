@@ -6,6 +6,7 @@
 //! only then is the barrier acked and the next epoch started. So the disk
 //! only ever holds a prefix of the primary's epochs plus part of one.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
@@ -30,12 +31,25 @@ enum Op {
     WriteZeroes,
 }
 
+/// Writes a secondary keeps in flight at most. More gains nothing (the
+/// backing store is busy) and the overlap check looks at each of them; when
+/// full, the reader waits, and TCP pushes back on the primary.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// One write being applied: its byte range and the task doing it.
+struct InFlight {
+    start: u64,
+    end: u64,
+    task: JoinHandle<io::Result<()>>,
+}
+
 /// Applies the writes of the current epoch.
 struct Applier {
     local: Arc<BackingStore>,
     acks: mpsc::UnboundedSender<Message>,
     ack_writes: bool,
-    in_flight: Vec<(u64, u64, JoinHandle<io::Result<()>>)>,
+    /// In submission order.
+    in_flight: VecDeque<InFlight>,
 }
 
 impl Applier {
@@ -48,13 +62,22 @@ impl Applier {
     ) -> Result<(), LinkError> {
         check_range(self.local.size(), offset, len)
             .map_err(|e| LinkError::Violation(e.to_string()))?;
+        // Reap what is done (oldest first), and make room if full.
+        while let Some(oldest) = self.in_flight.front() {
+            if !oldest.task.is_finished() && self.in_flight.len() < MAX_IN_FLIGHT {
+                break;
+            }
+            let oldest = self.in_flight.pop_front().expect("front exists");
+            finish(oldest.task).await?;
+        }
         // Earlier writes to the same bytes must land first.
+        let end = offset + len;
         let mut i = 0;
         while i < self.in_flight.len() {
-            let (start, end, _) = &self.in_flight[i];
-            if *start < offset + len && offset < *end || self.in_flight[i].2.is_finished() {
-                let (_, _, task) = self.in_flight.swap_remove(i);
-                finish(task).await?;
+            let w = &self.in_flight[i];
+            if w.start < end && offset < w.end {
+                let w = self.in_flight.remove(i).expect("index in range");
+                finish(w.task).await?;
             } else {
                 i += 1;
             }
@@ -62,10 +85,10 @@ impl Applier {
         let local = Arc::clone(&self.local);
         let acks = self.acks.clone();
         let ack = self.ack_writes;
-        self.in_flight.push((
-            offset,
-            offset + len,
-            tokio::spawn(async move {
+        self.in_flight.push_back(InFlight {
+            start: offset,
+            end,
+            task: tokio::spawn(async move {
                 let result = match op {
                     Op::Write { data, fua } => local.write(offset, data, fua).await,
                     Op::Discard => local.discard(offset, len).await,
@@ -83,14 +106,14 @@ impl Applier {
                 }
                 result
             }),
-        ));
+        });
         Ok(())
     }
 
     /// Completes the epoch: every write done, then the disk flushed.
     async fn barrier(&mut self) -> Result<(), LinkError> {
-        for (_, _, task) in self.in_flight.drain(..) {
-            finish(task).await?;
+        for w in self.in_flight.drain(..) {
+            finish(w.task).await?;
         }
         self.local.flush().await?;
         Ok(())
@@ -123,7 +146,7 @@ pub async fn run(
         local: Arc::clone(&repl.local),
         acks: meta_tx.clone(),
         ack_writes: repl.config.resource.protocol == Protocol::C,
-        in_flight: Vec::new(),
+        in_flight: VecDeque::new(),
     };
     let mut ping = tokio::time::interval(PING_INTERVAL);
     let result = loop {
