@@ -2,8 +2,9 @@
 //!
 //! O_DIRECT needs buffers aligned to the device's logical block size; 4 KiB
 //! alignment satisfies every device. [`AlignedBuf`] can become a [`Bytes`]
-//! without a copy, so a guest write is copied once out of the ublk buffer and
-//! then shared by the local write and every peer it is mirrored to.
+//! without a copy, so a guest write is copied at most once out of the ublk
+//! buffer (a large one takes the buffer over) and then shared by the local
+//! write and every peer it is mirrored to.
 
 use bytes::Bytes;
 use std::alloc::{self, Layout};
@@ -41,8 +42,9 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// A buffer of `len` bytes whose contents are unspecified until written.
-    fn uninit(len: usize) -> Self {
+    /// A buffer of `len` bytes whose contents are unspecified: zeroes, or
+    /// what a previous user of the pooled allocation left.
+    fn allocate(len: usize) -> Self {
         if len == 0 {
             return AlignedBuf {
                 ptr: NonNull::dangling(),
@@ -59,15 +61,33 @@ impl AlignedBuf {
             }
         }
         let layout = Self::layout(capacity);
+        // Zeroed, so every byte of every buffer (pooled ones included) is
+        // initialised and `with_len` may expose old contents safely. Large
+        // zeroed allocations are fresh mappings: no memset is paid.
         // SAFETY: layout has a non-zero size.
-        let raw = unsafe { alloc::alloc(layout) };
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, len, capacity }
     }
 
+    /// A buffer of `len` bytes with unspecified (but initialised) contents,
+    /// for the kernel or a read to fill.
+    pub fn with_len(len: usize) -> Self {
+        Self::allocate(len)
+    }
+
+    /// Shortens the buffer to `len` bytes (no-op if it is not longer).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
     /// A zeroed buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
-        let mut buf = Self::uninit(len);
+        let mut buf = Self::allocate(len);
         // SAFETY: ptr is valid for len bytes; writing initialises them.
         unsafe { std::ptr::write_bytes(buf.ptr.as_ptr(), 0, len) };
         buf.len = len;
@@ -76,7 +96,7 @@ impl AlignedBuf {
 
     /// An aligned copy of `data`.
     pub fn copy_from(data: &[u8]) -> Self {
-        let buf = Self::uninit(data.len());
+        let buf = Self::allocate(data.len());
         // SAFETY: both ranges are valid for data.len() bytes and disjoint.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
         buf
@@ -121,7 +141,7 @@ impl Drop for AlignedBuf {
                 return;
             }
         }
-        // SAFETY: allocated in `uninit` with this same layout.
+        // SAFETY: allocated in `allocate` with this same layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
     }
 }
@@ -144,6 +164,20 @@ mod tests {
         assert_eq!(bytes.len(), 8192);
         assert!(bytes.iter().all(|&b| b == 7));
         assert_eq!(AlignedBuf::zeroed(0).as_slice().len(), 0);
+    }
+
+    #[test]
+    fn a_taken_over_buffer_keeps_its_bytes_and_only_the_written_length() {
+        let mut buf = AlignedBuf::with_len(1 << 20);
+        assert_eq!(buf.as_slice().len(), 1 << 20);
+        buf.as_mut_slice()[..3].copy_from_slice(b"abc");
+        let ptr = buf.as_ptr();
+        buf.truncate(512 * 1024);
+        buf.truncate(usize::MAX); // never grows back
+        let bytes = buf.into_bytes();
+        assert_eq!(bytes.len(), 512 * 1024);
+        assert_eq!(bytes.as_ptr(), ptr, "taken over, not copied");
+        assert_eq!(&bytes[..3], b"abc");
     }
 
     #[test]

@@ -71,23 +71,85 @@ pub fn run_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, device: Arc<D>) {
     tracing::debug!("ublk queue stopped");
 }
 
+/// The buffer the kernel copies one tag's data through.
+///
+/// libublk must see an [`IoBuf`] registered for every tag before it starts
+/// the device, so each tag begins with one. The buffer's address travels
+/// with every fetch command, though, so a large write can keep the buffer
+/// its data arrived in (no copy) while the tag moves on to a fresh one from
+/// the pool; from then on the tag uses pooled buffers.
+struct TagBuffer {
+    registered: IoBuf<u8>,
+    owned: Option<AlignedBuf>,
+    size: usize,
+}
+
+impl TagBuffer {
+    fn new(size: usize) -> Self {
+        TagBuffer {
+            registered: IoBuf::new(size),
+            owned: None,
+            size,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match &mut self.owned {
+            Some(buf) => buf.as_mut_slice(),
+            None => self.registered.as_mut_slice(),
+        }
+    }
+
+    /// What the next fetch command names.
+    fn addr(&self) -> *const u8 {
+        match &self.owned {
+            Some(buf) => buf.as_ptr(),
+            None => self.registered.as_ptr(),
+        }
+    }
+
+    /// The first `len` bytes as `Bytes` for a write. A write of at least
+    /// half the buffer takes it over; a smaller one is copied, so that a
+    /// 4 KiB write queued to a peer does not pin a whole buffer.
+    fn take_write_data(&mut self, len: usize) -> Bytes {
+        if len < self.size / 2 {
+            return AlignedBuf::copy_from(&self.as_mut_slice()[..len]).into_bytes();
+        }
+        let data = match self.owned.take() {
+            Some(mut buf) => {
+                buf.truncate(len);
+                buf.into_bytes()
+            }
+            None => AlignedBuf::copy_from(&self.registered.as_slice()[..len]).into_bytes(),
+        };
+        self.owned = Some(AlignedBuf::with_len(self.size));
+        data
+    }
+}
+
 async fn serve_tag<D: BlockDevice>(
     queue: &UblkQueue<'_>,
     tag: u16,
     device: &D,
     doorbell: &Arc<Doorbell>,
 ) -> Result<(), UblkError> {
-    let mut buf = IoBuf::<u8>::new(queue.dev.dev_info.max_io_buf_bytes as usize);
+    let mut buf = TagBuffer::new(queue.dev.dev_info.max_io_buf_bytes as usize);
     queue
-        .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .submit_io_prep_cmd(
+            tag,
+            BufDesc::Slice(buf.registered.as_slice()),
+            0,
+            Some(&buf.registered),
+        )
         .await?;
     loop {
         let iod = *queue.get_iod(tag);
-        let result = doorbell
-            .wrap(handle_request(&iod, buf.as_mut_slice(), device))
-            .await;
+        let result = doorbell.wrap(handle_request(&iod, &mut buf, device)).await;
+        // The kernel copies read data out of the buffer this names (and the
+        // next write's data into it): the one `handle_request` left current.
+        // It stays alive in `buf` until a later command names another.
         queue
-            .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), result)
+            .submit_io_commit_cmd(tag, BufDesc::RawAddress(buf.addr()), result)
             .await?;
     }
 }
@@ -96,7 +158,7 @@ async fn serve_tag<D: BlockDevice>(
 /// count for reads and writes, 0 for the rest, or a negative errno.
 async fn handle_request<D: BlockDevice>(
     iod: &sys::ublksrv_io_desc,
-    buf: &mut [u8],
+    buf: &mut TagBuffer,
     device: &D,
 ) -> i32 {
     let op = iod.op_flags & 0xff;
@@ -104,14 +166,17 @@ async fn handle_request<D: BlockDevice>(
     let len = iod.nr_sectors as u64 * SECTOR_SIZE;
     let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
     let outcome = match op {
-        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE if len as usize > buf.len() => {
+        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE if len as usize > buf.size => {
             return -libc::EINVAL;
         }
-        sys::UBLK_IO_OP_READ => device.read(offset, &mut buf[..len as usize]).await,
+        sys::UBLK_IO_OP_READ => {
+            device
+                .read(offset, &mut buf.as_mut_slice()[..len as usize])
+                .await
+        }
         sys::UBLK_IO_OP_WRITE => {
-            // One copy out of the ublk buffer; the local write and every
-            // replica share it from here on.
-            let data: Bytes = AlignedBuf::copy_from(&buf[..len as usize]).into_bytes();
+            // The local write and every replica share these `Bytes`.
+            let data = buf.take_write_data(len as usize);
             device.write(offset, data, fua).await
         }
         sys::UBLK_IO_OP_FLUSH => device.flush().await,
