@@ -340,10 +340,16 @@ impl Replication {
 
     /// Runs `work` on the tokio runtime: the ublk queue threads poll our
     /// futures on their own executors, but timers and sockets need tokio.
+    /// A caller already on the runtime (the block socket) runs it in place,
+    /// saving a task per request; like every caller of a `BlockDevice`, it
+    /// must not drop a started request (the block socket server never does).
     async fn on_runtime<F>(&self, work: F) -> io::Result<()>
     where
         F: std::future::Future<Output = io::Result<()>> + Send + 'static,
     {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return work.await;
+        }
         self.runtime
             .spawn(work)
             .await
