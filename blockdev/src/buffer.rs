@@ -42,9 +42,10 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// A buffer of `len` bytes whose contents are unspecified: zeroes, or
-    /// what a previous user of the pooled allocation left.
-    fn allocate(len: usize) -> Self {
+    /// A buffer of `len` bytes whose contents are unspecified but
+    /// initialised: zeroes, or what a previous user of the pooled allocation
+    /// left. For the kernel or a read to fill.
+    pub fn with_len(len: usize) -> Self {
         if len == 0 {
             return AlignedBuf {
                 ptr: NonNull::dangling(),
@@ -70,12 +71,6 @@ impl AlignedBuf {
         AlignedBuf { ptr, len, capacity }
     }
 
-    /// A buffer of `len` bytes with unspecified (but initialised) contents,
-    /// for the kernel or a read to fill.
-    pub fn with_len(len: usize) -> Self {
-        Self::allocate(len)
-    }
-
     /// Shortens the buffer to `len` bytes (no-op if it is not longer).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -87,7 +82,7 @@ impl AlignedBuf {
 
     /// A zeroed buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
-        let mut buf = Self::allocate(len);
+        let mut buf = Self::with_len(len);
         // SAFETY: ptr is valid for len bytes; writing initialises them.
         unsafe { std::ptr::write_bytes(buf.ptr.as_ptr(), 0, len) };
         buf.len = len;
@@ -96,7 +91,7 @@ impl AlignedBuf {
 
     /// An aligned copy of `data`.
     pub fn copy_from(data: &[u8]) -> Self {
-        let buf = Self::allocate(data.len());
+        let buf = Self::with_len(data.len());
         // SAFETY: both ranges are valid for data.len() bytes and disjoint.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
         buf
@@ -141,7 +136,7 @@ impl Drop for AlignedBuf {
                 return;
             }
         }
-        // SAFETY: allocated in `allocate` with this same layout.
+        // SAFETY: allocated in `with_len` with this same layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
     }
 }

@@ -80,25 +80,7 @@ impl FrameHeader {
 /// bug on the sending side.
 pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), ProtocolError> {
     msg.validate()?;
-    let start = out.len();
-    out.put_u32_le(MAGIC);
-    out.put_u16_le(msg.message_type().code());
-    out.put_u16_le(0); // flags
-    out.put_u32_le(0); // length, patched below once known
-    msg.put_payload(out);
-
-    let payload_len = out.len() - start - HEADER_LEN;
-    let len = u32::try_from(payload_len)
-        .ok()
-        .filter(|_| payload_len <= MAX_PAYLOAD);
-    let Some(len) = len else {
-        out.truncate(start);
-        return Err(ProtocolError::Oversize {
-            len: payload_len as u64,
-        });
-    };
-    out[start + LEN_OFFSET..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
-    Ok(())
+    put_frame(msg, 0, out)
 }
 
 /// Bulk data shorter than this is copied into the frame by
@@ -116,25 +98,37 @@ pub fn encode_split(msg: &Message, out: &mut BytesMut) -> Result<Option<Bytes>, 
         _ => return encode(msg, out).map(|()| None),
     };
     msg.validate()?;
+    put_frame(&head, data.len(), out)?;
+    // `head` ends with the empty data's u32 length prefix; it must count the
+    // data that follows. Validated above, so the length fits in a u32.
+    let prefix_at = out.len() - 4;
+    out[prefix_at..].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    Ok(Some(data))
+}
+
+/// Appends the header and payload of `msg`, with a length that also counts
+/// `trailing` bytes the caller sends right after. Leaves `out` unchanged if
+/// the payload would exceed [`MAX_PAYLOAD`].
+fn put_frame(msg: &Message, trailing: usize, out: &mut BytesMut) -> Result<(), ProtocolError> {
     let start = out.len();
-    encode(&head, out)?;
-    // `head` ends with the empty data's u32 length prefix; the frame length
-    // and that prefix must count the data that follows separately.
-    let payload_len = out.len() - start - HEADER_LEN + data.len();
-    let Some(frame_len) = u32::try_from(payload_len)
+    out.put_u32_le(MAGIC);
+    out.put_u16_le(msg.message_type().code());
+    out.put_u16_le(0); // flags
+    out.put_u32_le(0); // length, patched below once known
+    msg.put_payload(out);
+
+    let payload_len = out.len() - start - HEADER_LEN + trailing;
+    let len = u32::try_from(payload_len)
         .ok()
-        .filter(|_| payload_len <= MAX_PAYLOAD)
-    else {
+        .filter(|_| payload_len <= MAX_PAYLOAD);
+    let Some(len) = len else {
         out.truncate(start);
         return Err(ProtocolError::Oversize {
             len: payload_len as u64,
         });
     };
-    out[start + LEN_OFFSET..start + HEADER_LEN].copy_from_slice(&frame_len.to_le_bytes());
-    let prefix_at = out.len() - 4;
-    // Below MAX_PAYLOAD, so it fits in a u32.
-    out[prefix_at..].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    Ok(Some(data))
+    out[start + LEN_OFFSET..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+    Ok(())
 }
 
 /// Encodes `msg` as one frame in a buffer of its own.

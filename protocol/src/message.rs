@@ -404,8 +404,6 @@ impl fmt::Display for MessageType {
 }
 
 impl Message {
-    /// Decodes a whole payload of type `ty`: fields, no trailing bytes, and
-    /// the semantic checks of [`Message::validate`].
     /// Splits off the bulk data a message ends with (every `data: Bytes`
     /// field is its message's last field), leaving an empty `Bytes` in its
     /// place. `None` for messages without bulk data.
@@ -419,6 +417,8 @@ impl Message {
         }
     }
 
+    /// Decodes a whole payload of type `ty`: fields, no trailing bytes, and
+    /// the semantic checks of [`Message::validate`].
     pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(payload);
         let msg = Self::get_payload(ty, &mut r)?;

@@ -329,25 +329,20 @@ impl PeerReplica {
     /// dropping the peer behind so the guest is not held up any longer.
     pub async fn wait_for_backlog(&self, congestion_limit: u64, deadline: tokio::time::Instant) {
         let started = tokio::time::Instant::now();
-        self.wait_for_backlog_until(congestion_limit, deadline)
-            .await;
-        tracing::trace!(peer = %self.config.name, waited = ?started.elapsed(),
-            "guest write waited for the peer's send queue");
-    }
-
-    async fn wait_for_backlog_until(&self, congestion_limit: u64, deadline: tokio::time::Instant) {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
             if !self.is_congested(congestion_limit) {
-                return;
+                break;
             }
             if tokio::time::timeout_at(deadline, drained).await.is_err() {
                 self.fall_behind("backlog above congestion_limit for max_peer_wait_ms");
-                return;
+                break;
             }
         }
+        tracing::trace!(peer = %self.config.name, waited = ?started.elapsed(),
+            "guest write waited for the peer's send queue");
     }
 
     /// A guest write waited too long for this peer: stop waiting for it.

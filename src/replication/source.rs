@@ -144,25 +144,13 @@ async fn send_data(
     while let Some(first) = rx.recv().await {
         let mut bytes = first.bytes;
         writer.queue(&first.message)?;
+        bytes += queue_ready(&mut rx, &mut writer)?;
         // Each socket write costs a system call and, on the receiving side,
         // a wake-up: let the writes submitted concurrently with this one
         // join it (one pass of the scheduler) before sending.
-        let mut yielded = false;
-        loop {
-            while writer.buffered() < SEND_BATCH {
-                match rx.try_recv() {
-                    Ok(next) => {
-                        bytes += next.bytes;
-                        writer.queue(&next.message)?;
-                    }
-                    Err(_) => break,
-                }
-            }
-            if yielded || writer.buffered() >= SEND_BATCH {
-                break;
-            }
-            yielded = true;
+        if writer.buffered() < SEND_BATCH {
             tokio::task::yield_now().await;
+            bytes += queue_ready(&mut rx, &mut writer)?;
         }
         writer.flush().await?;
         peer.queued.fetch_sub(
@@ -172,6 +160,21 @@ async fn send_data(
         peer.backlog_drained(congestion);
     }
     Ok(())
+}
+
+/// Queues what is already waiting in `rx`, up to [`SEND_BATCH`] bytes in
+/// the writer; returns the payload bytes queued.
+fn queue_ready(
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    writer: &mut FrameWriter,
+) -> Result<u64, LinkError> {
+    let mut bytes = 0;
+    while writer.buffered() < SEND_BATCH {
+        let Ok(next) = rx.try_recv() else { break };
+        bytes += next.bytes;
+        writer.queue(&next.message)?;
+    }
+    Ok(bytes)
 }
 
 /// Resends stale blocks whenever the peer is in `Resyncing` mode.

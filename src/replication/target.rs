@@ -63,12 +63,12 @@ impl Applier {
         check_range(self.local.size(), offset, len)
             .map_err(|e| LinkError::Violation(e.to_string()))?;
         // Reap what is done (oldest first), and make room if full.
-        while let Some(oldest) = self.in_flight.front() {
-            if !oldest.task.is_finished() && self.in_flight.len() < MAX_IN_FLIGHT {
-                break;
+        while self.in_flight.front().is_some_and(|oldest| {
+            oldest.task.is_finished() || self.in_flight.len() >= MAX_IN_FLIGHT
+        }) {
+            if let Some(oldest) = self.in_flight.pop_front() {
+                finish(oldest.task).await?;
             }
-            let oldest = self.in_flight.pop_front().expect("front exists");
-            finish(oldest.task).await?;
         }
         // Earlier writes to the same bytes must land first.
         let end = offset + len;
