@@ -10,8 +10,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use blockdev::blocksock::BlockClient;
-use support::proxy::Proxy;
+use support::cluster::{client, proxied_pair};
 use support::workload::{self, BLOCK};
 use support::{runtime, Cluster, ClusterSpec, Model, Op, Workload};
 
@@ -23,12 +22,6 @@ fn spec(nodes: u32, protocol: &'static str) -> ClusterSpec {
         protocol,
         ..ClusterSpec::default()
     }
-}
-
-fn client(rt: &tokio::runtime::Runtime, cluster: &Cluster, id: u32) -> BlockClient {
-    let path = cluster.dir.node(id).block_socket.clone();
-    rt.block_on(BlockClient::connect(path))
-        .expect("connect to the primary's block socket")
 }
 
 /// The 4 KiB blocks an op sequence touches.
@@ -119,37 +112,6 @@ fn a_killed_peer_gets_only_the_blocks_it_missed() {
         "a bitmap resync, not a full copy: {resent} bytes"
     );
     assert!(cluster.wait_identical(Some(model.blake3())).is_ok());
-}
-
-/// Two nodes; node 1 reaches node 2 through a proxy the test controls.
-fn proxied_pair(
-    rt: &tokio::runtime::Runtime,
-    protocol: &'static str,
-    extra_toml: &str,
-) -> (Cluster, Proxy) {
-    let mut spec = spec(2, protocol);
-    spec.extra_toml = extra_toml.into();
-    let dir = support::TestDir::with_spec(spec);
-    let proxy_addr = support::testdir::free_ports(1)[0];
-    let n2 = dir.node(2).listen.to_string();
-    let toml = dir.config_toml(1).replace(
-        &format!("address = \"{n2}\""),
-        &format!("address = \"{proxy_addr}\""),
-    );
-    dir.write_config(1, &toml);
-    let proxy = rt.block_on(Proxy::start(proxy_addr, dir.node(2).listen));
-    for n in &dir.nodes {
-        assert!(support::ctl(&n.config, &["create-md"]).status.success());
-    }
-    let daemons: Vec<_> = dir.nodes.iter().map(support::Daemon::start).collect();
-    let mut cluster = Cluster { dir, daemons };
-    for d in &mut cluster.daemons {
-        d.wait_ready(support::cluster::START);
-    }
-    cluster.wait_linked(1);
-    cluster.promote(1);
-    assert!(cluster.wait_peers_up_to_date(1));
-    (cluster, proxy)
 }
 
 #[test]

@@ -4,9 +4,11 @@
 //! * [`epochs`]: write ordering (epochs, barriers, range lock).
 //! * [`peer`]: the primary's per-peer state (unacked epochs, bitmap, mode).
 //! * [`transport`]: framed, authenticated TCP connections.
+//! * [`bitmap_exchange`]: a joining secondary reports what may differ.
 //! * [`link`]: keeping a link to every peer up, and what runs on it:
 //!   [`source`] when we are primary, [`target`] when the peer is.
 
+mod bitmap_exchange;
 mod epochs;
 mod link;
 pub mod peer;

@@ -12,6 +12,7 @@ use protocol::{DiskState, GenerationIds, Message, Role};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use super::bitmap_exchange;
 use super::link::{our_state, Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
 use super::peer::{Outgoing, PeerMode, PeerReplica};
 use super::transport::{FrameWriter, LinkError};
@@ -84,6 +85,19 @@ pub async fn run(
         mut meta_reader,
         meta_writer,
     } = link;
+    // What the peer holds that we may not: resynced like what it lacks.
+    let reported =
+        bitmap_exchange::receive(&mut meta_reader, repl.config.node.id, &peer.bitmap).await?;
+    let added = peer
+        .bitmap
+        .merge_from(&reported)
+        .map_err(|e| LinkError::Violation(e.to_string()))?;
+    if added > 0 {
+        tracing::info!(
+            blocks = added,
+            "peer reported blocks that may differ from ours; they will be resynced"
+        );
+    }
     let congestion = repl.config.replication.congestion_bytes;
     let (data_tx, data_rx) = mpsc::unbounded_channel();
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();

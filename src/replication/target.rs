@@ -18,6 +18,7 @@ use protocol::{DiskState, Message};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::bitmap_exchange;
 use super::link::{Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
 use super::peer::PeerReplica;
 use super::transport::LinkError;
@@ -129,7 +130,7 @@ async fn finish(task: JoinHandle<io::Result<()>>) -> Result<(), LinkError> {
 
 pub async fn run(
     repl: &Arc<Replication>,
-    _peer: &Arc<PeerReplica>,
+    peer: &Arc<PeerReplica>,
     link: Link,
     _theirs: PeerState,
     role_changes: &mut watch::Receiver<RoleState>,
@@ -142,6 +143,8 @@ pub async fn run(
     } = link;
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
     let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
+    // First, what we hold that the primary may not (see bitmap_exchange).
+    bitmap_exchange::send(&meta_tx, peer.id(), &peer.bitmap);
     let mut applier = Applier {
         local: Arc::clone(&repl.local),
         acks: meta_tx.clone(),
@@ -171,6 +174,8 @@ pub async fn run(
                     if let Err(e) = repl.adopt_generation(generation) {
                         break Err(LinkError::Io(e));
                     }
+                    // Whatever we reported differing has been overwritten.
+                    peer.bitmap.clear_all();
                     tracing::info!(generation = format!("{:016x}", generation.current), "in sync with the primary");
                 }
                 Ok(Ok(Message::State { .. })) => break Ok(()),

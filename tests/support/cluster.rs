@@ -4,6 +4,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use blockdev::blocksock::BlockClient;
+
+use super::proxy::Proxy;
+use super::testdir::free_ports;
 use super::{blake3_of_file, ctl, wait_for, ClusterSpec, Daemon, TestDir};
 
 pub const START: Duration = Duration::from_secs(15);
@@ -128,4 +132,61 @@ impl Cluster {
             Err(last)
         }
     }
+}
+
+/// A block-socket client of node `id` (its top layer, as a guest sees it).
+pub fn client(rt: &tokio::runtime::Runtime, cluster: &Cluster, id: u32) -> BlockClient {
+    let path = cluster.dir.node(id).block_socket.clone();
+    rt.block_on(BlockClient::connect(path))
+        .expect("connect to the node's block socket")
+}
+
+/// Starts a cluster in which node 1 reaches node `via_proxy` through a proxy
+/// the test controls (every other link is direct). Node 1 has the lower id,
+/// so it is the one that dials that link. Nobody is promoted yet.
+pub fn start_with_proxy(
+    rt: &tokio::runtime::Runtime,
+    spec: ClusterSpec,
+    via_proxy: u32,
+) -> (Cluster, Proxy) {
+    assert!(via_proxy > 1 && via_proxy <= spec.nodes);
+    let dir = TestDir::with_spec(spec);
+    let proxy_addr = free_ports(1)[0];
+    let target = dir.node(via_proxy).listen;
+    let toml = dir.config_toml(1).replace(
+        &format!("address = \"{target}\""),
+        &format!("address = \"{proxy_addr}\""),
+    );
+    dir.write_config(1, &toml);
+    let proxy = rt.block_on(Proxy::start(proxy_addr, target));
+    for n in &dir.nodes {
+        assert!(ctl(&n.config, &["create-md"]).status.success());
+    }
+    let daemons: Vec<_> = dir.nodes.iter().map(Daemon::start).collect();
+    let mut cluster = Cluster { dir, daemons };
+    for d in &mut cluster.daemons {
+        d.wait_ready(START);
+    }
+    for id in 1..=cluster.dir.spec.nodes {
+        cluster.wait_linked(id);
+    }
+    (cluster, proxy)
+}
+
+/// Two nodes, node 1 primary and in sync, reaching node 2 through a proxy.
+pub fn proxied_pair(
+    rt: &tokio::runtime::Runtime,
+    protocol: &'static str,
+    extra_toml: &str,
+) -> (Cluster, Proxy) {
+    let spec = ClusterSpec {
+        nodes: 2,
+        protocol,
+        extra_toml: extra_toml.into(),
+        ..ClusterSpec::default()
+    };
+    let (cluster, proxy) = start_with_proxy(rt, spec, 2);
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+    (cluster, proxy)
 }
