@@ -400,3 +400,35 @@ fn a_crashed_peer_holds_a_prefix_of_the_primarys_epochs() {
     }
     assert!(cluster.wait_identical(None).is_ok());
 }
+
+/// mkfs discards the whole device in one request; far more extents than
+/// the activity log holds at once must still be mirrored.
+#[test]
+fn a_discard_of_a_whole_large_device_is_mirrored() {
+    const SIZE: u64 = 1 << 30;
+    let cluster = Cluster::start(ClusterSpec {
+        size: SIZE,
+        ..spec(2, "C")
+    });
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    let rt = runtime();
+    let c = client(&rt, &cluster, 1);
+    let data = vec![0xa5u8; 256 * 1024];
+    for offset in [0, SIZE / 2, SIZE - data.len() as u64] {
+        rt.block_on(c.write(offset, data.clone(), false)).unwrap();
+    }
+    rt.block_on(c.discard(0, SIZE))
+        .expect("a discard of the whole device succeeds");
+    rt.block_on(c.flush()).unwrap();
+    let zeroes = {
+        let mut h = blake3::Hasher::new();
+        let chunk = vec![0u8; MIB as usize];
+        for _ in 0..SIZE / MIB {
+            h.update(&chunk);
+        }
+        h.finalize()
+    };
+    let result = cluster.wait_identical(Some(zeroes));
+    assert!(result.is_ok(), "{result:?}");
+}

@@ -417,39 +417,72 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        let r = Arc::clone(&self.0);
-        let local = Arc::clone(&r.local);
-        let work = r.clone().replicate(
-            offset,
-            len,
-            false,
-            move |term, epoch, seq| Message::Discard {
-                term,
-                epoch,
-                seq,
-                offset,
-                len,
-            },
-            async move { local.discard(offset, len).await },
-        );
-        self.0.on_runtime(work).await
+        self.range_op(offset, len, RangeOp::Discard).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.range_op(offset, len, RangeOp::WriteZeroes).await
+    }
+}
+
+/// A write that carries no data.
+#[derive(Clone, Copy)]
+enum RangeOp {
+    Discard,
+    WriteZeroes,
+}
+
+/// Longest discard or write-zeroes replicated as one write. A guest may
+/// discard the whole device at once (mkfs does), but one write must fit in
+/// the activity log: this is 16 extents of the default 4 MiB, where the AL
+/// holds 127 by default.
+const MAX_RANGE_OP: u64 = 64 << 20;
+
+impl ReplicatedDevice {
+    /// Replicates a discard or write-zeroes in pieces the activity log can
+    /// hold, one after the other (each is its own replicated write).
+    async fn range_op(&self, offset: u64, len: u64, op: RangeOp) -> io::Result<()> {
+        self.0.check_primary(offset, len)?;
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            // Pieces end on MAX_RANGE_OP boundaries, so they span whole extents.
+            let piece = (end - at).min(MAX_RANGE_OP - at % MAX_RANGE_OP);
+            self.range_op_piece(at, piece, op).await?;
+            at += piece;
+        }
+        Ok(())
+    }
+
+    async fn range_op_piece(&self, offset: u64, len: u64, op: RangeOp) -> io::Result<()> {
         let r = Arc::clone(&self.0);
         let local = Arc::clone(&r.local);
         let work = r.clone().replicate(
             offset,
             len,
             false,
-            move |term, epoch, seq| Message::WriteZeroes {
-                term,
-                epoch,
-                seq,
-                offset,
-                len,
+            move |term, epoch, seq| match op {
+                RangeOp::Discard => Message::Discard {
+                    term,
+                    epoch,
+                    seq,
+                    offset,
+                    len,
+                },
+                RangeOp::WriteZeroes => Message::WriteZeroes {
+                    term,
+                    epoch,
+                    seq,
+                    offset,
+                    len,
+                },
             },
-            async move { local.write_zeroes(offset, len).await },
+            async move {
+                match op {
+                    RangeOp::Discard => local.discard(offset, len).await,
+                    RangeOp::WriteZeroes => local.write_zeroes(offset, len).await,
+                }
+            },
         );
         self.0.on_runtime(work).await
     }

@@ -230,6 +230,26 @@ impl ActivityLog {
     /// returned guard is dropped. Blocks while a needed transaction is being
     /// written, or while the AL is full of extents with writes in flight.
     pub fn begin_io(self: &Arc<Self>, extents: Range<u64>) -> Result<AlGuard, MetaError> {
+        self.begin_io_inner(extents, true)
+            .map(|guard| guard.expect("waits until there is room"))
+    }
+
+    /// [`begin_io`](Self::begin_io) for a byte range that returns `None`
+    /// instead of waiting when every slot holds an extent with I/O in flight.
+    /// For a caller that holds guards itself and can release them first.
+    pub fn try_begin_write(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<AlGuard>, MetaError> {
+        self.begin_io_inner(self.layout.extents_covering(offset, len), false)
+    }
+
+    fn begin_io_inner(
+        self: &Arc<Self>,
+        extents: Range<u64>,
+        wait_for_room: bool,
+    ) -> Result<Option<AlGuard>, MetaError> {
         self.check_request(&extents)?;
         let mut state = self.lock();
         loop {
@@ -240,10 +260,10 @@ impl ActivityLog {
             }
             if state.all_persisted(&extents) {
                 state.pin(&extents);
-                return Ok(AlGuard {
+                return Ok(Some(AlGuard {
                     log: Arc::clone(self),
                     extents,
-                });
+                }));
             }
             if state.failed {
                 return Err(MetaError::AlFailed {
@@ -260,6 +280,9 @@ impl ActivityLog {
                 .collect();
             let excess = (state.slots.len() + missing.len()).saturating_sub(self.capacity());
             let Some(victims) = state.pick_victims(excess, &extents) else {
+                if !wait_for_room {
+                    return Ok(None);
+                }
                 state = self.wait(state);
                 continue;
             };

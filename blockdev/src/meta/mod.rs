@@ -248,12 +248,8 @@ impl Metadata {
         };
         if recovery.was_unclean {
             for (node, bitmap) in bitmaps.iter() {
-                if node == superblock.node_id {
-                    continue;
-                }
-                for &extent in &recovery.al_extents {
-                    let blocks = layout.extent_blocks(extent);
-                    bitmap.set_range(blocks.start, blocks.end - blocks.start);
+                if node != superblock.node_id {
+                    mark_extents(&layout, &recovery.al_extents, bitmap);
                 }
             }
             bitmaps.flush()?;
@@ -318,6 +314,13 @@ impl Metadata {
     }
 
     /// The activity log, shareable with the write path.
+    /// Sets every bit of the extents now in the activity log in `bitmap`
+    /// (one of ours): the blocks this node may have written recently, which
+    /// another node may not hold. Returns the number of bits newly set.
+    pub fn mark_active_extents(&self, bitmap: &Bitmap) -> u64 {
+        mark_extents(&self.layout(), &self.activity_log.active_extents(), bitmap)
+    }
+
     pub fn activity_log(&self) -> &Arc<ActivityLog> {
         &self.activity_log
     }
@@ -487,4 +490,14 @@ fn prepare_space(file: &MetaFile, len: u64) -> Result<(), MetaError> {
         offset += chunk as u64;
     }
     file.sync("sync zeroed metadata")
+}
+
+fn mark_extents(layout: &Layout, extents: &[u64], bitmap: &Bitmap) -> u64 {
+    extents
+        .iter()
+        .map(|&extent| {
+            let blocks = layout.extent_blocks(extent);
+            bitmap.set_range(blocks.start, blocks.end - blocks.start)
+        })
+        .sum()
 }
