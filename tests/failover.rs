@@ -95,3 +95,150 @@ fn a_crashed_primary_gives_up_its_unreplicated_writes_to_the_promoted_peer() {
         "the old primary kept writes the new primary never had: {result:?}"
     );
 }
+
+/// Node 1 is primary of nodes 2 and 3; node 3 lags (its link is held up)
+/// and misses the last writes node 2 received. Node 1 dies.
+struct LostPrimary {
+    cluster: support::Cluster,
+    _proxy: support::proxy::Proxy,
+    /// Phase 1, which every node holds.
+    common: Model,
+    /// Phase 1 and the writes only node 2 received.
+    node2_has: Model,
+    rt: tokio::runtime::Runtime,
+}
+
+fn lose_the_primary_with_one_peer_lagging() -> LostPrimary {
+    let rt = runtime();
+    // Node 3 must not fall behind (node 1 would only remember that in its
+    // bitmap, and node 1 dies): let it lag for as long as the test runs.
+    let spec = ClusterSpec {
+        extra_toml: "[replication]\nmax_peer_wait_ms = 60000\n".into(),
+        ..spec(3, "A")
+    };
+    let (mut cluster, proxy) = start_with_proxy(&rt, spec, 3);
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+    let size = cluster.dir.spec.size;
+    let mut gen = Workload::new(81, size);
+    let c1 = client(&rt, &cluster, 1);
+    let common = rt
+        .block_on(support::workload::run(
+            &c1,
+            &gen.ops(400),
+            16,
+            Model::zeroed(size),
+        ))
+        .unwrap();
+    rt.block_on(c1.flush()).unwrap();
+    assert!(cluster.wait_identical(Some(common.blake3())).is_ok());
+
+    proxy.pause();
+    let node2_has = rt
+        .block_on(support::workload::run(
+            &c1,
+            &gen.ops(300),
+            16,
+            common.clone(),
+        ))
+        .unwrap();
+    rt.block_on(c1.flush()).unwrap();
+    assert!(
+        wait_for(
+            || cluster.hash(2) == node2_has.blake3(),
+            Duration::from_secs(30)
+        ),
+        "node 2 did not receive the second phase"
+    );
+    drop(c1);
+    cluster.daemon(1).sigkill();
+    proxy.cut();
+    for id in [2, 3] {
+        assert!(
+            wait_for(
+                || cluster.peer(id, 1)["connected"] == false,
+                Duration::from_secs(20)
+            ),
+            "node {id} did not notice that node 1 is gone"
+        );
+    }
+    assert_ne!(
+        cluster.hash(3),
+        node2_has.blake3(),
+        "node 3 was meant to miss the second phase"
+    );
+    LostPrimary {
+        cluster,
+        _proxy: proxy,
+        common,
+        node2_has,
+        rt,
+    }
+}
+
+impl LostPrimary {
+    /// Promotes `id`, writes a little through it, and waits until node 2
+    /// and 3 agree; returns the hash they agree on.
+    fn promote_and_converge(&self, id: u32, start: &Model) -> blake3::Hash {
+        let cluster = &self.cluster;
+        cluster.promote(id);
+        let size = cluster.dir.spec.size;
+        let c = client(&self.rt, cluster, id);
+        let model = self
+            .rt
+            .block_on(support::workload::run(
+                &c,
+                &Workload::new(91, size).ops(100),
+                16,
+                start.clone(),
+            ))
+            .unwrap();
+        self.rt.block_on(c.flush()).unwrap();
+        let peers_of = |id: u32| -> bool {
+            let status = cluster.status(id);
+            status["peers"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .filter(|p| p["id"] != 1)
+                    .all(|p| p["state"] == "up-to-date" && p["stale_bytes"] == 0)
+            })
+        };
+        assert!(
+            wait_for(|| peers_of(id), support::cluster::CONVERGE),
+            "the surviving secondary was not resynced: {}",
+            cluster.status(id)
+        );
+        let agreed = wait_for(
+            || cluster.hash(2) == cluster.hash(3),
+            support::cluster::CONVERGE,
+        );
+        assert!(
+            agreed,
+            "nodes 2 and 3 differ after the failover to node {id}"
+        );
+        assert_eq!(
+            cluster.hash(2),
+            model.blake3(),
+            "the replicas must hold what the new primary held, plus its writes"
+        );
+        cluster.hash(2)
+    }
+}
+
+/// The new primary is the peer that got further: the other one must be
+/// given what it missed, though no surviving bitmap recorded it.
+#[test]
+fn after_the_primary_dies_the_lagging_peer_catches_up_with_the_promoted_one() {
+    let lost = lose_the_primary_with_one_peer_lagging();
+    lost.promote_and_converge(2, &lost.node2_has);
+}
+
+/// The new primary is the peer that lagged: the other must give up the
+/// writes it holds that the new primary never received.
+#[test]
+fn after_the_primary_dies_the_peer_that_got_further_gives_up_its_extra_writes() {
+    let lost = lose_the_primary_with_one_peer_lagging();
+    // The proxy forwarded nothing after the pause: node 3 holds phase 1.
+    assert_eq!(lost.cluster.hash(3), lost.common.blake3());
+    let start = lost.common.clone();
+    lost.promote_and_converge(3, &start);
+}

@@ -187,6 +187,11 @@ impl Replication {
         self.metadata
             .set_term_and_generations(term, Some(from_wire(generation)))
             .map_err(|e| format!("cannot persist the new term: {e}"))?;
+        // Where we wrote lately (as a secondary of a lost primary, or as a
+        // primary before), a peer may hold other data: resync it.
+        for peer in &self.peers {
+            self.metadata.mark_active_extents(&peer.bitmap);
+        }
         self.known_term.fetch_max(term, Ordering::AcqRel);
         let state = RoleState {
             role: Role::Primary,

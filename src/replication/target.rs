@@ -11,6 +11,7 @@ use std::io;
 use std::sync::Arc;
 
 use blockdev::device::check_range;
+use blockdev::meta::{ActivityLog, AlGuard};
 use blockdev::BackingStore;
 use blockdev::BlockDevice;
 use bytes::Bytes;
@@ -47,6 +48,10 @@ struct InFlight {
 /// Applies the writes of the current epoch.
 struct Applier {
     local: Arc<BackingStore>,
+    /// Our activity log: a secondary records where it writes too, so that
+    /// after a change of primary the blocks where it may be ahead of (or
+    /// behind) the new primary are known (see `bitmap_exchange`).
+    al: Arc<ActivityLog>,
     acks: mpsc::UnboundedSender<Message>,
     ack_writes: bool,
     /// In submission order.
@@ -83,6 +88,7 @@ impl Applier {
                 i += 1;
             }
         }
+        let al_guard = self.enter_activity_log(offset, len).await?;
         let local = Arc::clone(&self.local);
         let acks = self.acks.clone();
         let ack = self.ack_writes;
@@ -90,6 +96,7 @@ impl Applier {
             start: offset,
             end,
             task: tokio::spawn(async move {
+                let _al_guard = al_guard;
                 let result = match op {
                     Op::Write { data, fua } => local.write(offset, data, fua).await,
                     Op::Discard => local.discard(offset, len).await,
@@ -109,6 +116,20 @@ impl Applier {
             }),
         });
         Ok(())
+    }
+
+    /// Puts the extents of a write into the activity log. When every slot
+    /// is held by our own writes in flight, those finish first: waiting in
+    /// the AL for them would block the thread their completion needs.
+    async fn enter_activity_log(&mut self, offset: u64, len: u64) -> Result<AlGuard, LinkError> {
+        let al_error = |e: blockdev::meta::MetaError| LinkError::Io(io::Error::other(e));
+        if let Some(guard) = self.al.try_begin_write(offset, len).map_err(al_error)? {
+            return Ok(guard);
+        }
+        for w in self.in_flight.drain(..) {
+            finish(w.task).await?;
+        }
+        self.al.begin_write(offset, len).map_err(al_error)
     }
 
     /// Completes the epoch: every write done, then the disk flushed.
@@ -132,7 +153,7 @@ pub async fn run(
     repl: &Arc<Replication>,
     peer: &Arc<PeerReplica>,
     link: Link,
-    _theirs: PeerState,
+    theirs: PeerState,
     role_changes: &mut watch::Receiver<RoleState>,
 ) -> Result<(), LinkError> {
     let Link {
@@ -143,10 +164,22 @@ pub async fn run(
     } = link;
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
     let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
+    // A primary of another generation (a new promotion) may lack our last
+    // writes, or have writes we missed, anywhere we wrote lately.
+    if theirs.generation.current != repl.generation().current {
+        let blocks = repl.metadata.mark_active_extents(&peer.bitmap);
+        if blocks > 0 {
+            tracing::info!(
+                blocks,
+                "new primary: our activity-log extents will be resynced"
+            );
+        }
+    }
     // First, what we hold that the primary may not (see bitmap_exchange).
     bitmap_exchange::send(&meta_tx, peer.id(), &peer.bitmap);
     let mut applier = Applier {
         local: Arc::clone(&repl.local),
+        al: Arc::clone(repl.metadata.activity_log()),
         acks: meta_tx.clone(),
         ack_writes: repl.config.resource.protocol == Protocol::C,
         in_flight: VecDeque::new(),

@@ -1,10 +1,14 @@
 //! The activity log (AL): the persisted set of extents the primary may be
 //! writing to.
 //!
-//! Before the primary writes into an extent, the extent must be in the AL on
-//! disk. In exchange, staleness bits of AL extents may stay in memory only
-//! (see `node_bitmaps`), and after a crash the whole AL is resynced to every
-//! peer. The AL holds at most `al_slots` extents; adding one to a full AL
+//! Before a node writes into an extent (as primary, or applying its
+//! primary's writes as secondary), the extent must be in the AL on disk. In
+//! exchange, staleness bits of AL extents may stay in memory only (see
+//! `node_bitmaps`): whenever the data generation changes hands — this node
+//! is promoted, or as a secondary meets a primary of another generation —
+//! every AL extent is marked stale between the two
+//! (`Metadata::mark_active_extents`), which covers whatever a crash lost and
+//! whatever one node wrote that the other never saw. The AL holds at most `al_slots` extents; adding one to a full AL
 //! evicts the least recently used extent that has no write in flight, after
 //! persisting the bitmap pages that cover it.
 //!

@@ -142,9 +142,10 @@ pub struct Recovery {
     /// The previous run did not shut down cleanly (crash, kill, power loss).
     pub was_unclean: bool,
     /// Extents of the persisted activity log, least recently used first: the
-    /// hot set of the previous run. After an unclean shutdown they were
-    /// marked stale for every other node, and they are what a background sync
-    /// should send first.
+    /// hot set of the previous run. Nothing is marked at open: the node is
+    /// a secondary until promoted, and a promotion (or meeting a primary of
+    /// another generation) marks the AL extents stale for the peers
+    /// ([`Metadata::mark_active_extents`]) before anything is written.
     pub al_extents: Vec<u64>,
 }
 
@@ -246,14 +247,6 @@ impl Metadata {
             was_unclean: !superblock.clean,
             al_extents: activity_log.active_extents(),
         };
-        if recovery.was_unclean {
-            for (node, bitmap) in bitmaps.iter() {
-                if node != superblock.node_id {
-                    mark_extents(&layout, &recovery.al_extents, bitmap);
-                }
-            }
-            bitmaps.flush()?;
-        }
         superblock.clean = false;
         write_superblock(&file, &superblock)?;
         Ok(Metadata {

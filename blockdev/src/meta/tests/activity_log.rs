@@ -167,7 +167,9 @@ fn eviction_persists_the_evicted_extents_bits() {
     assert_eq!(md.recovery().al_extents, vec![4, 1, 2, 3]);
     let peer = md.bitmap(0).unwrap();
     assert_eq!(peer.count_range(0, 8), 8, "evicted extent lost its bits");
-    // Extent 4's lost page is restored by whole-extent recovery.
+    // Extent 4's lost page is restored by marking the AL's extents, as a
+    // promotion does.
+    md.mark_active_extents(peer);
     assert_eq!(peer.count_ones(), 8 + 4 * 8192);
 }
 

@@ -273,7 +273,7 @@ fn term_and_generations_persist() {
 }
 
 #[test]
-fn unclean_open_marks_al_extents_stale_for_other_nodes_only() {
+fn unclean_open_reports_the_al_and_marking_it_covers_whole_extents() {
     let fx = Fixture::new();
     let md = fx.open();
     let layout = md.layout();
@@ -288,19 +288,20 @@ fn unclean_open_marks_al_extents_stale_for_other_nodes_only() {
     let md = fx.open();
     assert!(md.recovery().was_unclean);
     assert_eq!(md.recovery().al_extents, vec![2, 5]);
-    let per_extent = layout.blocks_per_extent();
-    for node in [0, 2] {
-        let bitmap = md.bitmap(node).unwrap();
-        assert_eq!(bitmap.count_ones(), 2 * per_extent);
-        assert_eq!(bitmap.count_range(2 * per_extent, per_extent), per_extent);
-        assert_eq!(bitmap.count_range(5 * per_extent, per_extent), per_extent);
+    for node in 0..3 {
+        assert_eq!(
+            md.bitmap(node).unwrap().count_ones(),
+            0,
+            "opening marks nothing: a promotion does"
+        );
     }
-    assert_eq!(md.bitmap(1).unwrap().count_ones(), 0);
-    assert_eq!(
-        md.bitmaps().dirty_page_count(),
-        0,
-        "recovery must persist the bits"
-    );
+    let per_extent = layout.blocks_per_extent();
+    let bitmap = md.bitmap(2).unwrap();
+    assert_eq!(md.mark_active_extents(bitmap), 2 * per_extent);
+    assert_eq!(bitmap.count_ones(), 2 * per_extent);
+    assert_eq!(bitmap.count_range(2 * per_extent, per_extent), per_extent);
+    assert_eq!(bitmap.count_range(5 * per_extent, per_extent), per_extent);
+    assert_eq!(md.mark_active_extents(bitmap), 0, "already set");
 }
 
 #[test]
