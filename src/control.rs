@@ -110,6 +110,9 @@ pub struct PeerStatus {
     /// Bytes queued for this peer and not yet handed to its socket.
     #[serde(default)]
     pub send_queue_bytes: u64,
+    /// Why the last link to this peer failed (e.g. a split brain), if it did.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// Sends one request to the daemon listening at `socket`.

@@ -149,5 +149,8 @@ fn print_status(s: &Status) {
             eta,
             p.send_queue_bytes
         );
+        if let Some(error) = &p.last_error {
+            println!("    last link error: {error}");
+        }
     }
 }

@@ -93,5 +93,6 @@ fn peer_status(repl: &Replication, peer: &PeerReplica) -> PeerStatus {
         eta_seconds: (rate > 0).then(|| stale_bytes / rate),
         resynced_bytes: peer.stats.resync_bytes.load(Ordering::Acquire),
         send_queue_bytes: peer.queued.load(Ordering::Acquire),
+        last_error: peer.last_error(),
     }
 }

@@ -127,8 +127,14 @@ async fn maintain(
             Ok(link) => {
                 backoff = BACKOFF_START;
                 tracing::info!("link up");
+                peer.set_last_error(None);
+                let role = repl.role();
                 let result = run_session(&repl, &peer, link).await;
                 peer.disconnected();
+                // Lost while we stayed primary (not a role change of ours).
+                if role.role == protocol::Role::Primary && repl.role() == role {
+                    repl.peer_lost();
+                }
                 // The folded-in bits may lie in extents the activity log no
                 // longer covers: persist them now, or a crash would lose them.
                 if let Err(e) = repl.metadata.flush_bitmaps() {
@@ -136,7 +142,10 @@ async fn maintain(
                 }
                 match result {
                     Ok(()) => tracing::info!("link closed; reconnecting"),
-                    Err(e) => tracing::warn!(error = %e, "link lost; reconnecting"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "link lost; reconnecting");
+                        peer.set_last_error(Some(e.to_string()));
+                    }
                 }
                 tokio::time::sleep(BACKOFF_START).await;
             }

@@ -17,7 +17,7 @@ mod target;
 pub mod transport;
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,6 +47,15 @@ pub struct Replication {
     known_term: AtomicU64,
     /// This replica's disk state (Inconsistent while being resynced).
     disk_state: Mutex<DiskState>,
+    /// A peer was lost while we were primary: the next write starts a new
+    /// data generation first (see [`Replication::fork_generation`]).
+    fork_pending: AtomicBool,
+    /// Held while the new generation is persisted; writes that find
+    /// `fork_pending` wait here so none completes before it.
+    fork_lock: Mutex<()>,
+    /// This generation already has writes a lost peer lacks: no new one
+    /// until every peer is up to date again.
+    forked: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +101,9 @@ impl Replication {
             ranges: RangeLock::new(),
             known_term: AtomicU64::new(term),
             disk_state: Mutex::new(disk_state),
+            fork_pending: AtomicBool::new(false),
+            fork_lock: Mutex::new(()),
+            forked: AtomicBool::new(false),
         })
     }
 
@@ -133,6 +145,58 @@ impl Replication {
             .set_generations(from_wire(generation))
             .map_err(io::Error::other)?;
         self.set_disk_state(DiskState::UpToDate)
+    }
+
+    /// A link to a peer ended while we were primary: the peer misses every
+    /// write from now on: those writes go into a new data generation, so
+    /// that if the peer is promoted meanwhile and writes too, the two
+    /// histories are seen to have diverged (split brain) when they meet,
+    /// instead of one side's writes being resynced away. The peer itself,
+    /// still on the old generation, is resynced from the bitmap as usual.
+    pub fn peer_lost(&self) {
+        if !self.forked.load(Ordering::Acquire) {
+            self.fork_pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Every peer is up to date again: a later loss starts a new fork.
+    pub fn all_peers_in_sync(&self) {
+        self.forked.store(false, Ordering::Release);
+    }
+
+    /// Starts a new data generation if a lost peer called for one (once,
+    /// before the first write that peer misses).
+    fn fork_generation_if_pending(&self) -> io::Result<()> {
+        if !self.fork_pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _fork = self.fork_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.fork_pending.swap(false, Ordering::AcqRel) {
+            return Ok(()); // another write did it while we waited
+        }
+        self.fork_generation()
+    }
+
+    fn fork_generation(&self) -> io::Result<()> {
+        let old = self.generation();
+        let generation = GenerationIds {
+            current: blockdev::meta::GenerationIds::random_id(),
+            bitmap: old.current,
+            history: [old.current, old.history[0]],
+        };
+        self.metadata
+            .set_generations(from_wire(generation))
+            .map_err(io::Error::other)?;
+        self.forked.store(true, Ordering::Release);
+        tracing::info!(
+            generation = format!("{:016x}", generation.current),
+            "a peer is gone: writing a new data generation"
+        );
+        // Peers still mirrored hold this generation too: tell them.
+        for peer in &self.peers {
+            peer.resync_wanted.notify_one();
+        }
+        Ok(())
     }
 
     /// Notes a term seen on the wire; persists it when it is newer.
@@ -186,6 +250,7 @@ impl Replication {
         };
         self.metadata
             .set_term_and_generations(term, Some(from_wire(generation)))
+            .and_then(|()| self.metadata.set_data_term(term))
             .map_err(|e| format!("cannot persist the new term: {e}"))?;
         // Where we wrote lately (as a secondary of a lost primary, or as a
         // primary before), a peer may hold other data: resync it.
@@ -193,6 +258,9 @@ impl Replication {
             self.metadata.mark_active_extents(&peer.bitmap);
         }
         self.known_term.fetch_max(term, Ordering::AcqRel);
+        // The promotion itself started a generation of its own.
+        self.fork_pending.store(false, Ordering::Release);
+        self.forked.store(false, Ordering::Release);
         let state = RoleState {
             role: Role::Primary,
             term,
@@ -274,6 +342,7 @@ impl Replication {
         F: std::future::Future<Output = io::Result<()>>,
     {
         self.check_primary(offset, len)?;
+        self.fork_generation_if_pending()?;
         // One slow peer may hold this write up for `max_peer_wait` in all,
         // whether by its backlog (below) or by its acks (protocol C).
         let deadline = tokio::time::Instant::now() + self.max_peer_wait();

@@ -102,6 +102,9 @@ pub struct PeerReplica {
     pub resync_wanted: Notify,
     /// Wakes guest writes waiting for this peer's backlog to drain.
     pub drained: Notify,
+    /// Why the last link to this peer ended, if it ended in an error (a
+    /// split brain, a refused handshake...); cleared when a link comes up.
+    pub last_error: Mutex<Option<String>>,
 }
 
 impl PeerReplica {
@@ -123,7 +126,19 @@ impl PeerReplica {
             connected: AtomicBool::new(false),
             resync_wanted: Notify::new(),
             drained: Notify::new(),
+            last_error: Mutex::new(None),
         }
+    }
+
+    pub fn set_last_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -208,6 +208,9 @@ async fn resync_loop(
                 if peer.mark_up_to_date() {
                     tracing::info!("peer is up to date");
                     let _ = meta_tx.send(in_sync_state(&repl));
+                    if repl.peers.iter().all(|p| p.mode() == PeerMode::UpToDate) {
+                        repl.all_peers_in_sync();
+                    }
                 } else if peer.mode() == PeerMode::Resyncing {
                     // Bits were set while we worked: go again.
                     peer.resync_wanted.notify_one();

@@ -164,9 +164,11 @@ pub async fn run(
     } = link;
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
     let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
-    // A primary of another generation (a new promotion) may lack our last
-    // writes, or have writes we missed, anywhere we wrote lately.
-    if theirs.generation.current != repl.generation().current {
+    // A primary other than the one we followed (another promotion) may lack
+    // our last writes, or have writes we missed, anywhere we wrote lately.
+    // The one we followed knows what we miss: it kept our unacked epochs.
+    let followed = repl.metadata.superblock().data_term;
+    if theirs.term != followed || followed == 0 {
         let blocks = repl.metadata.mark_active_extents(&peer.bitmap);
         if blocks > 0 {
             tracing::info!(
@@ -174,6 +176,15 @@ pub async fn run(
                 "new primary: our activity-log extents will be resynced"
             );
         }
+    }
+    // The marks must be durable before the term that makes them needless.
+    let recorded = repl
+        .metadata
+        .flush_bitmaps()
+        .and_then(|()| repl.metadata.set_data_term(theirs.term));
+    if let Err(e) = recorded {
+        meta_sender.abort();
+        return Err(LinkError::Io(io::Error::other(e)));
     }
     // First, what we hold that the primary may not (see bitmap_exchange).
     bitmap_exchange::send(&meta_tx, peer.id(), &peer.bitmap);

@@ -204,6 +204,7 @@ impl Metadata {
             // Generation 0: this replica holds no data of any generation
             // yet, so the first primary it meets sends it everything.
             generations: GenerationIds::default(),
+            data_term: 0,
             clean: true,
             inconsistent: false,
         };
@@ -358,6 +359,15 @@ impl Metadata {
                 sb.generations = g;
             }
         })
+    }
+
+    /// Durably records the term of the primary whose writes this replica
+    /// takes from now on (equal: no-op).
+    pub fn set_data_term(&self, term: u64) -> Result<(), MetaError> {
+        if self.lock_superblock().data_term == term {
+            return Ok(());
+        }
+        self.update_superblock(|sb| sb.data_term = term)
     }
 
     /// Durably records whether a resync into this replica is unfinished.

@@ -7,7 +7,7 @@
 //! ```text
 //! off  len  field
 //!   0    8  magic "VMSYNCMD"
-//!   8    4  format version (1)
+//!   8    4  format version (2)
 //!  12    4  flags: bit 0 = clean (no writer had the metadata open),
 //!           bit 1 = inconsistent (a resync into this replica is unfinished)
 //!  16    8  device size in bytes
@@ -21,8 +21,10 @@
 //!  60    8  generation: bitmap
 //!  68    8  generation: history[0]
 //!  76    8  generation: history[1]
-//!  84    2  resource name length n
-//!  86    n  resource name, UTF-8
+//!  84    8  data term (term of the primary whose writes this replica
+//!           last took; 0: none or unknown)
+//!  92    2  resource name length n
+//!  94    n  resource name, UTF-8
 //!   ...     zero
 //! 4064  32  BLAKE3 of bytes 0..4064
 //! ```
@@ -39,7 +41,7 @@ use super::layout::{Geometry, Layout, SECTOR_SIZE};
 /// First bytes of every vmsync metadata file.
 pub const MAGIC: [u8; 8] = *b"VMSYNCMD";
 /// The on-disk format this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Longest resource name, in bytes.
 pub const MAX_RESOURCE_NAME_LEN: usize = 255;
 
@@ -87,6 +89,10 @@ pub struct Superblock {
     /// Highest promotion term this node has seen; fences stale primaries.
     pub term: u64,
     pub generations: GenerationIds,
+    /// Term of the primary whose writes this replica last took (its own
+    /// when it was primary); 0 when unknown. Tells a secondary whether the
+    /// primary it meets is the one it followed (see the activity log).
+    pub data_term: u64,
     /// False while a process has the metadata open for writing: a superblock
     /// found unclean at open time means that process crashed.
     pub clean: bool,
@@ -170,6 +176,7 @@ impl Superblock {
             .u64(self.generations.bitmap)
             .u64(self.generations.history[0])
             .u64(self.generations.history[1])
+            .u64(self.data_term)
             .u16(name_len)
             .bytes(self.resource.as_bytes());
         seal(&mut sector);
@@ -214,6 +221,7 @@ impl Superblock {
             bitmap: r.u64()?,
             history: [r.u64()?, r.u64()?],
         };
+        let data_term = r.u64()?;
         let name_len = usize::from(r.u16()?);
         let resource = std::str::from_utf8(r.bytes(name_len)?)
             .map_err(|_| SuperblockError::Corrupt("resource name is not UTF-8".into()))?
@@ -226,6 +234,7 @@ impl Superblock {
             layout,
             term,
             generations,
+            data_term,
             clean: flags & FLAG_CLEAN != 0,
             inconsistent: flags & FLAG_INCONSISTENT != 0,
         })
@@ -255,6 +264,7 @@ mod tests {
                 bitmap: 2,
                 history: [3, 4],
             },
+            data_term: 6,
             clean: true,
             inconsistent: false,
         }
@@ -282,8 +292,9 @@ mod tests {
         assert_eq!(&sector[..8], b"VMSYNCMD");
         assert_eq!(&sector[16..24], &(16u64 << 30).to_le_bytes());
         assert_eq!(&sector[44..52], &7u64.to_le_bytes());
-        assert_eq!(&sector[84..86], &7u16.to_le_bytes());
-        assert_eq!(&sector[86..93], b"work-vm");
+        assert_eq!(&sector[84..92], &6u64.to_le_bytes());
+        assert_eq!(&sector[92..94], &7u16.to_le_bytes());
+        assert_eq!(&sector[94..101], b"work-vm");
     }
 
     #[test]
@@ -302,16 +313,16 @@ mod tests {
             Err(SuperblockError::BadMagic)
         );
         assert_eq!(
-            Superblock::decode(&with_patch(8, &2u32.to_le_bytes())),
-            Err(SuperblockError::UnsupportedVersion(2))
+            Superblock::decode(&with_patch(8, &3u32.to_le_bytes())),
+            Err(SuperblockError::UnsupportedVersion(3))
         );
         for (offset, bytes) in [
             (12, &8u32.to_le_bytes()[..]),    // unknown flag
             (24, &1000u32.to_le_bytes()[..]), // block size
             (28, &4u32.to_le_bytes()[..]),    // node id >= slots
-            (84, &0u16.to_le_bytes()[..]),    // empty name
-            (84, &5000u16.to_le_bytes()[..]), // name past the end
-            (86, &[0xff][..]),                // invalid UTF-8
+            (92, &0u16.to_le_bytes()[..]),    // empty name
+            (92, &5000u16.to_le_bytes()[..]), // name past the end
+            (94, &[0xff][..]),                // invalid UTF-8
         ] {
             let result = Superblock::decode(&with_patch(offset, bytes));
             assert!(

@@ -157,10 +157,10 @@ fn foreign_files_are_rejected() {
 #[test]
 fn newer_format_version_is_rejected() {
     let fx = Fixture::new();
-    fx.patch(8, |b| *b = 2);
+    fx.patch(8, |b| *b = 3);
     let err = open_fails(&fx, &fx.expect());
     assert!(
-        matches!(err, MetaError::UnsupportedVersion { found: 2, .. }),
+        matches!(err, MetaError::UnsupportedVersion { found: 3, .. }),
         "{err}"
     );
 }
