@@ -329,6 +329,16 @@ async fn drive(
     }
 }
 
+/// Both ends of an unauthenticated loopback connection, for unit tests of
+/// what runs over a link.
+#[cfg(test)]
+pub async fn loopback_pair() -> ((FrameReader, FrameWriter), (FrameReader, FrameWriter)) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    (split(client.unwrap()), split(server.unwrap().0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
