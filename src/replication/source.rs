@@ -28,10 +28,15 @@ const SEND_BATCH: usize = 1 << 20;
 /// How the peer's data relates to ours.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lineage {
-    /// Same generation, or an older one of ours: the bitmap says what differs.
+    /// Same generation, or the one our bitmaps count from: the bitmap (and
+    /// the peer's report) say what differs.
     FromBitmap,
     /// The peer never held data: everything must be sent.
     Empty,
+    /// An older generation of our history: our bitmaps only count changes
+    /// since the last one, and other primaries may have written in between,
+    /// so everything must be sent.
+    TooOld,
     /// The peer has data we do not: refuse rather than overwrite it.
     PeerAhead,
     /// Neither descends from the other: split brain.
@@ -43,8 +48,10 @@ pub fn lineage(ours: GenerationIds, theirs: GenerationIds) -> Lineage {
         Lineage::FromBitmap
     } else if theirs.current == 0 {
         Lineage::Empty
-    } else if theirs.current == ours.bitmap || ours.history.contains(&theirs.current) {
+    } else if theirs.current == ours.bitmap {
         Lineage::FromBitmap
+    } else if ours.history.contains(&theirs.current) {
+        Lineage::TooOld
     } else if ours.current == theirs.bitmap || theirs.history.contains(&ours.current) {
         Lineage::PeerAhead
     } else {
@@ -64,6 +71,14 @@ pub async fn run(
         Lineage::Empty => {
             let blocks = peer.bitmap.set_all();
             tracing::info!(blocks, "peer holds no data yet: full sync");
+        }
+        Lineage::TooOld => {
+            let blocks = peer.bitmap.set_all();
+            tracing::info!(
+                blocks,
+                generation = format!("{:016x}", theirs.generation.current),
+                "peer holds an older generation than our bitmaps count from: full sync"
+            );
         }
         Lineage::PeerAhead => {
             return Err(LinkError::Violation(format!(
@@ -359,7 +374,8 @@ mod tests {
         let ours = gen(30, 20, [20, 10]);
         assert_eq!(lineage(ours, gen(30, 20, [20, 10])), Lineage::FromBitmap);
         assert_eq!(lineage(ours, gen(20, 10, [10, 0])), Lineage::FromBitmap);
-        assert_eq!(lineage(ours, gen(10, 0, [0, 0])), Lineage::FromBitmap);
+        // Two generations back: other primaries may have written since.
+        assert_eq!(lineage(ours, gen(10, 0, [0, 0])), Lineage::TooOld);
         assert_eq!(lineage(ours, gen(0, 0, [0, 0])), Lineage::Empty);
         assert_eq!(lineage(ours, gen(40, 30, [30, 20])), Lineage::PeerAhead);
         assert_eq!(lineage(ours, gen(77, 66, [66, 55])), Lineage::Diverged);
