@@ -432,3 +432,55 @@ fn a_discard_of_a_whole_large_device_is_mirrored() {
     let result = cluster.wait_identical(Some(zeroes));
     assert!(result.is_ok(), "{result:?}");
 }
+
+/// More writes in flight, in more distinct extents, than the activity log
+/// has slots, while a stuck peer (protocol C) keeps each of them waiting
+/// for its ack: writes wait for a slot, and none may wait forever.
+#[test]
+fn writes_in_more_extents_than_the_activity_log_holds_all_complete() {
+    const SIZE: u64 = 1 << 30;
+    const EXTENT: u64 = 4 * MIB;
+    let rt = runtime();
+    let spec = ClusterSpec {
+        size: SIZE,
+        extra_toml: "[replication]\nmax_peer_wait_ms = 1000\n".into(),
+        ..spec(2, "C")
+    };
+    let (cluster, proxy) = support::cluster::start_with_proxy(&rt, spec, 2);
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    // Several connections, as a ublk device has several queues.
+    let clients: Vec<_> = (0..4).map(|_| client(&rt, &cluster, 1)).collect();
+    let mut expected = vec![0u8; SIZE as usize];
+    let writes: Vec<(u64, Vec<u8>)> = (0..SIZE / EXTENT)
+        .map(|extent| (extent * EXTENT, vec![extent as u8 ^ 0x5a; 64 * 1024]))
+        .collect();
+    for (offset, data) in &writes {
+        expected[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+    }
+    proxy.pause();
+    let all = rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (offset, data)) in writes.into_iter().enumerate() {
+            let c = clients[i % clients.len()].clone();
+            tasks.spawn(async move { c.write(offset, data, false).await });
+        }
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap()?;
+            }
+            std::io::Result::Ok(())
+        })
+        .await
+    });
+    all.expect("writes hung waiting for activity-log slots")
+        .expect("writes failed");
+    proxy.resume();
+    rt.block_on(clients[0].flush()).unwrap();
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "the peer did not catch up"
+    );
+    let result = cluster.wait_identical(Some(blake3::hash(&expected)));
+    assert!(result.is_ok(), "{result:?}");
+}

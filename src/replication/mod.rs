@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blockdev::meta::Metadata;
+use blockdev::meta::{ActivityLog, AlGuard, Metadata};
 use blockdev::{BackingStore, BlockDevice};
 use bytes::Bytes;
 use protocol::{DiskState, GenerationIds, Message, Role};
@@ -354,11 +354,7 @@ impl Replication {
         }
         // The extent must be in the persisted activity log before any byte
         // of it changes anywhere, so a crash can find what might differ.
-        let _al = self
-            .metadata
-            .activity_log()
-            .begin_write(offset, len)
-            .map_err(io::Error::other)?;
+        let _al = enter_activity_log(self.metadata.activity_log(), offset, len).await?;
         let ranges = self
             .ranges
             .acquire(offset, len, || drop(self.close_epoch(false)))
@@ -431,6 +427,22 @@ impl Replication {
             .await
             .unwrap_or_else(|e| Err(io::Error::other(format!("replication task failed: {e}"))))
     }
+}
+
+/// Pins the extents of a write in the activity log without ever blocking a
+/// runtime thread: a hit takes a mutex; a miss (a transaction to write, or
+/// a full log waiting for writes in flight to finish) runs on the blocking
+/// pool. Blocking a worker instead can stall every worker while the writes
+/// that would free a slot wait for one (a slow peer under protocol C).
+async fn enter_activity_log(al: &Arc<ActivityLog>, offset: u64, len: u64) -> io::Result<AlGuard> {
+    if let Some(guard) = al.pin_if_active(offset, len) {
+        return Ok(guard);
+    }
+    let al = Arc::clone(al);
+    tokio::task::spawn_blocking(move || al.begin_write(offset, len))
+        .await
+        .map_err(|e| io::Error::other(format!("activity-log task failed: {e}")))?
+        .map_err(io::Error::other)
 }
 
 fn to_wire(g: blockdev::meta::GenerationIds) -> GenerationIds {

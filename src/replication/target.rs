@@ -11,7 +11,7 @@ use std::io;
 use std::sync::Arc;
 
 use blockdev::device::check_range;
-use blockdev::meta::{ActivityLog, AlGuard};
+use blockdev::meta::ActivityLog;
 use blockdev::BackingStore;
 use blockdev::BlockDevice;
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use super::bitmap_exchange;
 use super::link::{Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
 use super::peer::PeerReplica;
 use super::transport::LinkError;
-use super::{Replication, RoleState};
+use super::{enter_activity_log, Replication, RoleState};
 use crate::config::Protocol;
 
 /// One write to apply.
@@ -88,7 +88,7 @@ impl Applier {
                 i += 1;
             }
         }
-        let al_guard = self.enter_activity_log(offset, len).await?;
+        let al_guard = enter_activity_log(&self.al, offset, len).await?;
         let local = Arc::clone(&self.local);
         let acks = self.acks.clone();
         let ack = self.ack_writes;
@@ -116,20 +116,6 @@ impl Applier {
             }),
         });
         Ok(())
-    }
-
-    /// Puts the extents of a write into the activity log. When every slot
-    /// is held by our own writes in flight, those finish first: waiting in
-    /// the AL for them would block the thread their completion needs.
-    async fn enter_activity_log(&mut self, offset: u64, len: u64) -> Result<AlGuard, LinkError> {
-        let al_error = |e: blockdev::meta::MetaError| LinkError::Io(io::Error::other(e));
-        if let Some(guard) = self.al.try_begin_write(offset, len).map_err(al_error)? {
-            return Ok(guard);
-        }
-        for w in self.in_flight.drain(..) {
-            finish(w.task).await?;
-        }
-        self.al.begin_write(offset, len).map_err(al_error)
     }
 
     /// Completes the epoch: every write done, then the disk flushed.

@@ -234,26 +234,6 @@ impl ActivityLog {
     /// returned guard is dropped. Blocks while a needed transaction is being
     /// written, or while the AL is full of extents with writes in flight.
     pub fn begin_io(self: &Arc<Self>, extents: Range<u64>) -> Result<AlGuard, MetaError> {
-        self.begin_io_inner(extents, true)
-            .map(|guard| guard.expect("waits until there is room"))
-    }
-
-    /// [`begin_io`](Self::begin_io) for a byte range that returns `None`
-    /// instead of waiting when every slot holds an extent with I/O in flight.
-    /// For a caller that holds guards itself and can release them first.
-    pub fn try_begin_write(
-        self: &Arc<Self>,
-        offset: u64,
-        len: u64,
-    ) -> Result<Option<AlGuard>, MetaError> {
-        self.begin_io_inner(self.layout.extents_covering(offset, len), false)
-    }
-
-    fn begin_io_inner(
-        self: &Arc<Self>,
-        extents: Range<u64>,
-        wait_for_room: bool,
-    ) -> Result<Option<AlGuard>, MetaError> {
         self.check_request(&extents)?;
         let mut state = self.lock();
         loop {
@@ -264,10 +244,10 @@ impl ActivityLog {
             }
             if state.all_persisted(&extents) {
                 state.pin(&extents);
-                return Ok(Some(AlGuard {
+                return Ok(AlGuard {
                     log: Arc::clone(self),
                     extents,
-                }));
+                });
             }
             if state.failed {
                 return Err(MetaError::AlFailed {
@@ -284,14 +264,29 @@ impl ActivityLog {
                 .collect();
             let excess = (state.slots.len() + missing.len()).saturating_sub(self.capacity());
             let Some(victims) = state.pick_victims(excess, &extents) else {
-                if !wait_for_room {
-                    return Ok(None);
-                }
                 state = self.wait(state);
                 continue;
             };
             state = self.commit(state, &missing, &victims)?;
         }
+    }
+
+    /// The fast path of [`begin_write`](Self::begin_write) alone: a guard
+    /// if every extent of the range is already in the persisted AL, else
+    /// `None`. Never does I/O and never waits (beyond a short mutex), so an
+    /// async caller can try it in place and take the slow path elsewhere.
+    pub fn pin_if_active(self: &Arc<Self>, offset: u64, len: u64) -> Option<AlGuard> {
+        let extents = self.layout.extents_covering(offset, len);
+        self.check_request(&extents).ok()?;
+        let mut state = self.lock();
+        if state.closed || !state.all_persisted(&extents) {
+            return None;
+        }
+        state.pin(&extents);
+        Some(AlGuard {
+            log: Arc::clone(self),
+            extents,
+        })
     }
 
     fn check_request(&self, extents: &Range<u64>) -> Result<(), MetaError> {

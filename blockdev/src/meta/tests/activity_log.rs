@@ -31,6 +31,25 @@ fn hits_do_no_io() {
 }
 
 #[test]
+fn pin_if_active_pins_active_extents_only_and_never_waits() {
+    let fx = Fixture::new();
+    let md = fx.open();
+    let al = md.activity_log();
+    assert!(al.pin_if_active(0, 4096).is_none(), "not in the AL yet");
+    assert_eq!(al.last_seq(), 0, "the fast path wrote a transaction");
+    // Fill every slot with an extent that has I/O in flight.
+    let busy: Vec<_> = (0..4).map(|e| al.begin_io(e..e + 1).unwrap()).collect();
+    let pinned = al.pin_if_active(EXTENT_SIZE, 2 * EXTENT_SIZE).unwrap();
+    assert_eq!(pinned.extents(), 1..3);
+    assert_eq!(al.inflight(), 5);
+    // A full log: begin_io would block here; the fast path says no at once.
+    assert!(al.pin_if_active(4 * EXTENT_SIZE, 1).is_none());
+    assert!(al.pin_if_active(u64::MAX - 10, 1).is_none(), "out of range");
+    drop((busy, pinned));
+    assert_eq!(al.inflight(), 0);
+}
+
+#[test]
 fn full_log_evicts_the_least_recently_used_idle_extent() {
     let fx = Fixture::new();
     let md = fx.open();
