@@ -328,3 +328,81 @@ fn a_primary_that_wrote_alone_and_a_peer_promoted_meanwhile_are_a_split_brain() 
     );
     assert_eq!(cluster.status(1)["role"], "secondary");
 }
+
+/// Node 3 fell behind and its resync from node 1 was cut short when node 1
+/// died: only node 1 knew which blocks node 3 still lacked, and they lie
+/// in more extents than the new primary's activity log holds.
+#[test]
+fn a_peer_whose_resync_was_cut_short_by_the_primarys_death_is_fully_resynced() {
+    const SIZE: u64 = 1 << 30;
+    const EXTENT: u64 = 4 << 20;
+    const MIB: usize = 1 << 20;
+    let rt = runtime();
+    let spec = ClusterSpec {
+        size: SIZE,
+        extra_toml: "[replication]\ncongestion_limit = \"1MiB\"\nmax_peer_wait_ms = 200\n".into(),
+        ..spec(3, "A")
+    };
+    let (mut cluster, proxy) = start_with_proxy(&rt, spec, 3);
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+
+    // Node 3 stalls and falls behind while 1 MiB lands in every extent,
+    // highest first: the resync (lowest block first) will reach the
+    // extents the new primary wrote longest ago last.
+    proxy.pause();
+    let c1 = client(&rt, &cluster, 1);
+    let mut expected = vec![0u8; SIZE as usize];
+    for extent in (0..SIZE / EXTENT).rev() {
+        let offset = extent * EXTENT;
+        let data = vec![(extent % 251) as u8 + 1; MIB];
+        expected[offset as usize..offset as usize + MIB].copy_from_slice(&data);
+        rt.block_on(c1.write(offset, data, false)).unwrap();
+    }
+    rt.block_on(c1.flush()).unwrap();
+    assert_eq!(cluster.peer(1, 3)["state"], "behind");
+
+    // Let the resync start, and stall it again part way.
+    proxy.resume();
+    assert!(
+        wait_for(
+            || cluster.status(3)["disk"] == "inconsistent",
+            Duration::from_secs(30)
+        ),
+        "node 3's resync did not start"
+    );
+    proxy.pause();
+    let stale = cluster.peer(1, 3)["stale_bytes"].as_u64().unwrap();
+    assert!(
+        stale > 0,
+        "the resync finished before it could be cut short"
+    );
+    drop(c1);
+    cluster.daemon(1).sigkill();
+    proxy.cut();
+    assert!(
+        wait_for(
+            || cluster.peer(3, 1)["connected"] == false,
+            Duration::from_secs(20)
+        ),
+        "node 3 did not notice that node 1 is gone"
+    );
+
+    cluster.promote(2);
+    let expected = blake3::hash(&expected);
+    assert_eq!(cluster.hash(2), expected);
+    assert!(
+        wait_for(
+            || cluster.peer(2, 3)["state"] == "up-to-date"
+                && cluster.peer(2, 3)["stale_bytes"] == 0,
+            support::cluster::CONVERGE
+        ),
+        "node 3 was not resynced by node 2: {}",
+        cluster.status(2)
+    );
+    assert!(
+        wait_for(|| cluster.hash(3) == expected, support::cluster::CONVERGE),
+        "node 3 still lacks blocks only the dead primary knew about"
+    );
+    assert_eq!(cluster.status(3)["disk"], "up-to-date");
+}

@@ -25,7 +25,7 @@ impl Node {
                     Role::Secondary => "secondary",
                 }
                 .to_string(),
-                r.disk_state().to_string().to_lowercase(),
+                disk_state_name(r.disk_state()).to_string(),
                 r.peers.iter().map(|p| peer_status(r, p)).collect(),
             ),
         };
@@ -94,5 +94,17 @@ fn peer_status(repl: &Replication, peer: &PeerReplica) -> PeerStatus {
         resynced_bytes: peer.stats.resync_bytes.load(Ordering::Acquire),
         send_queue_bytes: peer.queued.load(Ordering::Acquire),
         last_error: peer.last_error(),
+    }
+}
+
+/// The disk state as `status` spells states ("up-to-date", as for peers).
+fn disk_state_name(state: protocol::DiskState) -> &'static str {
+    use protocol::DiskState::*;
+    match state {
+        Diskless => "diskless",
+        Inconsistent => "inconsistent",
+        Outdated => "outdated",
+        Consistent => "consistent",
+        UpToDate => "up-to-date",
     }
 }

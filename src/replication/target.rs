@@ -155,12 +155,19 @@ pub async fn run(
     // The one we followed knows what we miss: it kept our unacked epochs.
     let followed = repl.metadata.superblock().data_term;
     if theirs.term != followed || followed == 0 {
-        let blocks = repl.metadata.mark_active_extents(&peer.bitmap);
-        if blocks > 0 {
-            tracing::info!(
-                blocks,
-                "new primary: our activity-log extents will be resynced"
-            );
+        if repl.disk_state() == DiskState::Inconsistent {
+            // A resync from the primary we followed was cut short: only it
+            // knew which blocks we still lack.
+            peer.bitmap.set_all();
+            tracing::info!("new primary while our resync was unfinished: full resync");
+        } else {
+            let blocks = repl.metadata.mark_active_extents(&peer.bitmap);
+            if blocks > 0 {
+                tracing::info!(
+                    blocks,
+                    "new primary: our activity-log extents will be resynced"
+                );
+            }
         }
     }
     // The marks must be durable before the term that makes them needless.
