@@ -406,3 +406,79 @@ fn a_peer_whose_resync_was_cut_short_by_the_primarys_death_is_fully_resynced() {
     );
     assert_eq!(cluster.status(3)["disk"], "up-to-date");
 }
+
+/// A planned switchover under protocol A: `demote` right after a burst of
+/// writes the peer has not received yet must hand them over before the
+/// peer can be promoted, or the promoted peer serves older data and the
+/// old primary's flushed writes are resynced away.
+#[test]
+fn demote_hands_over_every_write_before_the_peer_is_promoted() {
+    let rt = runtime();
+    let (cluster, proxy) = support::cluster::proxied_pair(&rt, "A", "");
+    let size = cluster.dir.spec.size;
+    let c1 = client(&rt, &cluster, 1);
+    proxy.pause();
+    let model = rt
+        .block_on(support::workload::run(
+            &c1,
+            &Workload::new(111, size).ops(600),
+            16,
+            Model::zeroed(size),
+        ))
+        .unwrap();
+    rt.block_on(c1.flush()).unwrap();
+    drop(c1);
+    assert!(
+        cluster.peer(1, 2)["send_queue_bytes"].as_u64().unwrap() > 0
+            || cluster.hash(2) != model.blake3(),
+        "the peer already had everything: nothing to hand over"
+    );
+    // The peer gets going again while node 1 steps down.
+    proxy.resume();
+    let out = cluster.daemons[0].ctl(&["demote"]);
+    assert!(
+        out.status.success(),
+        "demote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        cluster.hash(2),
+        model.blake3(),
+        "demote returned before the peer held every write"
+    );
+    cluster.promote(2);
+    assert!(cluster.wait_peers_up_to_date(2));
+    let result = cluster.wait_identical(Some(model.blake3()));
+    assert!(
+        result.is_ok(),
+        "writes were lost in the switchover: {result:?}"
+    );
+}
+
+/// `demote` says which peers lack writes, so nobody promotes one of them
+/// by mistake.
+#[test]
+fn demote_names_the_peers_that_lack_writes() {
+    let rt = runtime();
+    let (cluster, proxy) = support::cluster::proxied_pair(&rt, "C", "");
+    proxy.cut();
+    assert!(
+        wait_for(
+            || cluster.peer(1, 2)["connected"] == false,
+            Duration::from_secs(20)
+        ),
+        "node 1 did not notice the cut"
+    );
+    let c1 = client(&rt, &cluster, 1);
+    rt.block_on(c1.write(0, vec![7u8; 4096], false)).unwrap();
+    drop(c1);
+    let out = cluster.daemons[0].ctl(&["demote"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let peer_name = cluster.dir.node(2).name.clone();
+    assert!(
+        stdout.contains("not up to date")
+            && stdout.contains(&format!("{peer_name} (disconnected)")),
+        "demote did not name the peer that lacks a write: {stdout}"
+    );
+}

@@ -120,8 +120,15 @@ impl Node {
         };
         let mut slot = self.frontend.lock().await;
         remove_device(&mut slot, force).await?;
-        repl.demote().await.map_err(|e| format!("demote: {e}"))?;
-        Ok("secondary".into())
+        let lagging = repl.demote().await.map_err(|e| format!("demote: {e}"))?;
+        if lagging.is_empty() {
+            Ok("secondary; every peer holds every write".into())
+        } else {
+            Ok(format!(
+                "secondary; not up to date (do not promote before they resync): {}",
+                lagging.join(", ")
+            ))
+        }
     }
 
     /// Stops cleanly: device removed, data flushed, metadata marked clean.

@@ -275,18 +275,41 @@ impl Replication {
     }
 
     /// Becomes secondary again (the caller has removed the device).
-    pub async fn demote(self: &Arc<Self>) -> io::Result<()> {
+    ///
+    /// Whatever the protocol, every write is first handed over: the last
+    /// epoch is closed and every mirrored peer's acknowledgement awaited
+    /// (for at most [`DEMOTE_WAIT`]), so that a peer promoted next holds
+    /// everything this node acknowledged. Returns the peers that do not
+    /// (disconnected, behind, still resyncing, or too slow to confirm):
+    /// promoting one of them would lose writes.
+    pub async fn demote(self: &Arc<Self>) -> io::Result<Vec<String>> {
         if self.role().role != Role::Primary {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        Arc::clone(self).replicated_flush().await?;
+        let acks = self.close_epoch(true);
+        self.local.flush().await?;
+        self.wait_for_peers(acks, tokio::time::Instant::now() + DEMOTE_WAIT)
+            .await;
+        let lagging: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|p| p.mode() != peer::PeerMode::UpToDate)
+            .map(|p| format!("{} ({})", p.config.name, p.mode().name()))
+            .collect();
         self.metadata.flush_bitmaps().map_err(io::Error::other)?;
         self.role.send_replace(RoleState {
             role: Role::Secondary,
             term: self.known_term(),
         });
-        tracing::info!("demoted to secondary");
-        Ok(())
+        if lagging.is_empty() {
+            tracing::info!("demoted to secondary; every peer holds every write");
+        } else {
+            tracing::warn!(
+                peers = lagging.join(", "),
+                "demoted to secondary; these peers lack writes until they resync"
+            );
+        }
+        Ok(lagging)
     }
 
     /// Closes the open epoch on every peer. Returns barrier-ack receivers
@@ -510,6 +533,9 @@ impl BlockDevice for ReplicatedDevice {
         self.range_op(offset, len, RangeOp::WriteZeroes).await
     }
 }
+
+/// Longest `demote` waits for peers to confirm every write.
+const DEMOTE_WAIT: Duration = Duration::from_secs(30);
 
 /// A write that carries no data.
 #[derive(Clone, Copy)]
