@@ -243,14 +243,26 @@ fn after_the_primary_dies_the_peer_that_got_further_gives_up_its_extra_writes() 
     lost.promote_and_converge(3, &start);
 }
 
-/// Node 1 keeps writing after losing node 2; node 1 dies; node 2 is
-/// promoted and writes too. Both hold acknowledged writes the other lacks:
-/// when they meet, the link is refused as a split brain and neither
+/// How node 2 comes to miss node 1's writes before node 1 dies.
+#[derive(Clone, Copy)]
+enum Missing {
+    /// The link is cut: node 2 is disconnected.
+    Cut,
+    /// The link stalls: node 2 stays connected but falls behind.
+    Stall,
+}
+
+/// Node 1 keeps writing while node 2 misses the writes; node 1 dies; node 2
+/// is promoted and writes too. Both hold acknowledged writes the other
+/// lacks: when they meet, the link is refused as a split brain and neither
 /// replica is touched, so the operator can choose (DRBD does the same).
-#[test]
-fn a_primary_that_wrote_alone_and_a_peer_promoted_meanwhile_are_a_split_brain() {
+fn primary_and_promoted_peer_wrote_alone(missing: Missing) {
     let rt = runtime();
-    let (mut cluster, proxy) = support::cluster::proxied_pair(&rt, "C", "");
+    let (mut cluster, proxy) = support::cluster::proxied_pair(
+        &rt,
+        "C",
+        "[replication]\ncongestion_limit = \"1MiB\"\nmax_peer_wait_ms = 300\n",
+    );
     let size = cluster.dir.spec.size;
     let mut gen = Workload::new(101, size);
     let c1 = client(&rt, &cluster, 1);
@@ -265,40 +277,59 @@ fn a_primary_that_wrote_alone_and_a_peer_promoted_meanwhile_are_a_split_brain() 
     rt.block_on(c1.flush()).unwrap();
     assert!(cluster.wait_identical(Some(common.blake3())).is_ok());
 
-    proxy.cut();
-    for (id, peer) in [(1, 2), (2, 1)] {
-        assert!(
-            wait_for(
-                || cluster.peer(id, peer)["connected"] == false,
-                Duration::from_secs(20)
-            ),
-            "node {id} did not notice the cut"
-        );
+    match missing {
+        Missing::Cut => {
+            proxy.cut();
+            for (id, peer) in [(1, 2), (2, 1)] {
+                assert!(
+                    wait_for(
+                        || cluster.peer(id, peer)["connected"] == false,
+                        Duration::from_secs(20)
+                    ),
+                    "node {id} did not notice the cut"
+                );
+            }
+        }
+        Missing::Stall => proxy.pause(),
     }
     let node1_alone = rt
         .block_on(support::workload::run(
             &c1,
-            &gen.ops(200),
+            &gen.ops(400),
             16,
             common.clone(),
         ))
         .expect("the primary serves on without its peer");
     rt.block_on(c1.flush()).unwrap();
+    if let Missing::Stall = missing {
+        assert_eq!(cluster.peer(1, 2)["state"], "behind");
+        assert_eq!(cluster.peer(1, 2)["connected"], true);
+    }
     drop(c1);
     cluster.daemon(1).sigkill();
+    proxy.cut();
+    assert!(
+        wait_for(
+            || cluster.peer(2, 1)["connected"] == false,
+            Duration::from_secs(20)
+        ),
+        "node 2 did not notice node 1's death"
+    );
 
     cluster.promote(2);
     let c2 = client(&rt, &cluster, 2);
+    let start = Model::from_image(std::fs::read(&cluster.dir.node(2).backing).unwrap());
     let node2_alone = rt
         .block_on(support::workload::run(
             &c2,
             &Workload::new(102, size).ops(200),
             16,
-            common,
+            start,
         ))
         .unwrap();
     rt.block_on(c2.flush()).unwrap();
 
+    proxy.resume();
     proxy.heal();
     *cluster.daemon(1) = support::Daemon::start(cluster.dir.node(1));
     cluster.daemon(1).wait_ready(support::cluster::START);
@@ -327,6 +358,18 @@ fn a_primary_that_wrote_alone_and_a_peer_promoted_meanwhile_are_a_split_brain() 
         "status must say why the peer is not mirrored: {peer}"
     );
     assert_eq!(cluster.status(1)["role"], "secondary");
+}
+
+#[test]
+fn a_primary_that_wrote_alone_and_a_peer_promoted_meanwhile_are_a_split_brain() {
+    primary_and_promoted_peer_wrote_alone(Missing::Cut);
+}
+
+/// The same when node 2 stayed connected but fell behind: it missed
+/// acknowledged writes just as surely.
+#[test]
+fn a_primary_and_its_promoted_peer_that_had_fallen_behind_are_a_split_brain() {
+    primary_and_promoted_peer_wrote_alone(Missing::Stall);
 }
 
 /// Node 3 fell behind and its resync from node 1 was cut short when node 1

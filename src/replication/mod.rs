@@ -47,9 +47,10 @@ pub struct Replication {
     known_term: AtomicU64,
     /// This replica's disk state (Inconsistent while being resynced).
     disk_state: Mutex<DiskState>,
-    /// A peer was lost while we were primary: the next write starts a new
-    /// data generation first (see [`Replication::fork_generation`]).
-    fork_pending: AtomicBool,
+    /// A peer was lost, or fell behind, while we were primary: the next
+    /// write starts a new data generation first, unless this one already
+    /// is such a fork (see [`Replication::peer_lost`]). Shared with peers.
+    fork_pending: Arc<AtomicBool>,
     /// Held while the new generation is persisted; writes that find
     /// `fork_pending` wait here so none completes before it.
     fork_lock: Mutex<()>,
@@ -66,6 +67,7 @@ pub struct RoleState {
 
 impl Replication {
     pub fn new(config: Config, metadata: Arc<Metadata>, local: Arc<BackingStore>) -> Arc<Self> {
+        let fork_pending = Arc::new(AtomicBool::new(false));
         let peers = config
             .peers
             .iter()
@@ -77,6 +79,7 @@ impl Replication {
                     p.clone(),
                     config.is_lan_peer(p),
                     Arc::clone(bitmap),
+                    Arc::clone(&fork_pending),
                 ))
             })
             .collect();
@@ -101,7 +104,7 @@ impl Replication {
             ranges: RangeLock::new(),
             known_term: AtomicU64::new(term),
             disk_state: Mutex::new(disk_state),
-            fork_pending: AtomicBool::new(false),
+            fork_pending,
             fork_lock: Mutex::new(()),
             forked: AtomicBool::new(false),
         })
@@ -148,15 +151,14 @@ impl Replication {
     }
 
     /// A link to a peer ended while we were primary: the peer misses every
-    /// write from now on: those writes go into a new data generation, so
-    /// that if the peer is promoted meanwhile and writes too, the two
-    /// histories are seen to have diverged (split brain) when they meet,
-    /// instead of one side's writes being resynced away. The peer itself,
-    /// still on the old generation, is resynced from the bitmap as usual.
+    /// write from now on (as one that falls behind does). Those writes go
+    /// into a new data generation, so that if the peer is promoted
+    /// meanwhile and writes too, the two histories are seen to have
+    /// diverged (split brain) when they meet, instead of one side's writes
+    /// being resynced away. The peer itself, still on the old generation,
+    /// is resynced from the bitmap as usual.
     pub fn peer_lost(&self) {
-        if !self.forked.load(Ordering::Acquire) {
-            self.fork_pending.store(true, Ordering::Release);
-        }
+        self.fork_pending.store(true, Ordering::Release);
     }
 
     /// Every peer is up to date again: a later loss starts a new fork.
@@ -173,6 +175,9 @@ impl Replication {
         let _fork = self.fork_lock.lock().unwrap_or_else(|e| e.into_inner());
         if !self.fork_pending.swap(false, Ordering::AcqRel) {
             return Ok(()); // another write did it while we waited
+        }
+        if self.forked.load(Ordering::Acquire) {
+            return Ok(()); // this generation already is a fork
         }
         self.fork_generation()
     }
@@ -365,7 +370,6 @@ impl Replication {
         F: std::future::Future<Output = io::Result<()>>,
     {
         self.check_primary(offset, len)?;
-        self.fork_generation_if_pending()?;
         // One slow peer may hold this write up for `max_peer_wait` in all,
         // whether by its backlog (below) or by its acks (protocol C).
         let deadline = tokio::time::Instant::now() + self.max_peer_wait();
@@ -375,6 +379,8 @@ impl Replication {
                 peer.wait_for_backlog(congestion, deadline).await;
             }
         }
+        // After the wait: a peer that fell behind there misses this write.
+        self.fork_generation_if_pending()?;
         // The extent must be in the persisted activity log before any byte
         // of it changes anywhere, so a crash can find what might differ.
         let _al = enter_activity_log(self.metadata.activity_log(), offset, len).await?;
@@ -420,6 +426,9 @@ impl Replication {
             acks.extend(self.close_epoch(want_ack));
         }
         self.wait_for_peers(acks, deadline).await;
+        // A peer that fell behind while we waited missed this write: it
+        // must not be acknowledged in the generation that peer holds.
+        self.fork_generation_if_pending()?;
         Ok(())
     }
 

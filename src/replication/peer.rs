@@ -102,13 +102,22 @@ pub struct PeerReplica {
     pub resync_wanted: Notify,
     /// Wakes guest writes waiting for this peer's backlog to drain.
     pub drained: Notify,
+    /// Shared with the replication layer: set when this peer stops getting
+    /// writes while linked (falls behind), so the next write starts a new
+    /// data generation (see `Replication::peer_lost`).
+    fork_pending: Arc<AtomicBool>,
     /// Why the last link to this peer ended, if it ended in an error (a
     /// split brain, a refused handshake...); cleared when a link comes up.
     pub last_error: Mutex<Option<String>>,
 }
 
 impl PeerReplica {
-    pub fn new(config: Peer, is_lan: bool, bitmap: Arc<Bitmap>) -> Self {
+    pub fn new(
+        config: Peer,
+        is_lan: bool,
+        bitmap: Arc<Bitmap>,
+        fork_pending: Arc<AtomicBool>,
+    ) -> Self {
         PeerReplica {
             config,
             is_lan,
@@ -126,6 +135,7 @@ impl PeerReplica {
             connected: AtomicBool::new(false),
             resync_wanted: Notify::new(),
             drained: Notify::new(),
+            fork_pending,
             last_error: Mutex::new(None),
         }
     }
@@ -236,6 +246,7 @@ impl PeerReplica {
             tracing::warn!(peer = %self.config.name, queued,
                 "peer is congested: falling behind, resync later");
             inner.mode = PeerMode::Behind;
+            self.fork_pending.store(true, Ordering::Release);
         }
         let payload = match &message {
             Message::Write { data, .. } => data.len() as u64,
@@ -366,6 +377,7 @@ impl PeerReplica {
         if inner.mode.mirrors() {
             tracing::warn!(peer = %self.config.name, "peer falls behind: {why}");
             inner.mode = PeerMode::Behind;
+            self.fork_pending.store(true, Ordering::Release);
         }
         inner.write_waiters.clear();
         drop(inner);
