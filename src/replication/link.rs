@@ -128,13 +128,8 @@ async fn maintain(
                 backoff = BACKOFF_START;
                 tracing::info!("link up");
                 peer.set_last_error(None);
-                let role = repl.role();
                 let result = run_session(&repl, &peer, link).await;
                 peer.disconnected();
-                // Lost while we stayed primary (not a role change of ours).
-                if role.role == protocol::Role::Primary && repl.role() == role {
-                    repl.peer_lost();
-                }
                 // The folded-in bits may lie in extents the activity log no
                 // longer covers: persist them now, or a crash would lose them.
                 if let Err(e) = repl.metadata.flush_bitmaps() {

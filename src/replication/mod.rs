@@ -47,16 +47,13 @@ pub struct Replication {
     known_term: AtomicU64,
     /// This replica's disk state (Inconsistent while being resynced).
     disk_state: Mutex<DiskState>,
-    /// A peer was lost, or fell behind, while we were primary: the next
-    /// write starts a new data generation first, unless this one already
-    /// is such a fork (see [`Replication::peer_lost`]). Shared with peers.
+    /// A peer we mirrored to stopped getting our writes (its link dropped,
+    /// or it fell behind): the next write starts a new data generation
+    /// first (see [`Replication::fork_generation`]). Shared with the peers.
     fork_pending: Arc<AtomicBool>,
     /// Held while the new generation is persisted; writes that find
     /// `fork_pending` wait here so none completes before it.
     fork_lock: Mutex<()>,
-    /// This generation already has writes a lost peer lacks: no new one
-    /// until every peer is up to date again.
-    forked: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +103,6 @@ impl Replication {
             disk_state: Mutex::new(disk_state),
             fork_pending,
             fork_lock: Mutex::new(()),
-            forked: AtomicBool::new(false),
         })
     }
 
@@ -150,24 +146,8 @@ impl Replication {
         self.set_disk_state(DiskState::UpToDate)
     }
 
-    /// A link to a peer ended while we were primary: the peer misses every
-    /// write from now on (as one that falls behind does). Those writes go
-    /// into a new data generation, so that if the peer is promoted
-    /// meanwhile and writes too, the two histories are seen to have
-    /// diverged (split brain) when they meet, instead of one side's writes
-    /// being resynced away. The peer itself, still on the old generation,
-    /// is resynced from the bitmap as usual.
-    pub fn peer_lost(&self) {
-        self.fork_pending.store(true, Ordering::Release);
-    }
-
-    /// Every peer is up to date again: a later loss starts a new fork.
-    pub fn all_peers_in_sync(&self) {
-        self.forked.store(false, Ordering::Release);
-    }
-
-    /// Starts a new data generation if a lost peer called for one (once,
-    /// before the first write that peer misses).
+    /// Starts a new data generation if a peer stopped getting our writes
+    /// since the last write (see [`Replication::fork_generation`]).
     fn fork_generation_if_pending(&self) -> io::Result<()> {
         if !self.fork_pending.load(Ordering::Acquire) {
             return Ok(());
@@ -176,26 +156,32 @@ impl Replication {
         if !self.fork_pending.swap(false, Ordering::AcqRel) {
             return Ok(()); // another write did it while we waited
         }
-        if self.forked.load(Ordering::Acquire) {
-            return Ok(()); // this generation already is a fork
-        }
         self.fork_generation()
     }
 
+    /// A peer that held our generation misses our writes from now on (its
+    /// link dropped, or it fell behind). Those writes go into a new
+    /// generation, so that if that peer is promoted meanwhile and writes
+    /// too, the two histories are seen to have diverged (split brain) when
+    /// they meet, instead of one side's acknowledged writes being resynced
+    /// away. The peer itself is resynced from our bitmap as usual: the new
+    /// generation id carries our term, and the bitmaps hold everything any
+    /// peer missed since a generation of our own term (see
+    /// `source::lineage`), so forking as often as peers come and go costs
+    /// no full sync.
     fn fork_generation(&self) -> io::Result<()> {
         let old = self.generation();
         let generation = GenerationIds {
-            current: blockdev::meta::GenerationIds::random_id(),
+            current: blockdev::meta::GenerationIds::new_id(self.role().term, self.config.node.id),
             bitmap: old.current,
             history: [old.current, old.history[0]],
         };
         self.metadata
             .set_generations(from_wire(generation))
             .map_err(io::Error::other)?;
-        self.forked.store(true, Ordering::Release);
         tracing::info!(
             generation = format!("{:016x}", generation.current),
-            "a peer is gone: writing a new data generation"
+            "a peer misses our writes: writing a new data generation"
         );
         // Peers still mirrored hold this generation too: tell them.
         for peer in &self.peers {
@@ -249,7 +235,7 @@ impl Replication {
         let term = self.known_term().max(self.metadata.superblock().term) + 1;
         let old = self.generation();
         let generation = GenerationIds {
-            current: blockdev::meta::GenerationIds::random_id(),
+            current: blockdev::meta::GenerationIds::new_id(term, self.config.node.id),
             bitmap: old.current,
             history: [old.current, old.history[0]],
         };
@@ -265,7 +251,6 @@ impl Replication {
         self.known_term.fetch_max(term, Ordering::AcqRel);
         // The promotion itself started a generation of its own.
         self.fork_pending.store(false, Ordering::Release);
-        self.forked.store(false, Ordering::Release);
         let state = RoleState {
             role: Role::Primary,
             term,

@@ -103,8 +103,8 @@ pub struct PeerReplica {
     /// Wakes guest writes waiting for this peer's backlog to drain.
     pub drained: Notify,
     /// Shared with the replication layer: set when this peer stops getting
-    /// writes while linked (falls behind), so the next write starts a new
-    /// data generation (see `Replication::peer_lost`).
+    /// our writes (its link drops, or it falls behind), so the next write
+    /// starts a new data generation (see `Replication::fork_generation`).
     fork_pending: Arc<AtomicBool>,
     /// Why the last link to this peer ended, if it ended in an error (a
     /// split brain, a refused handshake...); cleared when a link comes up.
@@ -202,6 +202,10 @@ impl PeerReplica {
         self.connected.store(false, Ordering::Release);
         self.peer_primary.store(false, Ordering::Release);
         let mut inner = self.lock();
+        if inner.mode.mirrors() {
+            // It misses our writes from now on.
+            self.fork_pending.store(true, Ordering::Release);
+        }
         inner.mode = PeerMode::Disconnected;
         inner.tx = None;
         for (_, record) in std::mem::take(&mut inner.unacked) {

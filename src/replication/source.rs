@@ -43,12 +43,20 @@ pub enum Lineage {
     Diverged,
 }
 
-pub fn lineage(ours: GenerationIds, theirs: GenerationIds) -> Lineage {
-    if theirs.current == ours.current {
-        Lineage::FromBitmap
-    } else if theirs.current == 0 {
+/// How a peer's data relates to ours, from both sides' generation ids and
+/// `us`, the (term, node id) of our tenure as primary. Our bitmaps hold
+/// every block a peer missed since it last held one of our generations: one
+/// started by us in this tenure (ids carry their origin, see
+/// `GenerationIds::new_id`), or the one we held when promoted
+/// (`ours.bitmap`). An older one is too old to diff.
+pub fn lineage(ours: GenerationIds, theirs: GenerationIds, us: (u64, u32)) -> Lineage {
+    use blockdev::meta::GenerationIds as Ids;
+    let ours_to_diff = theirs.current == ours.current
+        || theirs.current == ours.bitmap
+        || (us.0 != 0 && Ids::origin_of(theirs.current) == us);
+    if theirs.current == 0 {
         Lineage::Empty
-    } else if theirs.current == ours.bitmap {
+    } else if ours_to_diff {
         Lineage::FromBitmap
     } else if ours.history.contains(&theirs.current) {
         Lineage::TooOld
@@ -66,7 +74,8 @@ pub async fn run(
     theirs: PeerState,
     role_changes: &mut watch::Receiver<RoleState>,
 ) -> Result<(), LinkError> {
-    match lineage(repl.generation(), theirs.generation) {
+    let us = (repl.role().term, repl.config.node.id);
+    match lineage(repl.generation(), theirs.generation, us) {
         Lineage::FromBitmap => {}
         Lineage::Empty => {
             let blocks = peer.bitmap.set_all();
@@ -223,9 +232,6 @@ async fn resync_loop(
                 if peer.mark_up_to_date() {
                     tracing::info!("peer is up to date");
                     let _ = meta_tx.send(in_sync_state(&repl));
-                    if repl.peers.iter().all(|p| p.mode() == PeerMode::UpToDate) {
-                        repl.all_peers_in_sync();
-                    }
                 } else if peer.mode() == PeerMode::Resyncing {
                     // Bits were set while we worked: go again.
                     peer.resync_wanted.notify_one();
@@ -369,15 +375,36 @@ mod tests {
         }
     }
 
+    /// A generation id started by node 1 as primary of `term`.
+    fn id(term: u64, n: u64) -> u64 {
+        (term << 32) | (1 << 24) | n
+    }
+
     #[test]
     fn lineage_decides_the_direction() {
-        let ours = gen(30, 20, [20, 10]);
-        assert_eq!(lineage(ours, gen(30, 20, [20, 10])), Lineage::FromBitmap);
-        assert_eq!(lineage(ours, gen(20, 10, [10, 0])), Lineage::FromBitmap);
-        // Two generations back: other primaries may have written since.
-        assert_eq!(lineage(ours, gen(10, 0, [0, 0])), Lineage::TooOld);
-        assert_eq!(lineage(ours, gen(0, 0, [0, 0])), Lineage::Empty);
-        assert_eq!(lineage(ours, gen(40, 30, [30, 20])), Lineage::PeerAhead);
-        assert_eq!(lineage(ours, gen(77, 66, [66, 55])), Lineage::Diverged);
+        // We are primary of term 3; our generation forked once in term 3
+        // from the one we were promoted with (term 2's).
+        let term = (3, 1);
+        let ours = gen(id(3, 2), id(3, 1), [id(3, 1), id(2, 1)]);
+        let at = |current: u64| gen(current, 0, [0, 0]);
+        assert_eq!(lineage(ours, ours, term), Lineage::FromBitmap);
+        // Any generation of our own term, however many forks ago.
+        assert_eq!(lineage(ours, at(id(3, 1)), term), Lineage::FromBitmap);
+        assert_eq!(lineage(ours, at(id(3, 77)), term), Lineage::FromBitmap);
+        // The one we held when promoted.
+        let promoted = gen(id(3, 1), id(2, 1), [id(2, 1), id(1, 1)]);
+        assert_eq!(lineage(promoted, at(id(2, 1)), term), Lineage::FromBitmap);
+        // Further back: other primaries may have written since.
+        assert_eq!(lineage(promoted, at(id(1, 1)), term), Lineage::TooOld);
+        assert_eq!(lineage(ours, at(0), term), Lineage::Empty);
+        // A later primary that started from one of our generations.
+        let newer = gen(id(4, 1), id(3, 2), [id(3, 2), id(3, 1)]);
+        assert_eq!(lineage(ours, newer, term), Lineage::PeerAhead);
+        // A primary of another branch (e.g. promoted while cut off from us).
+        let other = gen(id(4, 9), id(2, 1), [id(2, 1), id(1, 1)]);
+        assert_eq!(lineage(ours, other, term), Lineage::Diverged);
+        // Node 2, promoted to our very term while cut off from us.
+        let twin = gen((3 << 32) | (2 << 24) | 5, id(2, 1), [id(2, 1), 0]);
+        assert_eq!(lineage(ours, twin, term), Lineage::Diverged);
     }
 }

@@ -150,37 +150,10 @@ pub async fn run(
     } = link;
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
     let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
-    // A primary other than the one we followed (another promotion) may lack
-    // our last writes, or have writes we missed, anywhere we wrote lately.
-    // The one we followed knows what we miss: it kept our unacked epochs.
-    let followed = repl.metadata.superblock().data_term;
-    if theirs.term != followed || followed == 0 {
-        if repl.disk_state() == DiskState::Inconsistent {
-            // A resync from the primary we followed was cut short: only it
-            // knew which blocks we still lack.
-            peer.bitmap.set_all();
-            tracing::info!("new primary while our resync was unfinished: full resync");
-        } else {
-            let blocks = repl.metadata.mark_active_extents(&peer.bitmap);
-            if blocks > 0 {
-                tracing::info!(
-                    blocks,
-                    "new primary: our activity-log extents will be resynced"
-                );
-            }
-        }
-    }
-    // The marks must be durable before the term that makes them needless.
-    let recorded = repl
-        .metadata
-        .flush_bitmaps()
-        .and_then(|()| repl.metadata.set_data_term(theirs.term));
-    if let Err(e) = recorded {
+    if let Err(e) = report_what_may_differ(repl, peer, &theirs, &meta_tx) {
         meta_sender.abort();
-        return Err(LinkError::Io(io::Error::other(e)));
+        return Err(e);
     }
-    // First, what we hold that the primary may not (see bitmap_exchange).
-    bitmap_exchange::send(&meta_tx, peer.id(), &peer.bitmap);
     let mut applier = Applier {
         local: Arc::clone(&repl.local),
         al: Arc::clone(repl.metadata.activity_log()),
@@ -228,6 +201,43 @@ pub async fn run(
     let _ = applier.barrier().await;
     meta_sender.abort();
     result
+}
+
+/// Starts the session with the bitmap exchange: sends the primary the
+/// blocks in which we may differ from it (see `bitmap_exchange`).
+fn report_what_may_differ(
+    repl: &Replication,
+    peer: &PeerReplica,
+    theirs: &PeerState,
+    meta_tx: &mpsc::UnboundedSender<Message>,
+) -> Result<(), LinkError> {
+    // A primary other than the one we followed (another promotion) may lack
+    // our last writes, or have writes we missed, anywhere we wrote lately.
+    // The one we followed knows what we miss: it kept our unacked epochs.
+    let followed = repl.metadata.superblock().data_term;
+    if theirs.term != followed || followed == 0 {
+        if repl.disk_state() == DiskState::Inconsistent {
+            // A resync from the primary we followed was cut short: only it
+            // knew which blocks we still lack.
+            peer.bitmap.set_all();
+            tracing::info!("new primary while our resync was unfinished: full resync");
+        } else {
+            let blocks = repl.metadata.mark_active_extents(&peer.bitmap);
+            if blocks > 0 {
+                tracing::info!(
+                    blocks,
+                    "new primary: our activity-log extents will be resynced"
+                );
+            }
+        }
+    }
+    // The marks must be durable before the term that makes them needless.
+    repl.metadata
+        .flush_bitmaps()
+        .and_then(|()| repl.metadata.set_data_term(theirs.term))
+        .map_err(|e| LinkError::Io(io::Error::other(e)))?;
+    bitmap_exchange::send(meta_tx, peer.id(), &peer.bitmap);
+    Ok(())
 }
 
 /// Rejects messages from a primary whose term is older than one we have

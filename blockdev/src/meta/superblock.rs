@@ -66,14 +66,19 @@ pub struct GenerationIds {
 }
 
 impl GenerationIds {
-    /// A random, non-zero generation id (0 is reserved for "none").
-    pub fn random_id() -> u64 {
-        loop {
-            let id = rand::random::<u64>();
-            if id != 0 {
-                return id;
-            }
-        }
+    /// A new generation id for node `node` as primary of `term`: the term
+    /// in the high 32 bits, the node id in the next 8, 24 random bits below
+    /// (never all 0: id 0 means "none"). Term and node tell whether a
+    /// generation was started by the current primary (two nodes promoted
+    /// to the same term while cut off from each other differ by node).
+    pub fn new_id(term: u64, node: u32) -> u64 {
+        let random = rand::random::<u32>() & 0xff_ffff;
+        (term << 32) | (u64::from(node & 0xff) << 24) | u64::from(random.max(1))
+    }
+
+    /// The (term, node) of the primary that started generation `id`.
+    pub fn origin_of(id: u64) -> (u64, u32) {
+        (id >> 32, ((id >> 24) & 0xff) as u32)
     }
 }
 
@@ -276,6 +281,20 @@ mod tests {
         sector[offset..offset + bytes.len()].copy_from_slice(bytes);
         seal(&mut sector);
         sector
+    }
+
+    #[test]
+    fn generation_ids_carry_their_origin_and_are_never_zero() {
+        for _ in 0..1000 {
+            let id = GenerationIds::new_id(7, 3);
+            assert_ne!(id, 0);
+            assert_eq!(GenerationIds::origin_of(id), (7, 3));
+        }
+        assert_eq!(
+            GenerationIds::origin_of(GenerationIds::new_id(0, 0)),
+            (0, 0)
+        );
+        assert_ne!(GenerationIds::new_id(0, 0), 0);
     }
 
     #[test]
