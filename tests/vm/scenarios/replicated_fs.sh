@@ -88,6 +88,10 @@ must umount "$M"
 
 log "+ vmsyncctl demote (n1)"
 out=$("$VMSYNCCTL" --config "$W/n1.toml" demote 2>&1) || fail "demote failed: $out"
+case "$out" in
+  *"every peer holds every write"*) log "demote: $out" ;;
+  *) fail "demote did not hand every write over: $out" ;;
+esac
 wait_gone "$DEV" 20 || fail "$DEV still present after demote"
 for id in 1 2 3; do
   DAEMON_PID=${PIDS[$id]}
