@@ -499,3 +499,63 @@ fn writes_in_more_extents_than_the_activity_log_holds_all_complete() {
     let result = cluster.wait_identical(Some(blake3::hash(&expected)));
     assert!(result.is_ok(), "{result:?}");
 }
+
+/// Protocol A lets the primary run ahead of a slow peer. Writes the peer
+/// has not acknowledged, in extents that have since left the primary's
+/// activity log, must survive a primary crash as stale bits: recovery only
+/// marks the extents still in the log.
+#[test]
+fn a_killed_primary_far_ahead_of_its_peer_still_resyncs_what_left_its_activity_log() {
+    const SIZE: u64 = 1 << 30;
+    const EXTENT: u64 = 4 * MIB;
+    let rt = runtime();
+    let spec = ClusterSpec {
+        size: SIZE,
+        extra_toml: "[replication]\ncongestion_limit = \"256MiB\"\nmax_peer_wait_ms = 60000\n"
+            .into(),
+        ..spec(2, "A")
+    };
+    let (mut cluster, proxy) = support::cluster::start_with_proxy(&rt, spec, 2);
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+
+    proxy.pause();
+    let c = client(&rt, &cluster, 1);
+    let mut expected = vec![0u8; SIZE as usize];
+    // One write per extent, twice as many extents as the log holds.
+    for extent in 0..SIZE / EXTENT {
+        let offset = extent * EXTENT;
+        let data = vec![(extent % 251) as u8 + 1; 64 * 1024];
+        expected[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        rt.block_on(c.write(offset, data, false)).unwrap();
+    }
+    rt.block_on(c.flush()).unwrap();
+    // Mirrored all along (resyncing what left the log counts), never behind.
+    assert_ne!(cluster.peer(1, 2)["state"], "behind");
+    drop(c);
+    cluster.daemon(1).sigkill();
+    proxy.cut();
+    assert!(
+        support::wait_for(
+            || cluster.peer(2, 1)["connected"] == false,
+            Duration::from_secs(20)
+        ),
+        "node 2 did not notice node 1's death"
+    );
+
+    proxy.resume();
+    proxy.heal();
+    *cluster.daemon(1) = support::Daemon::start(cluster.dir.node(1));
+    cluster.daemon(1).wait_ready(support::cluster::START);
+    cluster.wait_linked(1);
+    cluster.promote(1);
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "the peer was not resynced"
+    );
+    let result = cluster.wait_identical(Some(blake3::hash(&expected)));
+    assert!(
+        result.is_ok(),
+        "the peer lacks writes of extents that left the activity log: {result:?}"
+    );
+}

@@ -65,7 +65,7 @@ pub struct RoleState {
 impl Replication {
     pub fn new(config: Config, metadata: Arc<Metadata>, local: Arc<BackingStore>) -> Arc<Self> {
         let fork_pending = Arc::new(AtomicBool::new(false));
-        let peers = config
+        let peers: Vec<Arc<PeerReplica>> = config
             .peers
             .iter()
             .map(|p| {
@@ -80,6 +80,7 @@ impl Replication {
                 ))
             })
             .collect();
+        install_eviction_hook(&metadata, &peers);
         let term = metadata.superblock().term;
         let (role, _) = watch::channel(RoleState {
             role: Role::Secondary,
@@ -444,6 +445,33 @@ impl Replication {
             .await
             .unwrap_or_else(|e| Err(io::Error::other(format!("replication task failed: {e}"))))
     }
+}
+
+/// Before an extent leaves the activity log, the writes in it that a peer
+/// has not acknowledged go into that peer's bitmap, which the eviction then
+/// persists (see [`PeerReplica::persist_unacked_in`]).
+fn install_eviction_hook(metadata: &Metadata, peers: &[Arc<PeerReplica>]) {
+    let peers = peers.to_vec();
+    let layout = metadata.layout();
+    let block = u64::from(layout.block_size());
+    metadata
+        .activity_log()
+        .set_eviction_hook(Box::new(move |extents: &[u64]| {
+            let ranges: Vec<(u64, u64)> = extents
+                .iter()
+                .map(|&e| {
+                    let blocks = layout.extent_blocks(e);
+                    (blocks.start * block, (blocks.end - blocks.start) * block)
+                })
+                .collect();
+            for peer in &peers {
+                let blocks = peer.persist_unacked_in(&ranges);
+                if blocks > 0 {
+                    tracing::debug!(peer = %peer.config.name, blocks,
+                        "unacknowledged writes in an evicted activity-log extent marked stale");
+                }
+            }
+        }));
 }
 
 /// Pins the extents of a write in the activity log without ever blocking a

@@ -322,6 +322,36 @@ impl PeerReplica {
         })
     }
 
+    /// Sets the bits of every write this peer has not acknowledged that
+    /// overlaps one of `ranges` (byte ranges of extents leaving the
+    /// activity log, whose bits are about to be persisted), and resyncs
+    /// them if the peer is mirrored. Returns the bits newly set.
+    ///
+    /// Without this, a primary crash after the eviction would lose the
+    /// fact that the peer may lack those writes: the unacked epochs live in
+    /// memory only, and crash recovery marks only the extents still in the
+    /// activity log.
+    pub fn persist_unacked_in(&self, ranges: &[(u64, u64)]) -> u64 {
+        let mut inner = self.lock();
+        let mut added = 0;
+        for record in inner.unacked.values() {
+            for &(offset, len) in &record.written {
+                if ranges
+                    .iter()
+                    .any(|&(s, l)| offset < s + l && s < offset + len)
+                {
+                    added += self.bitmap.set_bytes(offset, len);
+                }
+            }
+        }
+        if added > 0 && inner.mode == PeerMode::UpToDate {
+            inner.mode = PeerMode::Resyncing;
+            drop(inner);
+            self.resync_wanted.notify_one();
+        }
+        added
+    }
+
     /// The peer has made every epoch up to `epoch` durable.
     pub fn barrier_acked(&self, epoch: u64, congestion_limit: u64) {
         let mut inner = self.lock();

@@ -50,6 +50,9 @@ pub struct ActivityLog {
     file: Arc<MetaFile>,
     layout: Layout,
     bitmaps: Arc<NodeBitmaps>,
+    /// Called with the extents about to leave the AL, before their bitmap
+    /// pages are persisted (see [`ActivityLog::set_eviction_hook`]).
+    eviction_hook: std::sync::OnceLock<EvictionHook>,
     state: Mutex<State>,
     /// Signalled when a transaction completes, an extent's last write ends,
     /// or the AL is closed or fails.
@@ -134,6 +137,9 @@ impl State {
     }
 }
 
+/// See [`ActivityLog::set_eviction_hook`].
+pub type EvictionHook = Box<dyn Fn(&[u64]) + Send + Sync>;
+
 /// Proof that a range of extents is in the persisted AL and cannot be
 /// evicted; dropping it ends the I/O. `Send`, and independent of any borrow,
 /// so it can travel with a request across threads and tasks.
@@ -198,6 +204,7 @@ impl ActivityLog {
             file,
             layout,
             bitmaps,
+            eviction_hook: std::sync::OnceLock::new(),
             state: Mutex::new(state),
             changed: Condvar::new(),
         })
@@ -223,6 +230,15 @@ impl ActivityLog {
         if state.waiting > 0 {
             self.changed.notify_all();
         }
+    }
+
+    /// Installs `hook`, called with the extents about to be evicted, before
+    /// their bitmap pages are persisted: a last chance to set bits that
+    /// live elsewhere (a primary's writes not yet acknowledged by a peer),
+    /// since after eviction a crash no longer marks those extents. Runs
+    /// without the AL's lock held. Only the first hook installed counts.
+    pub fn set_eviction_hook(&self, hook: EvictionHook) {
+        let _ = self.eviction_hook.set(hook);
     }
 
     /// [`begin_io`](Self::begin_io) for the extents covering a byte range.
@@ -339,6 +355,9 @@ impl ActivityLog {
         };
         drop(state);
 
+        if let (Some(hook), false) = (self.eviction_hook.get(), victims.is_empty()) {
+            hook(victims);
+        }
         let victim_blocks: Vec<Range<u64>> = victims
             .iter()
             .map(|&v| self.layout.extent_blocks(v))

@@ -52,7 +52,7 @@ mod tests;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-pub use activity_log::{ActivityLog, AlGuard};
+pub use activity_log::{ActivityLog, AlGuard, EvictionHook};
 pub use al_ring::MAX_AL_SLOTS;
 pub use bitmap::Bitmap;
 pub use error::MetaError;

@@ -193,6 +193,46 @@ fn eviction_persists_the_evicted_extents_bits() {
 }
 
 #[test]
+fn the_eviction_hook_sees_the_victims_and_its_bits_are_persisted() {
+    let fx = Fixture::with(CreateParams {
+        block_size: 512,
+        ..small_params()
+    });
+    let md = fx.open();
+    let al = Arc::clone(md.activity_log());
+    let peer = Arc::clone(md.bitmap(0).unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (peer, seen) = (Arc::clone(&peer), Arc::clone(&seen));
+        al.set_eviction_hook(Box::new(move |victims: &[u64]| {
+            seen.lock().unwrap().extend_from_slice(victims);
+            // What a primary does for a write its peer has not acked.
+            for &v in victims {
+                peer.set_bytes(v * EXTENT_SIZE + 1024, 512);
+            }
+        }));
+    }
+    for extent in 0..4 {
+        drop(al.begin_io(extent..extent + 1).unwrap());
+    }
+    assert!(seen.lock().unwrap().is_empty(), "nothing evicted yet");
+    drop(al.begin_io(4..5).unwrap());
+    assert_eq!(*seen.lock().unwrap(), vec![0]);
+    assert_eq!(
+        md.bitmaps().dirty_page_count(),
+        0,
+        "the hook's bit was not persisted"
+    );
+    drop((al, peer, md)); // crash
+
+    let md = fx.open();
+    assert!(
+        md.bitmap(0).unwrap().test(2),
+        "evicted extent lost the hook's bit"
+    );
+}
+
+#[test]
 fn concurrent_writers_share_the_log() {
     let fx = Fixture::with(CreateParams {
         al_slots: 8,
