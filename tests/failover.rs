@@ -22,6 +22,32 @@ fn spec(nodes: u32, protocol: &'static str) -> ClusterSpec {
     }
 }
 
+/// Runs `ops` through `client` on top of `model` and flushes; returns what
+/// the device must now hold.
+fn write_flushed(
+    rt: &tokio::runtime::Runtime,
+    client: &blockdev::blocksock::BlockClient,
+    ops: &[support::Op],
+    model: Model,
+) -> Model {
+    let model = rt
+        .block_on(support::workload::run(client, ops, 16, model))
+        .expect("the workload's writes succeed");
+    rt.block_on(client.flush()).expect("flush");
+    model
+}
+
+/// Waits until node `id` sees its link to `peer` down.
+fn wait_link_down(cluster: &support::Cluster, id: u32, peer: u32) {
+    assert!(
+        wait_for(
+            || cluster.peer(id, peer)["connected"] == false,
+            Duration::from_secs(20)
+        ),
+        "node {id} did not notice that its link to node {peer} is down"
+    );
+}
+
 /// Protocol A lets a primary complete writes its peer never received. When
 /// that primary crashes and the peer is promoted, those writes are gone
 /// from the cluster; the old primary, back as a secondary, must be resynced
@@ -37,47 +63,23 @@ fn a_crashed_primary_gives_up_its_unreplicated_writes_to_the_promoted_peer() {
 
     let phase1 = gen.ops(400);
     let c1 = client(&rt, &cluster, 1);
-    let model = rt
-        .block_on(support::workload::run(
-            &c1,
-            &phase1,
-            16,
-            Model::zeroed(size),
-        ))
-        .unwrap();
-    rt.block_on(c1.flush()).unwrap();
+    let model = write_flushed(&rt, &c1, &phase1, Model::zeroed(size));
     assert!(cluster.wait_identical(Some(model.blake3())).is_ok());
 
     // Node 2 stops receiving; node 1 completes (protocol A) and flushes
     // writes that never reach it, then dies with them.
     proxy.pause();
     let unreplicated = gen.ops(400);
-    rt.block_on(support::workload::run(
-        &c1,
-        &unreplicated,
-        16,
-        model.clone(),
-    ))
-    .unwrap();
-    rt.block_on(c1.flush()).unwrap();
+    write_flushed(&rt, &c1, &unreplicated, model.clone());
     drop(c1);
     cluster.daemon(1).sigkill();
     proxy.cut();
-    assert!(
-        wait_for(
-            || cluster.peer(2, 1)["connected"] == false,
-            Duration::from_secs(20)
-        ),
-        "node 2 did not notice that node 1 is gone"
-    );
+    wait_link_down(&cluster, 2, 1);
 
     cluster.promote(2);
     let phase3 = gen.ops(200);
     let c2 = client(&rt, &cluster, 2);
-    let model = rt
-        .block_on(support::workload::run(&c2, &phase3, 16, model))
-        .unwrap();
-    rt.block_on(c2.flush()).unwrap();
+    let model = write_flushed(&rt, &c2, &phase3, model);
 
     proxy.resume();
     proxy.heal();
@@ -122,27 +124,11 @@ fn lose_the_primary_with_one_peer_lagging() -> LostPrimary {
     let size = cluster.dir.spec.size;
     let mut gen = Workload::new(81, size);
     let c1 = client(&rt, &cluster, 1);
-    let common = rt
-        .block_on(support::workload::run(
-            &c1,
-            &gen.ops(400),
-            16,
-            Model::zeroed(size),
-        ))
-        .unwrap();
-    rt.block_on(c1.flush()).unwrap();
+    let common = write_flushed(&rt, &c1, &gen.ops(400), Model::zeroed(size));
     assert!(cluster.wait_identical(Some(common.blake3())).is_ok());
 
     proxy.pause();
-    let node2_has = rt
-        .block_on(support::workload::run(
-            &c1,
-            &gen.ops(300),
-            16,
-            common.clone(),
-        ))
-        .unwrap();
-    rt.block_on(c1.flush()).unwrap();
+    let node2_has = write_flushed(&rt, &c1, &gen.ops(300), common.clone());
     assert!(
         wait_for(
             || cluster.hash(2) == node2_has.blake3(),
@@ -154,13 +140,7 @@ fn lose_the_primary_with_one_peer_lagging() -> LostPrimary {
     cluster.daemon(1).sigkill();
     proxy.cut();
     for id in [2, 3] {
-        assert!(
-            wait_for(
-                || cluster.peer(id, 1)["connected"] == false,
-                Duration::from_secs(20)
-            ),
-            "node {id} did not notice that node 1 is gone"
-        );
+        wait_link_down(&cluster, id, 1);
     }
     assert_ne!(
         cluster.hash(3),
@@ -266,41 +246,19 @@ fn primary_and_promoted_peer_wrote_alone(missing: Missing) {
     let size = cluster.dir.spec.size;
     let mut gen = Workload::new(101, size);
     let c1 = client(&rt, &cluster, 1);
-    let common = rt
-        .block_on(support::workload::run(
-            &c1,
-            &gen.ops(300),
-            16,
-            Model::zeroed(size),
-        ))
-        .unwrap();
-    rt.block_on(c1.flush()).unwrap();
+    let common = write_flushed(&rt, &c1, &gen.ops(300), Model::zeroed(size));
     assert!(cluster.wait_identical(Some(common.blake3())).is_ok());
 
     match missing {
         Missing::Cut => {
             proxy.cut();
             for (id, peer) in [(1, 2), (2, 1)] {
-                assert!(
-                    wait_for(
-                        || cluster.peer(id, peer)["connected"] == false,
-                        Duration::from_secs(20)
-                    ),
-                    "node {id} did not notice the cut"
-                );
+                wait_link_down(&cluster, id, peer);
             }
         }
         Missing::Stall => proxy.pause(),
     }
-    let node1_alone = rt
-        .block_on(support::workload::run(
-            &c1,
-            &gen.ops(400),
-            16,
-            common.clone(),
-        ))
-        .expect("the primary serves on without its peer");
-    rt.block_on(c1.flush()).unwrap();
+    let node1_alone = write_flushed(&rt, &c1, &gen.ops(400), common.clone());
     if let Missing::Stall = missing {
         assert_eq!(cluster.peer(1, 2)["state"], "behind");
         assert_eq!(cluster.peer(1, 2)["connected"], true);
@@ -308,26 +266,12 @@ fn primary_and_promoted_peer_wrote_alone(missing: Missing) {
     drop(c1);
     cluster.daemon(1).sigkill();
     proxy.cut();
-    assert!(
-        wait_for(
-            || cluster.peer(2, 1)["connected"] == false,
-            Duration::from_secs(20)
-        ),
-        "node 2 did not notice node 1's death"
-    );
+    wait_link_down(&cluster, 2, 1);
 
     cluster.promote(2);
     let c2 = client(&rt, &cluster, 2);
     let start = Model::from_image(std::fs::read(&cluster.dir.node(2).backing).unwrap());
-    let node2_alone = rt
-        .block_on(support::workload::run(
-            &c2,
-            &Workload::new(102, size).ops(200),
-            16,
-            start,
-        ))
-        .unwrap();
-    rt.block_on(c2.flush()).unwrap();
+    let node2_alone = write_flushed(&rt, &c2, &Workload::new(102, size).ops(200), start);
 
     proxy.resume();
     proxy.heal();
@@ -423,13 +367,7 @@ fn a_peer_whose_resync_was_cut_short_by_the_primarys_death_is_fully_resynced() {
     drop(c1);
     cluster.daemon(1).sigkill();
     proxy.cut();
-    assert!(
-        wait_for(
-            || cluster.peer(3, 1)["connected"] == false,
-            Duration::from_secs(20)
-        ),
-        "node 3 did not notice that node 1 is gone"
-    );
+    wait_link_down(&cluster, 3, 1);
 
     cluster.promote(2);
     let expected = blake3::hash(&expected);
@@ -461,15 +399,12 @@ fn demote_hands_over_every_write_before_the_peer_is_promoted() {
     let size = cluster.dir.spec.size;
     let c1 = client(&rt, &cluster, 1);
     proxy.pause();
-    let model = rt
-        .block_on(support::workload::run(
-            &c1,
-            &Workload::new(111, size).ops(600),
-            16,
-            Model::zeroed(size),
-        ))
-        .unwrap();
-    rt.block_on(c1.flush()).unwrap();
+    let model = write_flushed(
+        &rt,
+        &c1,
+        &Workload::new(111, size).ops(600),
+        Model::zeroed(size),
+    );
     drop(c1);
     assert!(
         cluster.peer(1, 2)["send_queue_bytes"].as_u64().unwrap() > 0
@@ -505,13 +440,7 @@ fn demote_names_the_peers_that_lack_writes() {
     let rt = runtime();
     let (cluster, proxy) = support::cluster::proxied_pair(&rt, "C", "");
     proxy.cut();
-    assert!(
-        wait_for(
-            || cluster.peer(1, 2)["connected"] == false,
-            Duration::from_secs(20)
-        ),
-        "node 1 did not notice the cut"
-    );
+    wait_link_down(&cluster, 1, 2);
     let c1 = client(&rt, &cluster, 1);
     rt.block_on(c1.write(0, vec![7u8; 4096], false)).unwrap();
     drop(c1);

@@ -55,31 +55,23 @@ pub async fn receive(
         let msg = tokio::time::timeout(LINK_TIMEOUT, meta.next())
             .await
             .map_err(|_| LinkError::Violation("no bitmap from the peer".into()))??;
-        let (node_id, block_size, nbits, encoding, chunk_index, last, data) = match msg {
-            Message::Bitmap {
-                node_id,
-                block_size,
-                nbits,
-                encoding,
-                chunk_index,
-                last,
-                data,
-            } => (
-                node_id,
-                block_size,
-                nbits,
-                encoding,
-                chunk_index,
-                last,
-                data,
-            ),
-            Message::Ping | Message::PingAck => continue,
-            other => {
-                return Err(LinkError::Violation(format!(
-                    "expected the peer's bitmap, got {}",
-                    other.message_type()
-                )))
-            }
+        if matches!(msg, Message::Ping | Message::PingAck) {
+            continue;
+        }
+        let kind = msg.message_type();
+        let Message::Bitmap {
+            node_id,
+            block_size,
+            nbits,
+            encoding,
+            chunk_index,
+            last,
+            data,
+        } = msg
+        else {
+            return Err(LinkError::Violation(format!(
+                "expected the peer's bitmap, got {kind}"
+            )));
         };
         if node_id != our_id
             || block_size != like.block_size()
