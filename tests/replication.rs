@@ -559,3 +559,69 @@ fn a_killed_primary_far_ahead_of_its_peer_still_resyncs_what_left_its_activity_l
         "the peer lacks writes of extents that left the activity log: {result:?}"
     );
 }
+
+/// Makes a file immutable (`chattr +i`) until dropped: writes through
+/// descriptors already open then fail with EPERM, a real I/O error.
+struct Immutable<'a>(&'a std::path::Path);
+
+impl<'a> Immutable<'a> {
+    fn set(path: &'a std::path::Path) -> Self {
+        let out = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .output()
+            .expect("run chattr");
+        assert!(
+            out.status.success(),
+            "chattr +i {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(self.0)
+            .status();
+    }
+}
+
+/// A write the primary's own disk refuses has already gone to the peers.
+/// The guest gets the error, and the peers must take the primary's version
+/// of the range back.
+#[test]
+fn a_write_the_primarys_disk_refuses_is_undone_on_the_peers() {
+    let cluster = Cluster::start(spec(2, "C"));
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    let rt = runtime();
+    let c = client(&rt, &cluster, 1);
+    let size = cluster.dir.spec.size;
+    let good = vec![0x11u8; 8192];
+    rt.block_on(c.write(0, good.clone(), false)).unwrap();
+    rt.block_on(c.flush()).unwrap();
+    {
+        let _refusing = Immutable::set(&cluster.dir.node(1).backing);
+        let refused = rt.block_on(c.write(1 << 20, vec![0xeeu8; 4096], false));
+        assert!(
+            refused.is_err(),
+            "a write to an immutable backing succeeded"
+        );
+    }
+    rt.block_on(c.flush()).unwrap();
+    let mut expected = vec![0u8; size as usize];
+    expected[..good.len()].copy_from_slice(&good);
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "the refused range was not resynced"
+    );
+    let result = cluster.wait_identical(Some(blake3::hash(&expected)));
+    assert!(
+        result.is_ok(),
+        "the peer kept a write the primary refused: {result:?}"
+    );
+}

@@ -405,6 +405,14 @@ impl Replication {
             }
         }
         let local = apply.await;
+        if let Err(e) = &local {
+            // The peers may have applied what our disk refused: make them
+            // take our version of the range back, so replicas stay equal.
+            tracing::error!(offset, len, error = %e, "local write failed; resyncing the range to the peers");
+            for peer in &self.peers {
+                peer.resync_range(offset, len);
+            }
+        }
         drop(ranges);
         local?;
         if fua {

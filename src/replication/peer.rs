@@ -352,6 +352,18 @@ impl PeerReplica {
         added
     }
 
+    /// Marks a range stale and, if the peer is mirrored, resyncs it (the
+    /// primary's copy of the range is not what the peer was sent).
+    pub fn resync_range(&self, offset: u64, len: u64) {
+        let mut inner = self.lock();
+        self.mark_stale(&mut inner, (offset, len));
+        if inner.mode == PeerMode::UpToDate {
+            inner.mode = PeerMode::Resyncing;
+        }
+        drop(inner);
+        self.resync_wanted.notify_one();
+    }
+
     /// The peer has made every epoch up to `epoch` durable.
     pub fn barrier_acked(&self, epoch: u64, congestion_limit: u64) {
         let mut inner = self.lock();

@@ -23,7 +23,14 @@ impl Cluster {
     /// Creates metadata for every node, starts them all and waits until
     /// every node is linked to every other.
     pub fn start(spec: ClusterSpec) -> Cluster {
+        Cluster::start_edited(spec, |_| {})
+    }
+
+    /// [`Cluster::start`], letting `edit` change the files (configs, say)
+    /// before anything runs.
+    pub fn start_edited(spec: ClusterSpec, edit: impl FnOnce(&TestDir)) -> Cluster {
         let dir = TestDir::with_spec(spec);
+        edit(&dir);
         for n in &dir.nodes {
             let out = ctl(&n.config, &["create-md"]);
             assert!(
