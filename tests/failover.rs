@@ -11,7 +11,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::cluster::{client, start_with_proxy};
+use support::cluster::{client, primary_with_proxy};
 use support::{runtime, wait_for, ClusterSpec, Model, Workload};
 
 fn spec(nodes: u32, protocol: &'static str) -> ClusterSpec {
@@ -55,9 +55,7 @@ fn wait_link_down(cluster: &support::Cluster, id: u32, peer: u32) {
 #[test]
 fn a_crashed_primary_gives_up_its_unreplicated_writes_to_the_promoted_peer() {
     let rt = runtime();
-    let (mut cluster, proxy) = start_with_proxy(&rt, spec(2, "A"), 2);
-    cluster.promote(1);
-    assert!(cluster.wait_peers_up_to_date(1));
+    let (mut cluster, proxy) = primary_with_proxy(&rt, spec(2, "A"), 2);
     let size = cluster.dir.spec.size;
     let mut gen = Workload::new(71, size);
 
@@ -118,9 +116,7 @@ fn lose_the_primary_with_one_peer_lagging() -> LostPrimary {
         extra_toml: "[replication]\nmax_peer_wait_ms = 60000\n".into(),
         ..spec(3, "A")
     };
-    let (mut cluster, proxy) = start_with_proxy(&rt, spec, 3);
-    cluster.promote(1);
-    assert!(cluster.wait_peers_up_to_date(1));
+    let (mut cluster, proxy) = primary_with_proxy(&rt, spec, 3);
     let size = cluster.dir.spec.size;
     let mut gen = Workload::new(81, size);
     let c1 = client(&rt, &cluster, 1);
@@ -330,9 +326,7 @@ fn a_peer_whose_resync_was_cut_short_by_the_primarys_death_is_fully_resynced() {
         extra_toml: "[replication]\ncongestion_limit = \"1MiB\"\nmax_peer_wait_ms = 200\n".into(),
         ..spec(3, "A")
     };
-    let (mut cluster, proxy) = start_with_proxy(&rt, spec, 3);
-    cluster.promote(1);
-    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    let (mut cluster, proxy) = primary_with_proxy(&rt, spec, 3);
 
     // Node 3 stalls and falls behind while 1 MiB lands in every extent,
     // highest first: the resync (lowest block first) will reach the

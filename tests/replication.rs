@@ -461,9 +461,7 @@ fn writes_in_more_extents_than_the_activity_log_holds_all_complete() {
         extra_toml: "[replication]\nmax_peer_wait_ms = 1000\n".into(),
         ..spec(2, "C")
     };
-    let (cluster, proxy) = support::cluster::start_with_proxy(&rt, spec, 2);
-    cluster.promote(1);
-    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    let (cluster, proxy) = support::cluster::primary_with_proxy(&rt, spec, 2);
     // Several connections, as a ublk device has several queues.
     let clients: Vec<_> = (0..4).map(|_| client(&rt, &cluster, 1)).collect();
     let mut expected = vec![0u8; SIZE as usize];
@@ -515,9 +513,7 @@ fn a_killed_primary_far_ahead_of_its_peer_still_resyncs_what_left_its_activity_l
             .into(),
         ..spec(2, "A")
     };
-    let (mut cluster, proxy) = support::cluster::start_with_proxy(&rt, spec, 2);
-    cluster.promote(1);
-    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    let (mut cluster, proxy) = support::cluster::primary_with_proxy(&rt, spec, 2);
 
     proxy.pause();
     let c = client(&rt, &cluster, 1);

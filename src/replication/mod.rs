@@ -31,6 +31,9 @@ use crate::config::{Config, Protocol};
 use epochs::{EpochCounter, RangeLock};
 use peer::PeerReplica;
 
+/// Longest `demote` waits for peers to confirm every write.
+const DEMOTE_WAIT: Duration = Duration::from_secs(30);
+
 /// The node's replication engine. When primary it is the device the
 /// frontend serves; as secondary it applies what its primary sends.
 pub struct Replication {
@@ -171,12 +174,7 @@ impl Replication {
     /// `source::lineage`), so forking as often as peers come and go costs
     /// no full sync.
     fn fork_generation(&self) -> io::Result<()> {
-        let old = self.generation();
-        let generation = GenerationIds {
-            current: blockdev::meta::GenerationIds::new_id(self.role().term, self.config.node.id),
-            bitmap: old.current,
-            history: [old.current, old.history[0]],
-        };
+        let generation = self.next_generation(self.role().term);
         self.metadata
             .set_generations(from_wire(generation))
             .map_err(io::Error::other)?;
@@ -189,6 +187,17 @@ impl Replication {
             peer.resync_wanted.notify_one();
         }
         Ok(())
+    }
+
+    /// A new generation started by us as primary of `term`, descending from
+    /// the current one (which our bitmaps then count from).
+    fn next_generation(&self, term: u64) -> GenerationIds {
+        let old = self.generation();
+        GenerationIds {
+            current: blockdev::meta::GenerationIds::new_id(term, self.config.node.id),
+            bitmap: old.current,
+            history: [old.current, old.history[0]],
+        }
     }
 
     /// Notes a term seen on the wire; persists it when it is newer.
@@ -234,12 +243,7 @@ impl Replication {
             return Err("this replica is inconsistent (a resync did not finish); promote a node with good data, or force".into());
         }
         let term = self.known_term().max(self.metadata.superblock().term) + 1;
-        let old = self.generation();
-        let generation = GenerationIds {
-            current: blockdev::meta::GenerationIds::new_id(term, self.config.node.id),
-            bitmap: old.current,
-            history: [old.current, old.history[0]],
-        };
+        let generation = self.next_generation(term);
         self.metadata
             .set_term_and_generations(term, Some(from_wire(generation)))
             .and_then(|()| self.metadata.set_data_term(term))
@@ -277,10 +281,8 @@ impl Replication {
         if self.role().role != Role::Primary {
             return Ok(Vec::new());
         }
-        let acks = self.close_epoch(true);
-        self.local.flush().await?;
-        self.wait_for_peers(acks, tokio::time::Instant::now() + DEMOTE_WAIT)
-            .await;
+        self.flush_everywhere(true, tokio::time::Instant::now() + DEMOTE_WAIT)
+            .await?;
         let lagging: Vec<String> = self
             .peers
             .iter()
@@ -430,6 +432,17 @@ impl Replication {
         self.check_primary(0, 0)?;
         let want_ack = self.config.resource.protocol == Protocol::C;
         let deadline = tokio::time::Instant::now() + self.max_peer_wait();
+        self.flush_everywhere(want_ack, deadline).await
+    }
+
+    /// Closes the epoch on every peer (a flush point there), flushes the
+    /// local disk, and, with `want_ack`, waits for the peers until
+    /// `deadline` (dropping behind whoever is late).
+    async fn flush_everywhere(
+        &self,
+        want_ack: bool,
+        deadline: tokio::time::Instant,
+    ) -> io::Result<()> {
         let acks = self.close_epoch(want_ack);
         self.local.flush().await?;
         self.wait_for_peers(acks, deadline).await;
@@ -459,18 +472,14 @@ impl Replication {
 /// has not acknowledged go into that peer's bitmap, which the eviction then
 /// persists (see [`PeerReplica::persist_unacked_in`]).
 fn install_eviction_hook(metadata: &Metadata, peers: &[Arc<PeerReplica>]) {
+    use blockdev::meta::EXTENT_SIZE;
     let peers = peers.to_vec();
-    let layout = metadata.layout();
-    let block = u64::from(layout.block_size());
     metadata
         .activity_log()
         .set_eviction_hook(Box::new(move |extents: &[u64]| {
             let ranges: Vec<(u64, u64)> = extents
                 .iter()
-                .map(|&e| {
-                    let blocks = layout.extent_blocks(e);
-                    (blocks.start * block, (blocks.end - blocks.start) * block)
-                })
+                .map(|&e| (e * EXTENT_SIZE, EXTENT_SIZE))
                 .collect();
             for peer in &peers {
                 let blocks = peer.persist_unacked_in(&ranges);
@@ -563,9 +572,6 @@ impl BlockDevice for ReplicatedDevice {
         self.range_op(offset, len, RangeOp::WriteZeroes).await
     }
 }
-
-/// Longest `demote` waits for peers to confirm every write.
-const DEMOTE_WAIT: Duration = Duration::from_secs(30);
 
 /// A write that carries no data.
 #[derive(Clone, Copy)]

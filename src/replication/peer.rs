@@ -268,17 +268,17 @@ impl PeerReplica {
         })
     }
 
-    /// Marks a range the peer will not receive. A resync chunk in flight
-    /// over the same blocks must not clear them when acked: it carries the
-    /// older data.
-    fn mark_stale(&self, inner: &mut Inner, (offset, len): (u64, u64)) {
+    /// Marks a range the peer will not receive (or must receive again). A
+    /// resync chunk in flight over the same blocks must not clear them when
+    /// acked: it carries the older data. Returns the bits newly set.
+    fn mark_stale(&self, inner: &mut Inner, (offset, len): (u64, u64)) -> u64 {
         let blocks = self.bitmap.blocks_covering(offset, len);
         for record in inner.unacked.values_mut() {
             record
                 .resynced
                 .retain(|&(first, count)| first + count <= blocks.start || blocks.end <= first);
         }
-        self.bitmap.set_bytes(offset, len);
+        self.bitmap.set_bytes(offset, len)
     }
 
     /// Queues a resync chunk in `epoch` (epoch lock held). False if the peer
@@ -332,36 +332,39 @@ impl PeerReplica {
     /// memory only, and crash recovery marks only the extents still in the
     /// activity log.
     pub fn persist_unacked_in(&self, ranges: &[(u64, u64)]) -> u64 {
-        let mut inner = self.lock();
-        let mut added = 0;
-        for record in inner.unacked.values() {
-            for &(offset, len) in &record.written {
-                if ranges
+        let inner = self.lock();
+        let overlapping: Vec<(u64, u64)> = inner
+            .unacked
+            .values()
+            .flat_map(|record| record.written.iter().copied())
+            .filter(|&(offset, len)| {
+                ranges
                     .iter()
                     .any(|&(s, l)| offset < s + l && s < offset + len)
-                {
-                    added += self.bitmap.set_bytes(offset, len);
-                }
-            }
-        }
+            })
+            .collect();
+        self.resync(inner, &overlapping)
+    }
+
+    /// Marks a range stale and, if the peer is mirrored, resyncs it (the
+    /// primary's copy of the range is not what the peer was sent).
+    pub fn resync_range(&self, offset: u64, len: u64) {
+        self.resync(self.lock(), &[(offset, len)]);
+    }
+
+    /// Marks `ranges` stale and, if that set any bit of an up-to-date
+    /// peer, has the resync loop send them. Returns the bits newly set.
+    fn resync(&self, mut inner: std::sync::MutexGuard<'_, Inner>, ranges: &[(u64, u64)]) -> u64 {
+        let added: u64 = ranges
+            .iter()
+            .map(|&range| self.mark_stale(&mut inner, range))
+            .sum();
         if added > 0 && inner.mode == PeerMode::UpToDate {
             inner.mode = PeerMode::Resyncing;
             drop(inner);
             self.resync_wanted.notify_one();
         }
         added
-    }
-
-    /// Marks a range stale and, if the peer is mirrored, resyncs it (the
-    /// primary's copy of the range is not what the peer was sent).
-    pub fn resync_range(&self, offset: u64, len: u64) {
-        let mut inner = self.lock();
-        self.mark_stale(&mut inner, (offset, len));
-        if inner.mode == PeerMode::UpToDate {
-            inner.mode = PeerMode::Resyncing;
-        }
-        drop(inner);
-        self.resync_wanted.notify_one();
     }
 
     /// The peer has made every epoch up to `epoch` durable.

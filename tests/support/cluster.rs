@@ -7,7 +7,6 @@ use serde_json::Value;
 use blockdev::blocksock::BlockClient;
 
 use super::proxy::Proxy;
-use super::testdir::free_ports;
 use super::{blake3_of_file, ctl, wait_for, ClusterSpec, Daemon, TestDir};
 
 pub const START: Duration = Duration::from_secs(15);
@@ -149,23 +148,23 @@ pub fn client(rt: &tokio::runtime::Runtime, cluster: &Cluster, id: u32) -> Block
 }
 
 /// Starts a cluster in which node 1 reaches node `via_proxy` through a proxy
-/// the test controls (every other link is direct). Node 1 has the lower id,
-/// so it is the one that dials that link. Nobody is promoted yet.
-pub fn start_with_proxy(
+/// the test controls (every other link is direct), promotes node 1 and waits
+/// for the initial sync. Node 1 has the lower id, so it is the one that
+/// dials that link.
+pub fn primary_with_proxy(
     rt: &tokio::runtime::Runtime,
     spec: ClusterSpec,
     via_proxy: u32,
 ) -> (Cluster, Proxy) {
     assert!(via_proxy > 1 && via_proxy <= spec.nodes);
     let dir = TestDir::with_spec(spec);
-    let proxy_addr = free_ports(1)[0];
     let target = dir.node(via_proxy).listen;
+    let proxy = rt.block_on(Proxy::start(target));
     let toml = dir.config_toml(1).replace(
         &format!("address = \"{target}\""),
-        &format!("address = \"{proxy_addr}\""),
+        &format!("address = \"{}\"", proxy.listen),
     );
     dir.write_config(1, &toml);
-    let proxy = rt.block_on(Proxy::start(proxy_addr, target));
     for n in &dir.nodes {
         assert!(ctl(&n.config, &["create-md"]).status.success());
     }
@@ -177,6 +176,8 @@ pub fn start_with_proxy(
     for id in 1..=cluster.dir.spec.nodes {
         cluster.wait_linked(id);
     }
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
     (cluster, proxy)
 }
 
@@ -192,8 +193,5 @@ pub fn proxied_pair(
         extra_toml: extra_toml.into(),
         ..ClusterSpec::default()
     };
-    let (cluster, proxy) = start_with_proxy(rt, spec, 2);
-    cluster.promote(1);
-    assert!(cluster.wait_peers_up_to_date(1));
-    (cluster, proxy)
+    primary_with_proxy(rt, spec, 2)
 }

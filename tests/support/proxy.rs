@@ -17,9 +17,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Forwards connections on `listen` to `target` (call inside a runtime).
-    pub async fn start(listen: SocketAddr, target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind(listen).await.expect("bind proxy");
+    /// Forwards connections to `target` from a loopback port of its own,
+    /// `listen` (call inside a runtime). The kernel picks the port while the
+    /// proxy binds it, so no other test can take it in between.
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let listen = listener.local_addr().expect("proxy address");
         let open = Arc::new(AtomicBool::new(true));
         let (generation, _) = watch::channel(0u64);
         let (paused, _) = watch::channel(false);

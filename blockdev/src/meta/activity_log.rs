@@ -1,4 +1,4 @@
-//! The activity log (AL): the persisted set of extents the primary may be
+//! The activity log (AL): the persisted set of extents this node may be
 //! writing to.
 //!
 //! Before a node writes into an extent (as primary, or applying its
@@ -7,28 +7,34 @@
 //! `node_bitmaps`): whenever the data generation changes hands — this node
 //! is promoted, or as a secondary meets a primary of another generation —
 //! every AL extent is marked stale between the two
-//! (`Metadata::mark_active_extents`), which covers whatever a crash lost and
-//! whatever one node wrote that the other never saw. The AL holds at most `al_slots` extents; adding one to a full AL
-//! evicts the least recently used extent that has no write in flight, after
-//! persisting the bitmap pages that cover it.
+//! (`Metadata::mark_active_extents`), which covers whatever a crash lost
+//! and whatever one node wrote that the other never saw. The AL holds at
+//! most `al_slots` extents; adding one to a full AL evicts the least
+//! recently used extent that has no write in flight, after calling the
+//! eviction hook (bits that live elsewhere, see
+//! [`ActivityLog::set_eviction_hook`]) and persisting the bitmap pages that
+//! cover it.
 //!
 //! # Use from the write path
 //!
 //! ```text
 //! let guard = activity_log.begin_write(offset, len)?;  // may block, may do I/O
 //! ... write locally, send to peers, set stale bits of peers that miss it ...
-//! drop(guard);  // only once every peer has acked or had its bit set
+//! drop(guard);  // the write is done here; what a peer has not acked yet
+//!               // reaches its bitmap through the eviction hook
 //! ```
 //!
-//! The fast path (all extents already active) takes a mutex, bumps counters
-//! and does no I/O, even while another thread is writing a transaction. A miss
-//! writes one transaction sector plus `fdatasync`, and, when it evicts an
-//! extent with dirty bitmap pages, those pages first.
+//! The fast path (all extents already active, [`ActivityLog::pin_if_active`])
+//! takes a mutex, bumps counters and does no I/O, even while another thread
+//! is writing a transaction. A miss writes one transaction sector plus
+//! `fdatasync`, and, when it evicts an extent with dirty bitmap pages, those
+//! pages first.
 //!
 //! When every slot holds an extent with writes in flight, `begin_io` BLOCKS
 //! until a guard is dropped. A thread must therefore not wait for a second
 //! guard while holding one (unless the AL has room for both), or it can
-//! deadlock itself.
+//! deadlock itself; and an async caller must not wait on a runtime thread
+//! that the guard's release needs (take the slow path on a blocking pool).
 //!
 //! If a transaction or bitmap write fails, the on-disk state is uncertain: the
 //! AL refuses further changes (`MetaError::AlFailed`); extents already active

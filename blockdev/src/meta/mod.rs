@@ -307,14 +307,22 @@ impl Metadata {
         &self.bitmaps
     }
 
-    /// The activity log, shareable with the write path.
     /// Sets every bit of the extents now in the activity log in `bitmap`
     /// (one of ours): the blocks this node may have written recently, which
     /// another node may not hold. Returns the number of bits newly set.
     pub fn mark_active_extents(&self, bitmap: &Bitmap) -> u64 {
-        mark_extents(&self.layout(), &self.activity_log.active_extents(), bitmap)
+        let layout = self.layout();
+        self.activity_log
+            .active_extents()
+            .into_iter()
+            .map(|extent| {
+                let blocks = layout.extent_blocks(extent);
+                bitmap.set_range(blocks.start, blocks.end - blocks.start)
+            })
+            .sum()
     }
 
+    /// The activity log, shareable with the write path.
     pub fn activity_log(&self) -> &Arc<ActivityLog> {
         &self.activity_log
     }
@@ -493,14 +501,4 @@ fn prepare_space(file: &MetaFile, len: u64) -> Result<(), MetaError> {
         offset += chunk as u64;
     }
     file.sync("sync zeroed metadata")
-}
-
-fn mark_extents(layout: &Layout, extents: &[u64], bitmap: &Bitmap) -> u64 {
-    extents
-        .iter()
-        .map(|&extent| {
-            let blocks = layout.extent_blocks(extent);
-            bitmap.set_range(blocks.start, blocks.end - blocks.start)
-        })
-        .sum()
 }
