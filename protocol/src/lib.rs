@@ -37,3 +37,9 @@ pub use types::{Channel, DiskState, GenerationIds, Role};
 /// Version of the wire protocol spoken by this crate. Peers must speak the
 /// same version; it is checked (and authenticated) in the handshake.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The node id the directory server uses in handshakes (never a node's).
+pub const DIRECTORY_NODE_ID: u32 = u32::MAX;
+
+/// "No node" in node-id fields (e.g. no primary).
+pub const NO_NODE: u32 = u32::MAX;

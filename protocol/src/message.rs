@@ -395,6 +395,121 @@ messages! {
 
     /// Answer to [`Message::Ping`].
     PingAck = 0x0402,
+
+    // ---- directory (Channel::Directory) -------------------------------------
+    //
+    // A node dials the directory (node id [`crate::DIRECTORY_NODE_ID`] in the
+    // handshake) and sends DirJoin first; then any number of DirPromote or
+    // DirReport requests, each answered before the next. The directory dials
+    // a primary's listen address to ask it to step down (DirDemote). A
+    // report or grant is followed by `bitmaps` DirBitmap messages.
+
+    /// Node to directory, first on every connection: who the node is.
+    /// Answered by [`Message::DirInfo`] or [`Message::DirRefused`].
+    DirJoin = 0x0501 {
+        /// The node's name.
+        name: String,
+        /// The node's listen address (`IP:PORT`), where peers and the
+        /// directory reach it.
+        address: String,
+        /// The node's LAN group.
+        lan_group: String,
+        /// The size of the node's copy of the device, in bytes.
+        size: u64,
+    },
+
+    /// Directory to node: the resource's current term and primary.
+    DirInfo = 0x0502 {
+        /// The newest term the directory handed out.
+        term: u64,
+        /// The primary's node id, or [`crate::NO_NODE`].
+        primary: u32,
+    },
+
+    /// Node to directory: make me primary. The directory asks the current
+    /// primary (if any, and not the sender) to demote first; with `force`
+    /// an unreachable or refusing primary is overridden. Answered by
+    /// [`Message::DirGranted`] (then its bitmaps) or [`Message::DirRefused`].
+    DirPromote = 0x0503 {
+        /// Proceed even though the current primary cannot hand over.
+        force: bool,
+    },
+
+    /// Directory to node: you are primary of `term`. What follows is the
+    /// last report of the resource (from `prev_primary`, or none if
+    /// `prev_primary` is [`crate::NO_NODE`]): its `bitmaps` DirBitmap
+    /// messages, one per node, say which blocks each node lacks.
+    DirGranted = 0x0504 {
+        /// The new term, to be used for everything the new primary sends.
+        term: u64,
+        /// The node that made the last report, or [`crate::NO_NODE`].
+        prev_primary: u32,
+        /// The term that node was primary of.
+        prev_term: u64,
+        /// Its data generation ids at the report.
+        prev_generation: GenerationIds,
+        /// The report was its final one (it demoted cleanly and wrote
+        /// nothing since); otherwise writes after it may be missing.
+        prev_final: bool,
+        /// Age of the report in milliseconds.
+        report_age_ms: u64,
+        /// Whether the previous primary was overridden (forced promotion).
+        overridden: bool,
+        /// Hot extents of the reporting primary (its activity log):
+        /// little-endian `u64` extent numbers, pulled first.
+        hot_extents: Bytes,
+        /// Number of DirBitmap messages that follow.
+        bitmaps: u32,
+    },
+
+    /// Primary to directory: which blocks every node lacks, periodically,
+    /// on demote (`last`), and as the answer to [`Message::DirDemote`].
+    /// Followed by `bitmaps` DirBitmap messages; answered by
+    /// [`Message::DirInfo`], or [`Message::DirRefused`] when the sender is
+    /// not the primary of `term` (it is then fenced).
+    DirReport = 0x0505 {
+        /// The term the sender is primary of.
+        term: u64,
+        /// The sender's data generation ids.
+        generation: GenerationIds,
+        /// The final report: the sender has demoted.
+        last: bool,
+        /// The sender's hot extents: little-endian `u64` extent numbers.
+        hot_extents: Bytes,
+        /// Number of DirBitmap messages that follow.
+        bitmaps: u32,
+    },
+
+    /// Directory to a primary: demote (remove the device, hand every write
+    /// over) and answer with a final [`Message::DirReport`], or
+    /// [`Message::DirRefused`] with the reason (e.g. the device is open).
+    DirDemote = 0x0506 {
+        /// Demote even if the device is open.
+        force: bool,
+        /// The directory's current term.
+        term: u64,
+    },
+
+    /// Either side: the request is refused, with the reason.
+    DirRefused = 0x0507 {
+        /// Human-readable reason.
+        reason: String,
+    },
+
+    /// One node's staleness bitmap inside a report or grant, in the blockdev
+    /// crate's encoding (opaque here; at most [`MAX_DATA_LEN`] bytes).
+    DirBitmap = 0x0508 {
+        /// The node whose missing blocks the bitmap marks.
+        node_id: u32,
+        /// Bytes covered by one bit.
+        block_size: u32,
+        /// Number of bits.
+        nbits: u64,
+        /// Encoding of `data`, defined by the blockdev crate.
+        encoding: u8,
+        /// The encoded bits.
+        data: Bytes,
+    },
 }
 
 impl fmt::Display for MessageType {
@@ -412,7 +527,8 @@ impl Message {
             Self::Write { data, .. }
             | Self::ReadReply { data, .. }
             | Self::ResyncData { data, .. }
-            | Self::Bitmap { data, .. } => Some(std::mem::take(data)),
+            | Self::Bitmap { data, .. }
+            | Self::DirBitmap { data, .. } => Some(std::mem::take(data)),
             _ => None,
         }
     }
@@ -468,7 +584,18 @@ impl Message {
             | Self::ResyncData { offset, data, .. } => {
                 range(*offset, at_most_max("data", data.len() as u64)?)
             }
-            Self::Bitmap { data, .. } => at_most_max("data", data.len() as u64).map(drop),
+            Self::Bitmap { data, .. } | Self::DirBitmap { data, .. } => {
+                at_most_max("data", data.len() as u64).map(drop)
+            }
+            Self::DirGranted { hot_extents, .. } | Self::DirReport { hot_extents, .. } => {
+                if hot_extents.len() % 8 != 0 {
+                    return Err(invalid(
+                        "hot_extents",
+                        format!("{} bytes are not whole u64s", hot_extents.len()),
+                    ));
+                }
+                at_most_max("hot_extents", hot_extents.len() as u64).map(drop)
+            }
             Self::ReadRequest { offset, len, .. } => {
                 range(*offset, at_most_max("len", u64::from(*len))?)
             }
@@ -489,7 +616,12 @@ impl Message {
             | Self::ReadError { .. }
             | Self::State { .. }
             | Self::Ping
-            | Self::PingAck => Ok(()),
+            | Self::PingAck
+            | Self::DirJoin { .. }
+            | Self::DirInfo { .. }
+            | Self::DirPromote { .. }
+            | Self::DirDemote { .. }
+            | Self::DirRefused { .. } => Ok(()),
         }
     }
 }

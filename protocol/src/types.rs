@@ -18,6 +18,14 @@ wire_enum! {
         Data = 0,
         /// Control traffic: acks, barrier acks, state, pings.
         Meta = 1,
+        /// Block reads from a node that holds the newest version
+        /// (on-demand fetch and background sync after a machine switch):
+        /// `ReadRequest` one way, `ReadReply`/`ReadSame`/`ReadError` back.
+        /// Independent of the replication link and of both nodes' roles.
+        Fetch = 2,
+        /// A node and the directory server (either side may dial): the
+        /// `Dir*` messages.
+        Directory = 3,
     }
 }
 

@@ -167,7 +167,85 @@ fn message_of(ty: MessageType) -> BoxedStrategy<Message> {
             .boxed(),
         MessageType::Ping => Just(Message::Ping).boxed(),
         MessageType::PingAck => Just(Message::PingAck).boxed(),
+        MessageType::DirJoin => (
+            any::<String>(),
+            any::<String>(),
+            any::<String>(),
+            any::<u64>(),
+        )
+            .prop_map(|(name, address, lan_group, size)| Message::DirJoin {
+                name,
+                address,
+                lan_group,
+                size,
+            })
+            .boxed(),
+        MessageType::DirInfo => any::<(u64, u32)>()
+            .prop_map(|(term, primary)| Message::DirInfo { term, primary })
+            .boxed(),
+        MessageType::DirPromote => any::<bool>()
+            .prop_map(|force| Message::DirPromote { force })
+            .boxed(),
+        MessageType::DirGranted => (
+            any::<(u64, u32, u64, bool, u64, bool, u32)>(),
+            generation(),
+            extents(),
+        )
+            .prop_map(
+                |(
+                    (term, prev_primary, prev_term, prev_final, report_age_ms, overridden, bitmaps),
+                    prev_generation,
+                    hot_extents,
+                )| {
+                    Message::DirGranted {
+                        term,
+                        prev_primary,
+                        prev_term,
+                        prev_generation,
+                        prev_final,
+                        report_age_ms,
+                        overridden,
+                        hot_extents,
+                        bitmaps,
+                    }
+                },
+            )
+            .boxed(),
+        MessageType::DirReport => (any::<(u64, bool, u32)>(), generation(), extents())
+            .prop_map(
+                |((term, last, bitmaps), generation, hot_extents)| Message::DirReport {
+                    term,
+                    generation,
+                    last,
+                    hot_extents,
+                    bitmaps,
+                },
+            )
+            .boxed(),
+        MessageType::DirDemote => any::<(bool, u64)>()
+            .prop_map(|(force, term)| Message::DirDemote { force, term })
+            .boxed(),
+        MessageType::DirRefused => any::<String>()
+            .prop_map(|reason| Message::DirRefused { reason })
+            .boxed(),
+        MessageType::DirBitmap => (any::<(u32, u32, u64, u8)>(), data())
+            .prop_map(
+                |((node_id, block_size, nbits, encoding), data)| Message::DirBitmap {
+                    node_id,
+                    block_size,
+                    nbits,
+                    encoding,
+                    data,
+                },
+            )
+            .boxed(),
     }
+}
+
+/// Whole little-endian u64s, as the hot-extent lists are.
+fn extents() -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u64>(), 0..8)
+        .prop_map(|v| Bytes::from(v.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>()))
 }
 
 fn message() -> impl Strategy<Value = Message> {

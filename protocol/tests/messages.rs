@@ -101,6 +101,53 @@ fn sample(ty: MessageType) -> Message {
         },
         MessageType::Ping => Message::Ping,
         MessageType::PingAck => Message::PingAck,
+        MessageType::DirJoin => Message::DirJoin {
+            name: "laptop".into(),
+            address: "127.0.0.1:7790".into(),
+            lan_group: "home".into(),
+            size: 1 << 30,
+        },
+        MessageType::DirInfo => Message::DirInfo {
+            term: 7,
+            primary: protocol::NO_NODE,
+        },
+        MessageType::DirPromote => Message::DirPromote { force: true },
+        MessageType::DirGranted => Message::DirGranted {
+            term: 8,
+            prev_primary: 1,
+            prev_term: 7,
+            prev_generation: GenerationIds {
+                current: 1,
+                bitmap: 2,
+                history: [3, 4],
+            },
+            prev_final: true,
+            report_age_ms: 1500,
+            overridden: false,
+            hot_extents: Bytes::from_static(&[1, 0, 0, 0, 0, 0, 0, 0]),
+            bitmaps: 3,
+        },
+        MessageType::DirReport => Message::DirReport {
+            term: 8,
+            generation: GenerationIds::default(),
+            last: false,
+            hot_extents: Bytes::new(),
+            bitmaps: 2,
+        },
+        MessageType::DirDemote => Message::DirDemote {
+            force: false,
+            term: 8,
+        },
+        MessageType::DirRefused => Message::DirRefused {
+            reason: "the device is open".into(),
+        },
+        MessageType::DirBitmap => Message::DirBitmap {
+            node_id: 2,
+            block_size: 4096,
+            nbits: 1 << 18,
+            encoding: 0,
+            data,
+        },
     }
 }
 

@@ -174,6 +174,8 @@ async fn wait_for_dialer(incoming: &mut mpsc::Receiver<Connection>) -> Result<Li
         match conn.channel {
             Channel::Data => data = Some(conn),
             Channel::Meta => meta = Some(conn),
+            // Routed elsewhere by the accept loop; never a link's.
+            Channel::Fetch | Channel::Directory => continue,
         }
         if let (Some(_), Some(_)) = (&data, &meta) {
             let (d, m) = (data.take().expect("checked"), meta.take().expect("checked"));
