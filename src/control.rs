@@ -88,6 +88,35 @@ pub struct Status {
     pub recovered_extents: u64,
     pub disk: String,
     pub peers: Vec<PeerStatus>,
+    /// The directory's address, when one is configured.
+    #[serde(default)]
+    pub directory: Option<String>,
+    /// Writes are refused: the directory handed out a newer term.
+    #[serde(default)]
+    pub fenced: bool,
+    /// Blocks this node lacks after a machine switch and their background
+    /// sync (all zero when it holds every block).
+    #[serde(default)]
+    pub sync: SyncStatus,
+}
+
+/// The local replica's missing blocks and the background sync pulling them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SyncStatus {
+    /// "none" (nothing missing), "syncing" or "paused" (missing, not pulling:
+    /// e.g. a secondary waiting for its primary to resend them).
+    pub state: String,
+    /// Bytes this node lacks and must fetch.
+    pub stale_bytes: u64,
+    /// Bytes fetched since the promotion (on demand and in the background).
+    pub fetched_bytes: u64,
+    /// Bytes a holder found identical by hash (nothing sent).
+    pub same_bytes: u64,
+    /// Guest I/Os that had to wait for a fetch.
+    pub on_demand_fetches: u64,
+    pub rate_bytes_per_sec: u64,
+    pub eta_seconds: Option<u64>,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -9,6 +9,7 @@ pub mod backing;
 pub mod blocksock;
 pub mod buffer;
 pub mod device;
+pub mod lazy;
 pub mod meta;
 
 pub use backing::{BackingError, BackingOptions, BackingStore};

@@ -126,6 +126,36 @@ fn print_status(s: &Status) {
         "  disk {}  metadata {}  last shutdown {}  recovered extents {}",
         s.disk, s.metadata, s.last_shutdown, s.recovered_extents
     );
+    if let Some(directory) = &s.directory {
+        println!(
+            "  directory {directory}{}",
+            if s.fenced {
+                "  FENCED: writes refused (the directory made another node primary)"
+            } else {
+                ""
+            }
+        );
+    }
+    if s.sync.stale_bytes > 0 || s.sync.fetched_bytes > 0 {
+        let eta = s
+            .sync
+            .eta_seconds
+            .map(|e| format!("{e}s"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  sync {}  missing {} bytes  fetched {} bytes  same by hash {} bytes  on-demand fetches {}  rate {} B/s  eta {}",
+            s.sync.state,
+            s.sync.stale_bytes,
+            s.sync.fetched_bytes,
+            s.sync.same_bytes,
+            s.sync.on_demand_fetches,
+            s.sync.rate_bytes_per_sec,
+            eta
+        );
+        if let Some(error) = &s.sync.last_error {
+            println!("    last sync error: {error}");
+        }
+    }
     for p in &s.peers {
         let eta = p
             .eta_seconds

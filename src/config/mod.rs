@@ -28,6 +28,8 @@ pub struct Config {
     pub resource: Resource,
     pub node: Node,
     pub directory: Option<SocketAddr>,
+    /// How often a primary reports its staleness bitmaps to the directory.
+    pub report_interval_ms: u64,
     pub secret_file: Option<PathBuf>,
     pub peers: Vec<Peer>,
     pub replication: Replication,
@@ -78,6 +80,12 @@ pub struct Replication {
     pub max_peer_wait_ms: u64,
     /// Resync bandwidth cap in bytes per second (0: unlimited).
     pub resync_rate: u64,
+    /// Background sync (pulling the blocks a new primary lacks) cap in bytes
+    /// per second (0: unlimited; it always yields to guest reads).
+    pub sync_rate: u64,
+    /// Longest a guest I/O waits for a block this node lacks while no node
+    /// holding it answers, before it fails with EIO (milliseconds).
+    pub fetch_timeout_ms: u64,
 }
 
 impl Default for Replication {
@@ -87,6 +95,8 @@ impl Default for Replication {
             congestion_bytes: 64 << 20,
             max_peer_wait_ms: 2000,
             resync_rate: 0,
+            sync_rate: 0,
+            fetch_timeout_ms: 30_000,
         }
     }
 }
@@ -199,6 +209,7 @@ struct RawNode {
 #[serde(deny_unknown_fields)]
 struct RawDirectory {
     address: String,
+    report_interval_ms: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +234,8 @@ struct RawReplication {
     congestion_limit: Option<RawSize>,
     max_peer_wait_ms: Option<i64>,
     resync_rate: Option<RawSize>,
+    sync_rate: Option<RawSize>,
+    fetch_timeout_ms: Option<i64>,
 }
 
 /// A size: an integer number of bytes or a string with a suffix.
@@ -234,6 +247,7 @@ enum RawSize {
 }
 
 const DEFAULT_LAN_GROUP: &str = "default";
+const DEFAULT_REPORT_INTERVAL_MS: u64 = 2000;
 
 /// Parses a size such as `4096`, `512KiB`, `16GiB`, `1G` (binary units).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -428,15 +442,35 @@ impl Validator<'_> {
             if let Some(s) = r.resync_rate {
                 replication.resync_rate = self.size("replication.resync_rate", s)?;
             }
+            if let Some(s) = r.sync_rate {
+                replication.sync_rate = self.size("replication.sync_rate", s)?;
+            }
+            if let Some(ms) = r.fetch_timeout_ms {
+                replication.fetch_timeout_ms = self.count("replication.fetch_timeout_ms", ms)?;
+            }
+        }
+        let (directory, report_interval_ms) = match raw.directory {
+            None => (None, DEFAULT_REPORT_INTERVAL_MS),
+            Some(d) => (
+                Some(self.address("directory.address", &d.address)?),
+                d.report_interval_ms
+                    .map(|ms| self.count("directory.report_interval_ms", ms))
+                    .transpose()?
+                    .unwrap_or(DEFAULT_REPORT_INTERVAL_MS),
+            ),
+        };
+        if directory.is_some() && peers.is_empty() {
+            return Err(self.err(
+                "directory.address",
+                "a directory needs peers: a standalone disk has nothing to switch to",
+            ));
         }
         Ok(Config {
             path: self.path.to_path_buf(),
             resource,
             node,
-            directory: raw
-                .directory
-                .map(|d| self.address("directory.address", &d.address))
-                .transpose()?,
+            directory,
+            report_interval_ms,
             secret_file: raw.security.map(|s| s.secret_file),
             peers,
             replication,

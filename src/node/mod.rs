@@ -10,6 +10,7 @@
 
 mod frontend;
 mod status;
+mod switch;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::control::{self, Request, Response};
+use crate::directory::client::{DirectoryClient, Member};
 use crate::replication::{ReplicatedDevice, Replication};
 use frontend::Frontend;
 
@@ -38,6 +40,11 @@ pub struct Node {
     last_shutdown_clean: bool,
     recovered_extents: u64,
     shutdown: watch::Sender<bool>,
+    /// The directory, when `[directory]` is configured: it decides
+    /// promotions and keeps the primary's reports.
+    directory: Option<DirectoryClient>,
+    /// One report to the directory at a time (periodic or final).
+    report_lock: Mutex<()>,
 }
 
 impl Node {
@@ -70,6 +77,23 @@ impl Node {
         let replication = (!config.is_standalone())
             .then(|| Replication::new(config.clone(), Arc::clone(&metadata), Arc::clone(&backing)));
         let (shutdown, _) = watch::channel(false);
+        let directory = match (config.directory, config.node.listen) {
+            (Some(address), Some(listen)) => Some(DirectoryClient::new(
+                address,
+                crate::replication::transport::LocalIdentity {
+                    resource: config.resource.name.clone(),
+                    node_id: config.node.id,
+                    secret: Arc::new(config.read_secret()?),
+                },
+                Member {
+                    name: config.node.name.clone(),
+                    address: listen,
+                    lan_group: config.node.lan_group.clone(),
+                    size: config.resource.size,
+                },
+            )),
+            _ => None,
+        };
         Ok(Arc::new(Node {
             config,
             metadata,
@@ -79,6 +103,8 @@ impl Node {
             last_shutdown_clean,
             recovered_extents,
             shutdown,
+            directory,
+            report_lock: Mutex::new(()),
         }))
     }
 
@@ -102,11 +128,24 @@ impl Node {
             return Err("this node has no peers: it is a standalone disk, always exposed".into());
         };
         let mut slot = self.frontend.lock().await;
-        let state = repl.promote(force)?;
+        let (state, note) = if self.directory.is_some() {
+            self.promote_through_directory(repl, force).await?
+        } else {
+            let state = repl.promote(force)?;
+            // Blocks a switch left missing here (a previous promotion by the
+            // directory whose background sync did not finish).
+            repl.start_fetching(Vec::new())
+                .map_err(|e| format!("cannot fetch the blocks this node lacks: {e:#}"))?;
+            (state, String::new())
+        };
         match self.expose(&mut slot).await {
-            Ok(path) => Ok(format!("primary (term {}), device {path}", state.term)),
+            Ok(path) => Ok(format!(
+                "primary (term {}), device {path}{note}",
+                state.term
+            )),
             Err(e) => {
                 let _ = repl.demote().await;
+                let _ = self.report_demotion(repl).await;
                 Err(format!(
                     "promoted, but the device could not be exposed: {e:#}; demoted again"
                 ))
@@ -119,16 +158,27 @@ impl Node {
             return Err("this node has no peers: it is a standalone disk, always exposed".into());
         };
         let mut slot = self.frontend.lock().await;
+        let was_primary = repl.role().role == Role::Primary;
         remove_device(&mut slot, force).await?;
         let lagging = repl.demote().await.map_err(|e| format!("demote: {e}"))?;
-        if lagging.is_empty() {
-            Ok("secondary; every peer holds every write".into())
+        let unreported = if was_primary {
+            self.report_demotion(repl).await
         } else {
-            Ok(format!(
+            None
+        };
+        let mut message = if lagging.is_empty() {
+            "secondary; every peer holds every write".to_string()
+        } else {
+            format!(
                 "secondary; not up to date (do not promote before they resync): {}",
                 lagging.join(", ")
-            ))
+            )
+        };
+        if let Some(note) = unreported {
+            message.push_str("; ");
+            message.push_str(&note);
         }
+        Ok(message)
     }
 
     /// Stops cleanly: device removed, data flushed, metadata marked clean.
@@ -136,7 +186,11 @@ impl Node {
         let mut slot = self.frontend.lock().await;
         remove_device(&mut slot, force).await?;
         if let Some(repl) = &self.replication {
+            let was_primary = repl.role().role == Role::Primary;
             repl.demote().await.map_err(|e| format!("demote: {e}"))?;
+            if was_primary {
+                self.report_demotion(repl).await;
+            }
         }
         self.backing
             .flush()
@@ -244,7 +298,13 @@ async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
             node.expose(&mut slot).await?;
         }
         Some(repl) => {
-            repl.start().await?;
+            let from_directory = repl.start().await?;
+            tokio::spawn(
+                Arc::clone(node)
+                    .serve_directory(from_directory)
+                    .in_current_span(),
+            );
+            tokio::spawn(Arc::clone(node).report_periodically().in_current_span());
             let resource = &node.config.resource.name;
             if node.config.node.block_socket.is_none()
                 && blockdev::ublk::has_recoverable_device(resource)
@@ -252,7 +312,7 @@ async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
                 tracing::warn!(
                     "a device of this resource is waiting for recovery: resuming as primary"
                 );
-                repl.promote(true).map_err(anyhow::Error::msg)?;
+                node.resume_as_primary(repl).await?;
                 node.expose(&mut slot).await?;
             }
         }

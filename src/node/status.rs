@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use protocol::Role;
 
 use super::Node;
-use crate::control::{PeerStatus, Status};
+use crate::control::{PeerStatus, Status, SyncStatus};
 use crate::replication::peer::{PeerMode, PeerReplica};
 use crate::replication::Replication;
 
@@ -50,6 +50,16 @@ impl Node {
             recovered_extents: self.recovered_extents,
             disk,
             peers,
+            directory: self.config.directory.map(|a| a.to_string()),
+            fenced: self.replication.as_ref().is_some_and(|r| r.is_fenced()),
+            sync: self
+                .replication
+                .as_ref()
+                .map(|r| sync_status(r))
+                .unwrap_or_else(|| SyncStatus {
+                    state: "none".into(),
+                    ..SyncStatus::default()
+                }),
         }
     }
 
@@ -94,6 +104,28 @@ fn peer_status(repl: &Replication, peer: &PeerReplica) -> PeerStatus {
         resynced_bytes: peer.stats.resync_bytes.load(Ordering::Acquire),
         send_queue_bytes: peer.queued.load(Ordering::Acquire),
         last_error: peer.last_error(),
+    }
+}
+
+fn sync_status(repl: &Replication) -> SyncStatus {
+    let stats = repl.local.sync_stats();
+    let stale_bytes = repl.local.stale_bytes();
+    SyncStatus {
+        state: if stale_bytes == 0 {
+            "none"
+        } else if repl.local.is_active() {
+            "syncing"
+        } else {
+            "paused"
+        }
+        .into(),
+        stale_bytes,
+        fetched_bytes: stats.fetched_bytes,
+        same_bytes: stats.same_bytes,
+        on_demand_fetches: stats.on_demand_fetches,
+        rate_bytes_per_sec: stats.rate_bytes_per_sec,
+        eta_seconds: stats.eta_seconds,
+        last_error: stats.last_error,
     }
 }
 

@@ -45,8 +45,13 @@ pub struct Link {
     pub meta_writer: FrameWriter,
 }
 
-/// Binds the listener and starts a link task per peer.
-pub async fn start(repl: Arc<Replication>) -> anyhow::Result<()> {
+/// Connections the directory opened to this node (it asks a primary to
+/// demote); the node serves them.
+pub type IncomingConnections = mpsc::Receiver<Connection>;
+
+/// Binds the listener and starts a link task per peer. Returns the
+/// directory's connections, for the node to serve.
+pub async fn start(repl: Arc<Replication>) -> anyhow::Result<IncomingConnections> {
     let identity = LocalIdentity {
         resource: repl.config.resource.name.clone(),
         node_id: repl.config.node.id,
@@ -73,16 +78,60 @@ pub async fn start(repl: Arc<Replication>) -> anyhow::Result<()> {
             rx,
         ));
     }
-    tokio::spawn(accept_loop(listener, identity, routes).in_current_span());
-    Ok(())
+    let (directory_tx, directory_rx) = mpsc::channel(4);
+    let router = Router {
+        repl: Arc::clone(&repl),
+        links: routes,
+        directory: repl.config.directory.is_some().then_some(directory_tx),
+    };
+    tokio::spawn(accept_loop(listener, identity, Arc::new(router)).in_current_span());
+    Ok(directory_rx)
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    identity: LocalIdentity,
-    routes: Vec<(u32, mpsc::Sender<Connection>)>,
-) {
-    let routes = Arc::new(routes);
+/// Where an authenticated connection goes, by who dialed and which channel.
+struct Router {
+    repl: Arc<Replication>,
+    /// Data and meta connections: the peer's link task.
+    links: Vec<(u32, mpsc::Sender<Connection>)>,
+    /// The directory's connections, when one is configured.
+    directory: Option<mpsc::Sender<Connection>>,
+}
+
+impl Router {
+    fn knows(&self, id: u32) -> bool {
+        self.links.iter().any(|(peer, _)| *peer == id)
+            || (id == protocol::DIRECTORY_NODE_ID && self.directory.is_some())
+    }
+
+    async fn route(&self, conn: Connection) {
+        let from_directory = conn.peer_id == protocol::DIRECTORY_NODE_ID;
+        match (conn.channel, from_directory) {
+            (Channel::Directory, true) => {
+                if let Some(directory) = &self.directory {
+                    let _ = directory.send(conn).await;
+                }
+            }
+            (Channel::Fetch, false) => {
+                let peer = conn.peer_id;
+                super::holder::serve(Arc::clone(&self.repl), conn)
+                    .instrument(tracing::info_span!("holder", peer))
+                    .await
+            }
+            (Channel::Data | Channel::Meta, false) => {
+                if let Some((_, link)) = self.links.iter().find(|(id, _)| *id == conn.peer_id) {
+                    let _ = link.send(conn).await;
+                }
+            }
+            (channel, _) => tracing::warn!(
+                peer = conn.peer_id,
+                ?channel,
+                "connection on a channel this node does not serve for it; closed"
+            ),
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, identity: LocalIdentity, router: Arc<Router>) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -93,18 +142,16 @@ async fn accept_loop(
             }
         };
         let identity = identity.clone();
-        let routes = Arc::clone(&routes);
-        tokio::spawn(async move {
-            let known = |id: u32| routes.iter().any(|(peer, _)| *peer == id);
-            match transport::accept(&identity, stream, known).await {
-                Ok(conn) => {
-                    if let Some((_, route)) = routes.iter().find(|(id, _)| *id == conn.peer_id) {
-                        let _ = route.send(conn).await;
-                    }
+        let router = Arc::clone(&router);
+        tokio::spawn(
+            async move {
+                match transport::accept(&identity, stream, |id| router.knows(id)).await {
+                    Ok(conn) => router.route(conn).await,
+                    Err(e) => tracing::warn!(%from, error = %e, "refused incoming connection"),
                 }
-                Err(e) => tracing::warn!(%from, error = %e, "refused incoming connection"),
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 

@@ -10,6 +10,9 @@
 
 mod bitmap_exchange;
 mod epochs;
+mod fetcher;
+mod handover;
+mod holder;
 mod link;
 pub mod peer;
 mod source;
@@ -21,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blockdev::lazy::LazyDevice;
 use blockdev::meta::{ActivityLog, AlGuard, Metadata};
 use blockdev::{BackingStore, BlockDevice};
 use bytes::Bytes;
@@ -29,7 +33,17 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::{Config, Protocol};
 use epochs::{EpochCounter, RangeLock};
+pub use handover::{Handover, Inherited, PrevPrimary};
+pub use link::IncomingConnections;
 use peer::PeerReplica;
+
+/// The local replica as the replication layer sees it: the backing store
+/// under the on-demand fetch layer, which after a machine switch fetches
+/// the blocks this node lacks before they are read (and is a plain
+/// pass-through otherwise). Everything the primary serves or resyncs to
+/// its peers is read through it, so a block this node lacks is never
+/// served or sent; fetched data lands on this node's disk only.
+pub type LocalDisk = LazyDevice<BackingStore>;
 
 /// Longest `demote` waits for peers to confirm every write.
 const DEMOTE_WAIT: Duration = Duration::from_secs(30);
@@ -39,7 +53,7 @@ const DEMOTE_WAIT: Duration = Duration::from_secs(30);
 pub struct Replication {
     pub config: Config,
     pub metadata: Arc<Metadata>,
-    pub local: Arc<BackingStore>,
+    pub local: Arc<LocalDisk>,
     pub peers: Vec<Arc<PeerReplica>>,
     runtime: tokio::runtime::Handle,
     /// Role and term; links restart when it changes.
@@ -57,6 +71,11 @@ pub struct Replication {
     /// Held while the new generation is persisted; writes that find
     /// `fork_pending` wait here so none completes before it.
     fork_lock: Mutex<()>,
+    /// What this node took over from the previous primary when the
+    /// directory made it primary (see [`handover`]).
+    inherited: Mutex<Option<Inherited>>,
+    /// Writes are refused: the directory handed out a newer term.
+    fenced: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,8 +85,24 @@ pub struct RoleState {
 }
 
 impl Replication {
-    pub fn new(config: Config, metadata: Arc<Metadata>, local: Arc<BackingStore>) -> Arc<Self> {
+    pub fn new(config: Config, metadata: Arc<Metadata>, backing: Arc<BackingStore>) -> Arc<Self> {
         let fork_pending = Arc::new(AtomicBool::new(false));
+        let own_stale = Arc::clone(
+            metadata
+                .bitmap(config.node.id)
+                .expect("the node id is validated against node slots"),
+        );
+        let persist_meta = Arc::clone(&metadata);
+        let local = Arc::new(LazyDevice::new(
+            backing,
+            own_stale,
+            Arc::new(move |blocks| {
+                persist_meta
+                    .flush_bitmap_blocks(blocks)
+                    .map_err(io::Error::other)
+            }),
+            tokio::runtime::Handle::current(),
+        ));
         let peers: Vec<Arc<PeerReplica>> = config
             .peers
             .iter()
@@ -107,11 +142,14 @@ impl Replication {
             disk_state: Mutex::new(disk_state),
             fork_pending,
             fork_lock: Mutex::new(()),
+            inherited: Mutex::new(None),
+            fenced: AtomicBool::new(false),
         })
     }
 
-    /// Starts the listener and one link task per peer.
-    pub async fn start(self: &Arc<Self>) -> anyhow::Result<()> {
+    /// Starts the listener and one link task per peer; returns the
+    /// connections the directory opens to this node.
+    pub async fn start(self: &Arc<Self>) -> anyhow::Result<IncomingConnections> {
         link::start(Arc::clone(self)).await
     }
 
@@ -144,6 +182,11 @@ impl Replication {
 
     /// A secondary that the primary reports in sync takes its generation.
     fn adopt_generation(&self, generation: GenerationIds) -> io::Result<()> {
+        // Blocks we lacked as a primary that was switched away from before
+        // its background sync finished: the primary has resent them too.
+        if self.local.stale_bitmap().clear_all() > 0 {
+            self.metadata.flush_bitmaps().map_err(io::Error::other)?;
+        }
         self.metadata
             .set_generations(from_wire(generation))
             .map_err(io::Error::other)?;
@@ -197,6 +240,62 @@ impl Replication {
             current: blockdev::meta::GenerationIds::new_id(term, self.config.node.id),
             bitmap: old.current,
             history: [old.current, old.history[0]],
+        }
+    }
+
+    /// After a promotion: if this node lacks blocks, fetch them on demand
+    /// from the nodes that hold them and pull the rest in the background
+    /// (hot extents first). No-op when nothing is missing.
+    pub fn start_fetching(&self, hot_extents: Vec<u64>) -> anyhow::Result<()> {
+        let missing = self.local.stale_bytes();
+        if missing == 0 {
+            return Ok(());
+        }
+        let identity = transport::LocalIdentity {
+            resource: self.config.resource.name.clone(),
+            node_id: self.config.node.id,
+            secret: Arc::new(self.config.read_secret()?),
+        };
+        let fetcher = fetcher::Fetcher::new(
+            identity,
+            self.config.node.lan_group.clone(),
+            self.peers.clone(),
+            Duration::from_millis(self.config.replication.fetch_timeout_ms),
+        );
+        self.local
+            .activate(Arc::new(fetcher::NetSource(Arc::new(fetcher))));
+        self.local
+            .start_background_sync(blockdev::lazy::SyncOptions {
+                rate: self.config.replication.sync_rate,
+                hot_extents,
+                chunk: 1 << 20,
+                concurrency: 4,
+            });
+        tracing::info!(
+            missing_bytes = missing,
+            "serving at once; blocks this node lacks are fetched on demand and pulled in the background"
+        );
+        Ok(())
+    }
+
+    /// Once the background sync has pulled everything, this replica is a
+    /// whole copy again. Called periodically; cheap.
+    pub fn check_sync_done(&self) {
+        if self.disk_state() != DiskState::Inconsistent
+            || self.role().role != Role::Primary
+            || !self.local.is_active()
+            || self.local.stale_bytes() > 0
+        {
+            return;
+        }
+        let done = self
+            .metadata
+            .flush_bitmaps()
+            .map_err(io::Error::other)
+            .and_then(|()| self.set_disk_state(DiskState::UpToDate));
+        match done {
+            Ok(()) => tracing::info!("every block is local now: background sync complete"),
+            Err(e) => tracing::error!(error = %e, "cannot record the finished background sync"),
         }
     }
 
@@ -283,6 +382,14 @@ impl Replication {
         }
         self.flush_everywhere(true, tokio::time::Instant::now() + DEMOTE_WAIT)
             .await?;
+        // Blocks still missing here stay marked in our own slot: they go
+        // into the final report, and the next primary brings them back.
+        self.local.deactivate().await;
+        if self.local.stale_bytes() > 0 {
+            self.set_disk_state(DiskState::Inconsistent)?;
+        }
+        *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.fenced.store(false, Ordering::Release);
         let lagging: Vec<String> = self
             .peers
             .iter()
@@ -319,6 +426,29 @@ impl Replication {
             .collect()
     }
 
+    /// [`Replication::close_epoch`], also closing it on `resyncing` when it
+    /// is a WAN peer (which gets no barriers otherwise: its resync chunks
+    /// clear their bits only when a barrier after them is acked).
+    fn close_epoch_including(
+        &self,
+        resyncing: &Arc<PeerReplica>,
+        want_ack: bool,
+    ) -> Vec<(Arc<PeerReplica>, oneshot::Receiver<()>)> {
+        if resyncing.is_lan {
+            return self.close_epoch(want_ack);
+        }
+        let term = self.role().term;
+        let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        let epoch = epochs.close();
+        self.lan_peers()
+            .chain(std::iter::once(resyncing))
+            .filter_map(|p| {
+                p.barrier(term, epoch, want_ack)
+                    .map(|ack| (Arc::clone(p), ack))
+            })
+            .collect()
+    }
+
     /// Waits for peers' acks until `deadline`, then gives up on (and drops
     /// behind) any peer that has not answered.
     async fn wait_for_peers(
@@ -344,6 +474,30 @@ impl Replication {
         blockdev::device::check_range(self.local_size(), offset, len)
     }
 
+    /// Like [`Replication::check_primary`], and refuses writes once fenced.
+    fn check_writable(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_primary(offset, len)?;
+        if self.is_fenced() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "fenced: the directory made another node primary",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stops serving writes for good (until demoted): the directory knows a
+    /// newer term, so another node is, or may become, primary.
+    pub fn fence(&self, why: &str) {
+        if !self.fenced.swap(true, Ordering::AcqRel) {
+            tracing::error!("fenced, writes refused from now on: {why}");
+        }
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
     /// The replicated write path; `make` builds the message for an
     /// (epoch, seq) pair, `apply` does the local part.
     async fn replicate<F>(
@@ -357,7 +511,7 @@ impl Replication {
     where
         F: std::future::Future<Output = io::Result<()>>,
     {
-        self.check_primary(offset, len)?;
+        self.check_writable(offset, len)?;
         // One slow peer may hold this write up for `max_peer_wait` in all,
         // whether by its backlog (below) or by its acks (protocol C).
         let deadline = tokio::time::Instant::now() + self.max_peer_wait();
@@ -390,8 +544,9 @@ impl Replication {
             let (epoch, seq) = epochs.assign();
             for peer in &self.peers {
                 if !peer.is_lan {
-                    // WAN peers are brought up to date lazily.
-                    peer.bitmap.set_bytes(offset, len);
+                    // WAN peers are not mirrored: they are resynced
+                    // afterwards (in the background, at `resync_rate`).
+                    peer.resync_range(offset, len);
                     continue;
                 }
                 if let Some(ack) = peer.mirror(
@@ -429,7 +584,7 @@ impl Replication {
     }
 
     async fn replicated_flush(self: Arc<Self>) -> io::Result<()> {
-        self.check_primary(0, 0)?;
+        self.check_writable(0, 0)?;
         let want_ack = self.config.resource.protocol == Protocol::C;
         let deadline = tokio::time::Instant::now() + self.max_peer_wait();
         self.flush_everywhere(want_ack, deadline).await
@@ -533,7 +688,14 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.check_primary(offset, buf.len() as u64)?;
+        let len = buf.len() as u64;
+        self.0.check_primary(offset, len)?;
+        if self.0.local.needs_fetch(offset, len) {
+            // Fetching needs the network, hence the runtime; the buffer
+            // cannot go there, so fetch first, then read as usual.
+            let present = self.0.local.ensure_present(offset, len);
+            self.0.on_runtime(present).await?;
+        }
         self.0.local.read(offset, buf).await
     }
 
@@ -590,7 +752,7 @@ impl ReplicatedDevice {
     /// Replicates a discard or write-zeroes in pieces the activity log can
     /// hold, one after the other (each is its own replicated write).
     async fn range_op(&self, offset: u64, len: u64, op: RangeOp) -> io::Result<()> {
-        self.0.check_primary(offset, len)?;
+        self.0.check_writable(offset, len)?;
         let end = offset + len;
         let mut at = offset;
         while at < end {

@@ -455,6 +455,21 @@ impl PeerReplica {
         }
     }
 
+    /// The blocks this peer lacks as far as anyone may rely on: its bitmap
+    /// plus every write it has not acknowledged yet (for the directory's
+    /// report: a crash now must not leave the record claiming the peer
+    /// holds writes still in flight to it).
+    pub fn lacking(&self) -> Bitmap {
+        let copy = self.bitmap.new_like();
+        let _ = copy.merge_from(&self.bitmap);
+        for record in self.lock().unacked.values() {
+            for &(offset, len) in &record.written {
+                copy.set_bytes(offset, len);
+            }
+        }
+        copy
+    }
+
     /// A resync run found nothing left and everything acked.
     pub fn mark_up_to_date(&self) -> bool {
         let mut inner = self.lock();

@@ -75,7 +75,15 @@ pub async fn run(
     role_changes: &mut watch::Receiver<RoleState>,
 ) -> Result<(), LinkError> {
     let us = (repl.role().term, repl.config.node.id);
-    match lineage(repl.generation(), theirs.generation, us) {
+    let inherited = repl.inherited();
+    let taken_over = inherited.is_some_and(|i| i.covers(theirs.generation.current));
+    let mut relation = lineage(repl.generation(), theirs.generation, us);
+    if taken_over && relation != Lineage::Empty {
+        // A generation of the primary we took over from: the bitmap the
+        // directory gave us for this peer covers what it lacks.
+        relation = Lineage::FromBitmap;
+    }
+    match relation {
         Lineage::FromBitmap => {}
         Lineage::Empty => {
             let blocks = peer.bitmap.set_all();
@@ -112,6 +120,17 @@ pub async fn run(
     // What the peer holds that we may not: resynced like what it lacks.
     let reported =
         bitmap_exchange::receive(&mut meta_reader, repl.config.node.id, &peer.bitmap).await?;
+    if taken_over && inherited.is_some_and(|i| i.exact) {
+        // A clean handover: the directory's bitmap for this peer is exact,
+        // and whatever it reports (its activity log, the blocks it knew we
+        // lacked) holds the previous primary's data, which is what we
+        // fetch: resending it would only double the traffic.
+        tracing::debug!(
+            reported = reported.count_ones(),
+            "peer of the tenure we took over: its report adds nothing"
+        );
+        reported.clear_all();
+    }
     let added = peer
         .bitmap
         .merge_from(&reported)
@@ -316,7 +335,7 @@ async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::i
         cursor = end;
         chunks += 1;
         if chunks % RESYNC_CHUNKS_PER_EPOCH == 0 {
-            drop(repl.close_epoch(false));
+            drop(repl.close_epoch_including(peer, false));
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
@@ -337,7 +356,7 @@ async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::i
     }
     // Close the last epoch and wait until the peer made it durable; the
     // bits of everything sent clear with that ack.
-    let acks = repl.close_epoch(true);
+    let acks = repl.close_epoch_including(peer, true);
     if let Some((_, ack)) = acks.into_iter().find(|(p, _)| p.id() == peer.id()) {
         let _ = ack.await;
     }

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use blockdev::device::check_range;
 use blockdev::meta::ActivityLog;
-use blockdev::BackingStore;
 use blockdev::BlockDevice;
 use bytes::Bytes;
 use protocol::{DiskState, Message};
@@ -23,7 +22,7 @@ use super::bitmap_exchange;
 use super::link::{Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
 use super::peer::PeerReplica;
 use super::transport::LinkError;
-use super::{enter_activity_log, Replication, RoleState};
+use super::{enter_activity_log, LocalDisk, Replication, RoleState};
 use crate::config::Protocol;
 
 /// One write to apply.
@@ -47,7 +46,7 @@ struct InFlight {
 
 /// Applies the writes of the current epoch.
 struct Applier {
-    local: Arc<BackingStore>,
+    local: Arc<LocalDisk>,
     /// Our activity log: a secondary records where it writes too, so that
     /// after a change of primary the blocks where it may be ahead of (or
     /// behind) the new primary are known (see `bitmap_exchange`).

@@ -332,6 +332,13 @@ impl Metadata {
         self.bitmaps.flush()
     }
 
+    /// Persists the changed bitmap pages that hold `blocks` (every node's),
+    /// then syncs: cheaper than [`Metadata::flush_bitmaps`] when a write path
+    /// needs a few bits durable before it completes.
+    pub fn flush_bitmap_blocks(&self, blocks: std::ops::Range<u64>) -> Result<(), MetaError> {
+        self.bitmaps.flush_blocks(std::slice::from_ref(&blocks))
+    }
+
     /// Durably records a newer term (equal: no-op). Lowering it is refused:
     /// the term is what fences a stale primary.
     pub fn set_term(&self, term: u64) -> Result<(), MetaError> {

@@ -1,0 +1,2 @@
+//! STUB: replaced by the `dir` branch.
+pub mod client;

@@ -1,0 +1,366 @@
+//! The requester side of on-demand fetch and background sync: a
+//! [`BlockSource`] that reads the newest version of a range from a node
+//! holding it.
+//!
+//! Who holds what is the primary's own bookkeeping: a block stale here and
+//! clear in a peer's bitmap is held by that peer in its newest version
+//! (the bitmaps were taken over from the directory at promotion, see
+//! `handover`, and only grow as we write). Holders in our LAN group are
+//! asked first, then any. A range no single node holds whole is split.
+//! When no holder answers, the request is retried until `fetch_timeout`,
+//! then fails with EIO and a log line naming the blocks and the nodes
+//! that hold them: never stale data.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockdev::lazy::{BlockSource, BoxFuture, Fetched};
+use bytes::BytesMut;
+use protocol::{Channel, Message};
+use tokio::sync::{mpsc, oneshot};
+
+use super::peer::PeerReplica;
+use super::transport::{self, Connection, LinkError, LocalIdentity};
+
+/// Longest one holder may take to answer one request before the next
+/// holder is tried (1 MiB over a slow WAN link, behind a few others).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest a connection to a holder may take to set up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between rounds over all holders while none answers.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// Fetches blocks from peers over `Channel::Fetch` connections.
+pub struct Fetcher {
+    identity: LocalIdentity,
+    lan_group: String,
+    peers: Vec<Arc<PeerReplica>>,
+    /// One connection per holder, opened on first use, replaced when it
+    /// fails.
+    sessions: Mutex<HashMap<u32, Arc<Session>>>,
+    timeout: Duration,
+    runtime: tokio::runtime::Handle,
+    next_id: AtomicU64,
+}
+
+impl Fetcher {
+    pub fn new(
+        identity: LocalIdentity,
+        lan_group: String,
+        peers: Vec<Arc<PeerReplica>>,
+        timeout: Duration,
+    ) -> Fetcher {
+        Fetcher {
+            identity,
+            lan_group,
+            peers,
+            sessions: Mutex::new(HashMap::new()),
+            timeout,
+            runtime: tokio::runtime::Handle::current(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Peers holding every block of the range, nearest first.
+    fn holders(&self, offset: u64, len: u64) -> Vec<Arc<PeerReplica>> {
+        let mut holders: Vec<_> = self
+            .peers
+            .iter()
+            .filter(|p| !p.bitmap.any_in_bytes(offset, len))
+            .cloned()
+            .collect();
+        // Same LAN group first, then linked peers (likely up) first.
+        holders.sort_by_key(|p| (p.config.lan_group != self.lan_group, !p.is_connected()));
+        holders
+    }
+
+    /// The newest data of the range, or why no holder gave it.
+    async fn fetch_once(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        hash: Option<[u8; 32]>,
+    ) -> Result<Fetched, String> {
+        let holders = self.holders(offset, len);
+        if holders.is_empty() {
+            let block = self.block_size();
+            if len <= block {
+                return Err(format!(
+                    "no node holds the newest version of block {}",
+                    offset / block
+                ));
+            }
+            // Different blocks, different holders: halve the range.
+            let half = (len / 2).div_ceil(block) * block;
+            let first = Box::pin(self.fetch_once(offset, half, None)).await?;
+            let second = Box::pin(self.fetch_once(offset + half, len - half, None)).await?;
+            let (Fetched::Data(a), Fetched::Data(b)) = (first, second) else {
+                return Err("a holder answered \"same\" without a hash".into());
+            };
+            let mut joined = BytesMut::with_capacity(len as usize);
+            joined.extend_from_slice(&a);
+            joined.extend_from_slice(&b);
+            return Ok(Fetched::Data(joined.freeze()));
+        }
+        let mut errors = Vec::new();
+        for holder in holders {
+            match self.ask(&holder, offset, len, hash).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) => {
+                    tracing::debug!(holder = %holder.config.name, offset, len, error = %e, "holder did not answer; trying the next");
+                    errors.push(format!("{}: {e}", holder.config.name));
+                }
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    fn block_size(&self) -> u64 {
+        self.peers
+            .first()
+            .map_or(4096, |p| u64::from(p.bitmap.block_size()))
+    }
+
+    /// One request to one holder.
+    async fn ask(
+        &self,
+        holder: &PeerReplica,
+        offset: u64,
+        len: u64,
+        hash: Option<[u8; 32]>,
+    ) -> Result<Fetched, String> {
+        let session = self.session(holder.id(), holder.config.address).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = Message::ReadRequest {
+            id,
+            offset,
+            len: len as u32,
+            hash,
+        };
+        match session.request(id, request).await? {
+            Message::ReadReply {
+                offset: at, data, ..
+            } if at == offset && data.len() as u64 == len => Ok(Fetched::Data(data)),
+            Message::ReadSame {
+                offset: at, len: l, ..
+            } if at == offset && u64::from(l) == len => match hash {
+                Some(_) => Ok(Fetched::Same),
+                None => Err("answered \"same\" to a request without a hash".into()),
+            },
+            Message::ReadError { errno, .. } => Err(format!(
+                "holder refused: {}",
+                io::Error::from_raw_os_error(errno)
+            )),
+            other => {
+                session.kill();
+                Err(format!(
+                    "answer {:?} does not match the request {offset}+{len}",
+                    other.message_type()
+                ))
+            }
+        }
+    }
+
+    /// The live session to `peer`, connecting if there is none.
+    async fn session(&self, peer: u32, address: SocketAddr) -> Result<Arc<Session>, String> {
+        if let Some(session) = self.lock_sessions().get(&peer) {
+            if session.is_alive() {
+                return Ok(Arc::clone(session));
+            }
+        }
+        let conn = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            transport::connect(&self.identity, address, peer, Channel::Fetch),
+        )
+        .await
+        .map_err(|_| format!("no connection to {address} within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        let session = Session::start(conn);
+        self.lock_sessions().insert(peer, Arc::clone(&session));
+        Ok(session)
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Names the nodes that hold the range, for the error log.
+    fn describe_holders(&self, offset: u64, len: u64) -> String {
+        let names: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|p| !p.bitmap.any_in_bytes(offset, len))
+            .map(|p| format!("{} ({})", p.config.name, p.config.address))
+            .collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}
+
+/// The [`BlockSource`] the fetch layer is given.
+pub struct NetSource(pub Arc<Fetcher>);
+
+impl BlockSource for NetSource {
+    fn fetch(
+        &self,
+        offset: u64,
+        len: u64,
+        local_hash: Option<[u8; 32]>,
+    ) -> BoxFuture<'_, io::Result<Fetched>> {
+        let this = Arc::clone(&self.0);
+        // The network needs the runtime, whoever polls us.
+        let work = self.0.runtime.spawn(async move {
+            let deadline = tokio::time::Instant::now() + this.timeout;
+            loop {
+                match this.fetch_once(offset, len, local_hash).await {
+                    Ok(fetched) => return Ok(fetched),
+                    Err(why) if tokio::time::Instant::now() >= deadline => {
+                        let block = this.block_size();
+                        tracing::error!(
+                            first_block = offset / block,
+                            blocks = len.div_ceil(block),
+                            holders = this.describe_holders(offset, len),
+                            error = why,
+                            "cannot fetch blocks this node lacks within fetch_timeout: failing the I/O"
+                        );
+                        return Err(io::Error::new(
+                            io::ErrorKind::Other,
+                            format!("no holder of {offset}+{len} answered: {why}"),
+                        ));
+                    }
+                    Err(why) => {
+                        tracing::warn!(offset, len, error = why, "fetch failed; retrying");
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+            }
+        });
+        Box::pin(async move {
+            work.await
+                .unwrap_or_else(|e| Err(io::Error::other(format!("fetch task failed: {e}"))))
+        })
+    }
+}
+
+/// One connection to a holder: requests go out through a writer task,
+/// answers come back in any order and are matched by id.
+struct Session {
+    outgoing: mpsc::UnboundedSender<Message>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    dead: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Session {
+    fn start(conn: Connection) -> Arc<Session> {
+        let Connection {
+            mut reader, writer, ..
+        } = conn;
+        let (outgoing, rx) = mpsc::unbounded_channel();
+        let session = Arc::new(Session {
+            outgoing,
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let pumping = Arc::clone(&session);
+        let pump = tokio::spawn(async move {
+            let _ = writer.pump(rx).await;
+            pumping.kill();
+        });
+        let reading = Arc::clone(&session);
+        let read = tokio::spawn(async move {
+            loop {
+                let answer = match reader.next().await {
+                    Ok(answer) => answer,
+                    Err(LinkError::Closed) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fetch connection failed");
+                        break;
+                    }
+                };
+                let id = match &answer {
+                    Message::ReadReply { id, .. }
+                    | Message::ReadSame { id, .. }
+                    | Message::ReadError { id, .. } => *id,
+                    other => {
+                        tracing::warn!(message = %other.message_type(), "holder sent something other than an answer");
+                        break;
+                    }
+                };
+                let waiter = reading
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(answer);
+                }
+            }
+            reading.kill();
+        });
+        session
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend([pump, read]);
+        session
+    }
+
+    fn is_alive(&self) -> bool {
+        !self.dead.load(Ordering::Acquire)
+    }
+
+    /// Marks the session dead and fails every request waiting on it.
+    fn kill(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        for task in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            task.abort();
+        }
+    }
+
+    async fn request(&self, id: u64, request: Message) -> Result<Message, String> {
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        if !self.is_alive() || self.outgoing.send(request).is_err() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return Err("connection closed".into());
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err("connection lost".into()),
+            Err(_) => {
+                // A holder this slow is treated as gone: the next request
+                // opens a fresh connection (or goes to another holder).
+                self.kill();
+                Err(format!("no answer within {REQUEST_TIMEOUT:?}"))
+            }
+        }
+    }
+}
+
+impl Drop for Fetcher {
+    /// Sessions keep themselves alive through their tasks: close them.
+    fn drop(&mut self) {
+        for session in self.lock_sessions().values() {
+            session.kill();
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Becoming primary on the directory's word: the machine switch.
+//!
+//! The directory hands the new primary the last report of the previous
+//! one: its generation ids and, for every node, the blocks that node lacks
+//! (the staleness bitmaps S(n) of the design). The new primary takes them
+//! over instead of trusting its own data:
+//!
+//! * its own slot becomes S(self): the blocks it must fetch before serving
+//!   them (the on-demand fetch layer does, and the background sync pulls
+//!   the rest);
+//! * each peer's slot becomes S(peer): what that peer will be resynced;
+//! * its new data generation descends from the previous primary's, so the
+//!   old primary and every peer that held its data link up as "behind by
+//!   the bitmap", not as diverged or ahead.
+//!
+//! Everything is persisted before the device is exposed: a crash right
+//! after must not forget which blocks are missing here.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use blockdev::meta::{Bitmap, GenerationIds as MetaIds};
+use protocol::{GenerationIds, Role};
+
+use super::source::{lineage, Lineage};
+use super::{from_wire, Replication, RoleState};
+
+/// The directory's grant, as the replication layer needs it.
+#[derive(Debug)]
+pub struct Handover {
+    /// The term the directory handed out for this promotion.
+    pub term: u64,
+    /// The resource's last report, if any primary ever reported.
+    pub prev: Option<PrevPrimary>,
+    /// The previous primary did not hand over (forced promotion).
+    pub overridden: bool,
+}
+
+/// The last report of the previous primary.
+#[derive(Debug)]
+pub struct PrevPrimary {
+    pub node: u32,
+    pub term: u64,
+    pub generation: GenerationIds,
+    /// It demoted cleanly after this report and wrote nothing since.
+    pub last: bool,
+    pub hot_extents: Vec<u64>,
+    /// Blocks each node lacked, by node id.
+    pub bitmaps: BTreeMap<u32, Bitmap>,
+}
+
+/// What a promoted node took over from the previous primary, for linking
+/// up with the other nodes afterwards.
+#[derive(Debug, Clone, Copy)]
+pub struct Inherited {
+    /// (term, node id) of the previous primary's tenure: a peer holding any
+    /// generation it started is behind by the bitmap we took over.
+    pub tenure: (u64, u32),
+    /// The previous primary's generation at its report.
+    pub generation: u64,
+    /// The report was final and the handover clean: the bitmaps we took
+    /// over are exact, so what a peer of that tenure reports on joining
+    /// adds nothing (it would only make us resend what it holds).
+    pub exact: bool,
+}
+
+impl Inherited {
+    /// Whether `generation` (a joining peer's) belongs to the tenure we
+    /// took over.
+    pub fn covers(&self, generation: u64) -> bool {
+        generation == self.generation || MetaIds::origin_of(generation) == self.tenure
+    }
+}
+
+impl Replication {
+    /// Becomes primary of the term the directory granted, taking over the
+    /// previous primary's view of who lacks what (see the module docs).
+    /// Returns the new role and the blocks this node must fetch.
+    pub fn promote_granted(&self, grant: Handover) -> Result<(RoleState, u64), String> {
+        if self.role().role == Role::Primary {
+            return Err("already primary".into());
+        }
+        let me = self.config.node.id;
+        let known = self.known_term().max(self.metadata.superblock().term);
+        if grant.term <= known {
+            return Err(format!(
+                "the directory granted term {}, but this node has seen term {known}; refusing (is the directory's state older than the cluster's?)",
+                grant.term
+            ));
+        }
+        let own = self.local.stale_bitmap();
+        let generation = match &grant.prev {
+            // Our own report (we were primary, then crashed or restarted):
+            // our metadata is at least as new as the report.
+            Some(prev) if prev.node == me => self.next_generation(grant.term),
+            Some(prev) => {
+                self.take_over_bitmaps(prev);
+                *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = Some(Inherited {
+                    tenure: (prev.term, prev.node),
+                    generation: prev.generation.current,
+                    exact: prev.last && !grant.overridden,
+                });
+                let ours = self.generation();
+                GenerationIds {
+                    current: MetaIds::new_id(grant.term, me),
+                    bitmap: prev.generation.current,
+                    history: [prev.generation.current, ours.current],
+                }
+            }
+            None => self.next_generation(grant.term),
+        };
+        // Where we wrote lately a peer may hold other data: resync it.
+        for peer in &self.peers {
+            self.metadata.mark_active_extents(&peer.bitmap);
+        }
+        let missing = own.count_ones() * u64::from(own.block_size());
+        self.metadata
+            .flush_bitmaps()
+            .and_then(|()| {
+                self.metadata
+                    .set_term_and_generations(grant.term, Some(from_wire(generation)))
+            })
+            .and_then(|()| self.metadata.set_data_term(grant.term))
+            .map_err(|e| format!("cannot persist the new term: {e}"))?;
+        if missing > 0 {
+            // Not a usable copy on its own until the background sync ends.
+            self.set_disk_state(protocol::DiskState::Inconsistent)
+                .map_err(|e| format!("cannot persist the disk state: {e}"))?;
+        }
+        self.known_term.fetch_max(grant.term, Ordering::AcqRel);
+        self.fork_pending.store(false, Ordering::Release);
+        self.fenced.store(false, Ordering::Release);
+        let state = RoleState {
+            role: Role::Primary,
+            term: grant.term,
+        };
+        self.role.send_replace(state);
+        tracing::info!(
+            term = grant.term,
+            generation = format!("{:016x}", generation.current),
+            missing_bytes = missing,
+            "promoted to primary by the directory"
+        );
+        Ok((state, missing))
+    }
+
+    /// Installs the previous primary's bitmaps: ours (what we must fetch)
+    /// and each peer's (what it will be resynced).
+    fn take_over_bitmaps(&self, prev: &PrevPrimary) {
+        let me = self.config.node.id;
+        let own = self.local.stale_bitmap();
+        own.clear_all();
+        // The report's bitmap for us counts from a generation of the
+        // previous primary's tenure; data older than that (or none) is
+        // not described by it: fetch everything.
+        let ours = self.generation();
+        let described =
+            lineage(prev.generation, ours, (prev.term, prev.node)) == Lineage::FromBitmap;
+        match prev.bitmaps.get(&me) {
+            Some(bitmap) if described => {
+                let _ = own.merge_from(bitmap);
+            }
+            _ => {
+                own.set_all();
+            }
+        }
+        // What we applied last as a secondary may not be what the previous
+        // primary kept (it may have lost our last epoch): fetch it again.
+        self.metadata.mark_active_extents(own);
+        for peer in &self.peers {
+            peer.bitmap.clear_all();
+            match prev.bitmaps.get(&peer.id()) {
+                Some(bitmap) => {
+                    let _ = peer.bitmap.merge_from(bitmap);
+                }
+                None => {
+                    peer.bitmap.set_all();
+                }
+            }
+        }
+        tracing::info!(
+            previous_primary = prev.node,
+            previous_term = prev.term,
+            final_report = prev.last,
+            missing_here = own.count_ones(),
+            "took over the previous primary's staleness bitmaps"
+        );
+    }
+
+    /// What this node took over at its last promotion, if the directory
+    /// made it primary after another node.
+    pub fn inherited(&self) -> Option<Inherited> {
+        *self.inherited.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
