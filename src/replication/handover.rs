@@ -109,9 +109,18 @@ impl Replication {
             }
             None => self.next_generation(grant.term),
         };
-        // Where we wrote lately a peer may hold other data: resync it.
-        for peer in &self.peers {
-            self.metadata.mark_active_extents(&peer.bitmap);
+        // Where we wrote lately a peer may hold other data (writes of a
+        // primary that died before reporting them, which reached us and
+        // not it): resync it, so every replica ends with ours. After a clean
+        // handover the bitmaps we took over are exact: nothing to add.
+        let exact = grant
+            .prev
+            .as_ref()
+            .is_some_and(|p| p.node != me && p.last && !grant.overridden);
+        if !exact {
+            for peer in &self.peers {
+                self.metadata.mark_active_extents(&peer.bitmap);
+            }
         }
         let missing = own.count_ones() * u64::from(own.block_size());
         self.metadata
@@ -164,9 +173,6 @@ impl Replication {
                 own.set_all();
             }
         }
-        // What we applied last as a secondary may not be what the previous
-        // primary kept (it may have lost our last epoch): fetch it again.
-        self.metadata.mark_active_extents(own);
         for peer in &self.peers {
             peer.bitmap.clear_all();
             match prev.bitmaps.get(&peer.id()) {

@@ -12,6 +12,7 @@
 
 pub mod cluster;
 pub mod daemon;
+pub mod directory;
 pub mod hash;
 pub mod proxy;
 pub mod rawpeer;

@@ -1,0 +1,401 @@
+//! The machine switch through the directory server: `vmsyncctl promote` on
+//! a node that lacks most blocks makes the disk usable there at once; reads
+//! fetch what is missing from the nodes that hold it, a background sync
+//! pulls the rest, and every replica ends up byte-identical.
+//!
+//! Real `vmsync-directory` and `vmsyncd` processes on loopback; the guest
+//! is a block-socket client of the primary's top layer.
+
+mod support;
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use blockdev::blocksock::BlockClient;
+use serde_json::Value;
+use support::directory::Directory;
+use support::{ctl, runtime, wait_for, ClusterSpec, Daemon, Model, TestDir, Workload};
+
+const START: Duration = Duration::from_secs(15);
+const CONVERGE: Duration = Duration::from_secs(90);
+
+/// A directory and a few nodes, each started and stopped by the test.
+struct Site {
+    rt: tokio::runtime::Runtime,
+    daemons: Vec<Option<Daemon>>,
+    directory: Directory,
+    dir: TestDir,
+}
+
+impl Site {
+    /// `nodes` nodes in `lan_groups` (default "home"), protocol C, with
+    /// `extra` appended to every node's config; metadata created, the
+    /// directory running, no node started.
+    fn new(nodes: u32, lan_groups: &[&str], extra: &str) -> Site {
+        let address = Directory::reserve_address();
+        let dir = TestDir::with_spec(ClusterSpec {
+            nodes,
+            protocol: "C",
+            lan_groups: lan_groups.iter().map(|g| g.to_string()).collect(),
+            extra_toml: format!("{}\n{extra}", Directory::node_toml(address)),
+            ..ClusterSpec::default()
+        });
+        for n in &dir.nodes {
+            let out = ctl(&n.config, &["create-md"]);
+            assert!(out.status.success(), "create-md: {}", text(&out));
+        }
+        let mut directory = Directory::layout(address, dir.path(), &dir.secret);
+        directory.start();
+        Site {
+            rt: runtime(),
+            daemons: (0..nodes).map(|_| None).collect(),
+            directory,
+            dir,
+        }
+    }
+
+    fn start(&mut self, id: u32) {
+        let mut daemon = Daemon::start(self.dir.node(id));
+        daemon.wait_ready(START);
+        self.daemons[id as usize - 1] = Some(daemon);
+    }
+
+    /// A clean stop (SIGTERM): a primary demotes and reports first.
+    fn stop(&mut self, id: u32) {
+        let mut daemon = self.daemons[id as usize - 1].take().expect("running");
+        let status = daemon.sigterm_and_wait(Duration::from_secs(60));
+        assert!(status.success(), "n{id} did not stop cleanly: {status}");
+    }
+
+    fn kill(&mut self, id: u32) {
+        self.daemons[id as usize - 1]
+            .take()
+            .expect("running")
+            .sigkill();
+    }
+
+    fn daemon(&self, id: u32) -> &Daemon {
+        self.daemons[id as usize - 1].as_ref().expect("running")
+    }
+
+    fn status(&self, id: u32) -> Value {
+        self.daemon(id).status_json()
+    }
+
+    fn ctl(&self, id: u32, args: &[&str]) -> Output {
+        self.daemon(id).ctl(args)
+    }
+
+    /// Promotes `id` through the directory; returns vmsyncctl's message.
+    fn promote(&self, id: u32) -> String {
+        let out = self.ctl(id, &["promote"]);
+        assert!(out.status.success(), "promote n{id}: {}", text(&out));
+        text(&out)
+    }
+
+    fn client(&self, id: u32) -> BlockClient {
+        self.rt
+            .block_on(BlockClient::connect(&self.dir.node(id).block_socket))
+            .expect("connect to the primary's block socket")
+    }
+
+    fn write(&self, client: &BlockClient, gen: &mut Workload, count: usize, model: Model) -> Model {
+        let ops = gen.ops(count);
+        let model = self
+            .rt
+            .block_on(support::workload::run(client, &ops, 16, model))
+            .expect("the guest's writes succeed");
+        self.rt.block_on(client.flush()).expect("flush");
+        model
+    }
+
+    /// Reads `range` through `client` and compares it with the model.
+    fn assert_reads(&self, client: &BlockClient, model: &Model, range: std::ops::Range<u64>) {
+        const CHUNK: u64 = 1 << 20;
+        let mut at = range.start;
+        while at < range.end {
+            let len = CHUNK.min(range.end - at);
+            let data = self
+                .rt
+                .block_on(client.read(at, len as usize))
+                .unwrap_or_else(|e| panic!("read {at}+{len}: {e}"));
+            let want = &model.image()[at as usize..(at + len) as usize];
+            if data != want {
+                let first = data.iter().zip(want).position(|(a, b)| a != b).unwrap();
+                panic!("read {at}+{len} differs from the model at byte {}", at + first as u64);
+            }
+            at += len;
+        }
+    }
+
+    fn stale_bytes(&self, id: u32) -> u64 {
+        self.status(id)["sync"]["stale_bytes"].as_u64().unwrap()
+    }
+
+    fn wait_sync_done(&self, id: u32) {
+        let done = wait_for(
+            || {
+                self.daemon(id)
+                    .try_status_json()
+                    .is_some_and(|s| s["sync"]["stale_bytes"] == 0)
+            },
+            CONVERGE,
+        );
+        assert!(done, "n{id}'s background sync did not finish: {}", self.status(id));
+    }
+
+    /// Waits until `primary` sees every peer in `peers` up to date.
+    fn wait_up_to_date(&self, primary: u32, peers: &[u32]) {
+        let ok = wait_for(
+            || {
+                self.daemon(primary).try_status_json().is_some_and(|s| {
+                    peers.iter().all(|id| {
+                        s["peers"].as_array().is_some_and(|ps| {
+                            ps.iter().any(|p| {
+                                p["id"] == *id && p["state"] == "up-to-date" && p["stale_bytes"] == 0
+                            })
+                        })
+                    })
+                })
+            },
+            CONVERGE,
+        );
+        assert!(ok, "peers {peers:?} of n{primary} not up to date: {}", self.status(primary));
+    }
+
+    fn hash(&self, id: u32) -> blake3::Hash {
+        support::blake3_of_file(&self.dir.node(id).backing, self.dir.spec.size)
+    }
+
+    /// Waits until every node in `ids` holds exactly `model` on disk.
+    fn wait_identical(&self, ids: &[u32], model: &Model) {
+        let want = model.blake3();
+        let mut last = Vec::new();
+        let ok = wait_for(
+            || {
+                last = ids.iter().map(|&id| (id, self.hash(id) == want)).collect();
+                last.iter().all(|(_, same)| *same)
+            },
+            CONVERGE,
+        );
+        assert!(ok, "backings not equal to the model (node, equal): {last:?}");
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Node 1 writes with node 3 mirrored and stops cleanly; node 2, which never
+/// held a byte, is promoted. Every read on node 2 returns node 1's data at
+/// once, the guest writes on node 2 while the background sync runs, the
+/// switch to node 3 happens before that sync finishes, then back to node 1;
+/// every replica ends byte-identical to what the guest wrote.
+#[test]
+fn a_switch_to_an_empty_node_serves_everything_at_once_and_converges() {
+    // A slow background sync keeps node 2 half synced long enough.
+    let mut site = Site::new(3, &[], "[replication]\nsync_rate = \"4MiB\"\n");
+    let size = site.dir.spec.size;
+    site.start(1);
+    site.start(3);
+    site.promote(1);
+    site.wait_up_to_date(1, &[3]);
+    let mut gen = Workload::new(7, size);
+    let client = site.client(1);
+    let model = site.write(&client, &mut gen, 3000, Model::zeroed(size));
+    site.wait_up_to_date(1, &[3]);
+    drop(client);
+    site.stop(1);
+
+    site.start(2);
+    let started = Instant::now();
+    let message = site.promote(2);
+    assert!(message.contains("fetched from other nodes"), "{message}");
+    assert_eq!(site.status(2)["role"], "primary");
+    assert!(site.stale_bytes(2) > size / 2, "node 2 should lack (nearly) everything");
+    let client = site.client(2);
+    // The first reads are served at once, from node 3 (node 1 is down).
+    site.assert_reads(&client, &model, 0..4 << 20);
+    eprintln!("switch to first 4 MiB read: {:?}", started.elapsed());
+    site.start(1);
+    let model = site.write(&client, &mut gen, 500, model);
+    site.assert_reads(&client, &model, 0..size);
+    let stale = site.stale_bytes(2);
+    drop(client);
+
+    // Switch to node 3 while node 2 still lacks blocks.
+    let message = site.promote(3);
+    assert!(!message.contains("forced"), "{message}");
+    assert_eq!(site.status(2)["role"], "secondary");
+    assert!(stale > 0, "node 2 finished its sync before the next switch: raise the data or lower sync_rate");
+    let client = site.client(3);
+    site.assert_reads(&client, &model, 0..size);
+    let model = site.write(&client, &mut gen, 300, model);
+    site.wait_up_to_date(3, &[1, 2]);
+    site.wait_identical(&[1, 2, 3], &model);
+    drop(client);
+
+    // And back to node 1.
+    site.promote(1);
+    let client = site.client(1);
+    site.assert_reads(&client, &model, 0..size);
+    let model = site.write(&client, &mut gen, 200, model);
+    site.wait_up_to_date(1, &[2, 3]);
+    site.wait_identical(&[1, 2, 3], &model);
+    let term = site.status(1)["term"].as_u64().unwrap();
+    assert_eq!(term, 4, "four promotions, four terms");
+}
+
+/// The guest hammers the very blocks the background sync is pulling: no
+/// fetched (older) data may ever overwrite what the guest wrote.
+#[test]
+fn guest_writes_racing_the_background_sync_are_never_overwritten() {
+    let mut site = Site::new(2, &[], "[replication]\nsync_rate = \"16MiB\"\n");
+    let size = site.dir.spec.size;
+    site.start(1);
+    site.promote(1);
+    let client = site.client(1);
+    let mut gen = Workload::new(11, size);
+    let model = site.write(&client, &mut gen, 2000, Model::zeroed(size));
+    drop(client);
+    site.stop(1);
+    site.start(1);
+    site.start(2);
+    site.promote(2);
+    let client = site.client(2);
+    // Small writes all over the device, many partial blocks, at QD16,
+    // while the sync pulls in ascending order under them.
+    let mut model = model;
+    for _ in 0..5 {
+        model = site.write(&client, &mut gen, 1500, model);
+    }
+    site.assert_reads(&client, &model, 0..size);
+    site.wait_sync_done(2);
+    site.wait_up_to_date(2, &[1]);
+    site.wait_identical(&[1, 2], &model);
+}
+
+/// A holder dies in the middle of the reads: the other holder serves them.
+/// With no holder left a read fails (EIO) after `fetch_timeout_ms`, and
+/// succeeds once a holder is back.
+#[test]
+fn reads_go_to_another_holder_and_fail_only_when_none_answers() {
+    let mut site = Site::new(
+        3,
+        &[],
+        "[replication]\nsync_rate = \"1MiB\"\nfetch_timeout_ms = 2000\n",
+    );
+    let size = site.dir.spec.size;
+    site.start(1);
+    site.start(3);
+    site.promote(1);
+    let client = site.client(1);
+    let mut gen = Workload::new(23, size);
+    let model = site.write(&client, &mut gen, 2000, Model::zeroed(size));
+    site.wait_up_to_date(1, &[3]);
+    drop(client);
+    site.stop(1);
+    site.start(1);
+    site.start(2);
+    site.promote(2);
+    let client = site.client(2);
+    site.assert_reads(&client, &model, 0..8 << 20);
+    site.kill(3);
+    site.assert_reads(&client, &model, 8 << 20..24 << 20);
+    site.kill(1);
+    let started = Instant::now();
+    let err = site
+        .rt
+        .block_on(client.read(size - (1 << 20), 4096))
+        .expect_err("no node holds the block: the read must fail, not return stale data");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(30),
+        "failed after {waited:?}: {err}"
+    );
+    let log = std::fs::read_to_string(&site.dir.node(2).log).unwrap();
+    assert!(
+        log.contains("cannot fetch blocks this node lacks"),
+        "no log line names the missing blocks"
+    );
+    site.start(3);
+    site.assert_reads(&client, &model, size - (1 << 20)..size);
+}
+
+/// The directory's state survives SIGKILL; while it is down the primary
+/// keeps serving and mirroring, and only promote and demote are refused,
+/// with a clear error.
+#[test]
+fn the_directory_survives_sigkill_and_its_absence_only_blocks_switching() {
+    let mut site = Site::new(2, &[], "");
+    let size = site.dir.spec.size;
+    site.start(1);
+    site.start(2);
+    site.promote(1);
+    site.wait_up_to_date(1, &[2]);
+    site.directory.sigkill();
+    let client = site.client(1);
+    let mut gen = Workload::new(31, size);
+    let model = site.write(&client, &mut gen, 500, Model::zeroed(size));
+    site.wait_up_to_date(1, &[2]);
+    let out = site.ctl(2, &["promote"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("directory"), "{}", text(&out));
+    assert_eq!(site.status(2)["role"], "secondary");
+    drop(client);
+
+    site.directory.start();
+    let message = site.promote(2);
+    assert!(message.contains("term 2"), "{message}");
+    assert_eq!(site.status(1)["role"], "secondary");
+    // Restarted again: term 2 and node 2 as primary were durable.
+    site.directory.sigkill();
+    site.directory.start();
+    let message = site.promote(1);
+    assert!(message.contains("term 3"), "{message}");
+    let client = site.client(1);
+    site.assert_reads(&client, &model, 0..size);
+    site.wait_up_to_date(1, &[2]);
+    site.wait_identical(&[1, 2], &model);
+}
+
+/// A primary that froze is overridden with `promote --force`; when it
+/// wakes up, the directory's newer term fences it: it refuses writes.
+#[test]
+fn a_frozen_primary_overridden_by_force_is_fenced_when_it_wakes() {
+    let mut site = Site::new(2, &[], "");
+    let size = site.dir.spec.size;
+    site.start(1);
+    site.start(2);
+    site.promote(1);
+    site.wait_up_to_date(1, &[2]);
+    let client = site.client(1);
+    let mut gen = Workload::new(41, size);
+    let model = site.write(&client, &mut gen, 300, Model::zeroed(size));
+    site.wait_up_to_date(1, &[2]);
+    let pid = nix::unistd::Pid::from_raw(site.daemon(1).pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let refused = site.ctl(2, &["promote"]);
+    assert!(!refused.status.success(), "promote without --force must wait for the frozen primary");
+    assert!(text(&refused).contains("unreachable"), "{}", text(&refused));
+    let out = site.ctl(2, &["promote", "--force"]);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(out.status.success(), "promote --force: {}", text(&out));
+    assert!(text(&out).contains("may be lost"), "{}", text(&out));
+    let fenced = wait_for(
+        || site.daemon(1).try_status_json().is_some_and(|s| s["fenced"] == true),
+        Duration::from_secs(20),
+    );
+    assert!(fenced, "the old primary was not fenced: {}", site.status(1));
+    let err = site
+        .rt
+        .block_on(client.write(0, vec![0xee; 4096], false))
+        .expect_err("a fenced primary must refuse writes");
+    eprintln!("fenced write refused: {err}");
+    let on_two = site.client(2);
+    site.assert_reads(&on_two, &model, 0..size);
+}
