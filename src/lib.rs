@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod control;
+pub mod directory;
 pub mod logging;
 pub mod node;
 pub mod replication;
