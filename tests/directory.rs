@@ -214,7 +214,11 @@ fn report(term: u64, last: bool, seed: u64) -> Report {
         generation: generation(seed),
         last,
         hot_extents: vec![seed, seed + 7, 3],
-        bitmaps: vec![(1, bitmap(seed)), (2, bitmap(seed + 1)), (3, bitmap(seed + 2))],
+        bitmaps: vec![
+            (1, bitmap(seed)),
+            (2, bitmap(seed + 1)),
+            (3, bitmap(seed + 2)),
+        ],
     }
 }
 
@@ -227,7 +231,11 @@ enum Answer {
 
 /// A node that answers DirDemote on its listen address, as `vmsyncd` does;
 /// records the (force, term) of every request.
-async fn fake_primary(resource: &str, node_id: u32, answer: Answer) -> (SocketAddr, Arc<Mutex<Vec<(bool, u64)>>>) {
+async fn fake_primary(
+    resource: &str,
+    node_id: u32,
+    answer: Answer,
+) -> (SocketAddr, Arc<Mutex<Vec<(bool, u64)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -313,7 +321,10 @@ async fn a_handover_gives_the_new_primary_the_old_primarys_final_bitmaps() {
     assert_eq!((info.term, info.primary), (2, Some(2)));
 
     // The old primary is fenced.
-    expect_refused(one.report(&report(1, false, 6)).await, &["fenced", "term 2"]);
+    expect_refused(
+        one.report(&report(1, false, 6)).await,
+        &["fenced", "term 2"],
+    );
     // The new one reports.
     two.report(&report(2, false, 7)).await.unwrap();
     // A node whose geometry differs cannot take the bitmaps.
@@ -321,7 +332,10 @@ async fn a_handover_gives_the_new_primary_the_old_primarys_final_bitmaps() {
         .client("r", 3, free_addr())
         .promote(true, NBITS * 2, BLOCK)
         .await;
-    assert!(matches!(err, Err(DirError::Protocol(_)) | Err(DirError::Refused(_))), "{err:?}");
+    assert!(
+        matches!(err, Err(DirError::Protocol(_)) | Err(DirError::Refused(_))),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,7 +350,10 @@ async fn a_refusing_primary_keeps_its_role() {
         two.promote(false, NBITS, BLOCK).await,
         &["node1 (id 1) refuses to demote: the device is open"],
     );
-    expect_refused(two.promote(true, NBITS, BLOCK).await, &["the device is open"]);
+    expect_refused(
+        two.promote(true, NBITS, BLOCK).await,
+        &["the device is open"],
+    );
     assert_eq!(*seen.lock().unwrap(), vec![(false, 1), (true, 1)]);
     let info = two.info().await.unwrap();
     assert_eq!((info.term, info.primary), (1, Some(1)));
@@ -354,7 +371,12 @@ async fn an_unreachable_primary_is_overridden_only_with_force() {
     one.report(&periodic).await.unwrap();
     expect_refused(
         two.promote(false, NBITS, BLOCK).await,
-        &["primary node1 (id 1)", "unreachable", "--force", "last report"],
+        &[
+            "primary node1 (id 1)",
+            "unreachable",
+            "--force",
+            "last report",
+        ],
     );
     let info = two.info().await.unwrap();
     assert_eq!((info.term, info.primary), (1, Some(1)));
@@ -373,7 +395,10 @@ async fn reports_from_a_non_primary_or_an_old_term_are_fenced() {
     let one = dir.client("r", 1, free_addr());
     let two = dir.client("r", 2, free_addr());
     // No primary at all yet.
-    expect_refused(two.report(&report(0, false, 1)).await, &["fenced", "no node is primary"]);
+    expect_refused(
+        two.report(&report(0, false, 1)).await,
+        &["fenced", "no node is primary"],
+    );
     one.promote(false, NBITS, BLOCK).await.unwrap();
     one.promote(false, NBITS, BLOCK).await.unwrap(); // term 2
     expect_refused(
@@ -443,7 +468,13 @@ async fn resources_are_independent_and_members_must_agree_on_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_or_malformed_input_closes_only_that_connection() {
     let dir = Directory::start();
-    let wrong = client_with(dir.addr, "r", 1, free_addr(), b"not-the-secret-at-all-0123456789");
+    let wrong = client_with(
+        dir.addr,
+        "r",
+        1,
+        free_addr(),
+        b"not-the-secret-at-all-0123456789",
+    );
     let err = wrong.info().await.unwrap_err();
     assert!(matches!(err, DirError::Unreachable(_)), "{err:?}");
     assert!(err.to_string().contains(&dir.addr.to_string()), "{err}");
@@ -490,7 +521,8 @@ fn a_bad_configuration_names_the_file_and_the_key() {
         secret.display()
     ));
     assert!(err.contains("security.secret_file"), "{err}");
-    let err = run("[directory]\nlisten = \"127.0.0.1:0\"\n[security]\nsecret_file = \"/x\"\n".into());
+    let err =
+        run("[directory]\nlisten = \"127.0.0.1:0\"\n[security]\nsecret_file = \"/x\"\n".into());
     assert!(err.contains("state_dir"), "{err}");
     assert!(!state.exists(), "nothing is created on bad configuration");
 }

@@ -88,10 +88,7 @@ impl Config {
         let listen = raw.directory.listen.parse::<SocketAddr>().map_err(|e| {
             err(
                 "directory.listen",
-                format!(
-                    "'{}' is not an IP:PORT address: {e}",
-                    raw.directory.listen
-                ),
+                format!("'{}' is not an IP:PORT address: {e}", raw.directory.listen),
             )
         })?;
         if raw.directory.state_dir.as_os_str().is_empty() {
@@ -143,7 +140,10 @@ mod tests {
             )
         };
         let e = parse(&text("nonsense")).unwrap_err().to_string();
-        assert!(e.starts_with("/etc/dir.toml: key `directory.listen`"), "{e}");
+        assert!(
+            e.starts_with("/etc/dir.toml: key `directory.listen`"),
+            "{e}"
+        );
         let e = parse(&text("127.0.0.1:7700")).unwrap_err().to_string();
         assert!(e.contains("key `security.secret_file`"), "{e}");
         assert!(e.contains("holds 5 bytes"), "{e}");

@@ -56,7 +56,7 @@ struct Received {
 
 enum DemoteOutcome {
     /// The primary demoted and sent its final report; ack it on `conn`.
-    Demoted(Received, Connection),
+    Demoted(Box<(Received, Connection)>),
     Refused(String),
 }
 
@@ -160,20 +160,27 @@ impl Directory {
             .map_err(|e| violation(format!("cannot read the bitmaps: {e}")))
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, from: SocketAddr) -> Result<(), LinkError> {
-        let (resource, conn) = net::accept_any_resource(
-            DIRECTORY_NODE_ID,
-            &self.secret,
-            stream,
-            |resource, node| node < MAX_NODES && !resource.is_empty(),
-        )
-        .await?;
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        from: SocketAddr,
+    ) -> Result<(), LinkError> {
+        let (resource, conn) =
+            net::accept_any_resource(DIRECTORY_NODE_ID, &self.secret, stream, |resource, node| {
+                node < MAX_NODES && !resource.is_empty()
+            })
+            .await?;
         let span = tracing::info_span!("conn", resource = %resource, node = conn.peer_id);
         let res = self.resource(&resource);
         self.session(res, conn, from).instrument(span).await
     }
 
-    async fn session(&self, res: Arc<Resource>, mut conn: Connection, from: SocketAddr) -> Result<(), LinkError> {
+    async fn session(
+        &self,
+        res: Arc<Resource>,
+        mut conn: Connection,
+        from: SocketAddr,
+    ) -> Result<(), LinkError> {
         let node = conn.peer_id;
         let first = tokio::time::timeout(JOIN_TIMEOUT, conn.reader.next())
             .await
@@ -297,7 +304,7 @@ impl Directory {
             };
             let address = address.unwrap_or_else(|| "an unknown address".into());
             match outcome {
-                Ok(DemoteOutcome::Demoted(received, ack)) => demoted = Some((received, ack)),
+                Ok(DemoteOutcome::Demoted(demotion)) => demoted = Some(*demotion),
                 Ok(DemoteOutcome::Refused(reason)) => {
                     let reason = format!("node {name} (id {p}) refuses to demote: {reason}");
                     warn!("promote refused: {reason}");
@@ -417,7 +424,12 @@ impl Directory {
             net::connect(&identity, addr, p, Channel::Directory),
         )
         .await
-        .map_err(|_| format!("no connection within {} s", DEMOTE_CONNECT_TIMEOUT.as_secs()))?
+        .map_err(|_| {
+            format!(
+                "no connection within {} s",
+                DEMOTE_CONNECT_TIMEOUT.as_secs()
+            )
+        })?
         .map_err(|e| e.to_string())?;
         info!(node = p, %addr, force, "asking the primary to demote");
         conn.writer
@@ -442,7 +454,7 @@ impl Directory {
                             .await;
                         return Err(violation(reason));
                     }
-                    Ok(DemoteOutcome::Demoted(received, conn))
+                    Ok(DemoteOutcome::Demoted(Box::new((received, conn))))
                 }
                 other => Err(violation(format!(
                     "expected DirReport or DirRefused, got {}",
@@ -458,7 +470,12 @@ impl Directory {
 
     /// A report from `node`: stored if it is the primary of the report's
     /// term; the answer to send.
-    async fn report(&self, res: &Resource, node: u32, received: Received) -> Result<Message, LinkError> {
+    async fn report(
+        &self,
+        res: &Resource,
+        node: u32,
+        received: Received,
+    ) -> Result<Message, LinkError> {
         let mut state = res.state.lock().await;
         if state.primary != Some(node) || received.meta.term != state.term {
             let who = match state.primary {
@@ -504,7 +521,11 @@ fn decode_extents(bytes: &[u8]) -> Vec<u64> {
 }
 
 /// Reads the bitmaps that follow `report` (a DirReport from `node`).
-async fn read_report(node: u32, report: Message, reader: &mut FrameReader) -> Result<Received, LinkError> {
+async fn read_report(
+    node: u32,
+    report: Message,
+    reader: &mut FrameReader,
+) -> Result<Received, LinkError> {
     let Message::DirReport {
         term,
         generation,

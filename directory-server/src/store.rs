@@ -109,7 +109,7 @@ impl StoredBitmap {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     #[error("corrupt state: {0}")]
     Corrupt(String),
     #[error("{0}")]
@@ -120,12 +120,13 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Db(e.into())
+                StoreError::Db(Box::new(e.into()))
             }
         }
     )*};
 }
 from_redb!(
+    redb::Error,
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,
@@ -159,9 +160,8 @@ impl Store {
         let mut all = BTreeMap::new();
         for item in table.iter()? {
             let (name, value) = item?;
-            let state: ResourceState = serde_json::from_slice(value.value()).map_err(|e| {
-                StoreError::Corrupt(format!("resource '{}': {e}", name.value()))
-            })?;
+            let state: ResourceState = serde_json::from_slice(value.value())
+                .map_err(|e| StoreError::Corrupt(format!("resource '{}': {e}", name.value())))?;
             all.insert(name.value().to_string(), state);
         }
         Ok(all)

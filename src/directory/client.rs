@@ -215,10 +215,7 @@ impl DirectoryClient {
             Message::DirInfo { term, primary } => info(term, primary),
             Message::DirRefused { reason } => return Err(self.refused(reason)),
             other => {
-                return Err(self.protocol(format!(
-                    "expected DirInfo, got {}",
-                    other.message_type()
-                )))
+                return Err(self.protocol(format!("expected DirInfo, got {}", other.message_type())))
             }
         };
         Ok(Session {
@@ -236,7 +233,12 @@ impl DirectoryClient {
     /// Asks to become primary (`force`: even if the current primary cannot
     /// hand over). The previous report's bitmaps must match this node's
     /// geometry (`nbits` blocks of `block_size` bytes).
-    pub async fn promote(&self, force: bool, nbits: u64, block_size: u32) -> Result<Grant, DirError> {
+    pub async fn promote(
+        &self,
+        force: bool,
+        nbits: u64,
+        block_size: u32,
+    ) -> Result<Grant, DirError> {
         let mut s = self.join().await?;
         s.writer
             .queue(&Message::DirPromote { force })
@@ -257,10 +259,9 @@ impl DirectoryClient {
         else {
             return match granted {
                 Message::DirRefused { reason } => Err(self.refused(reason)),
-                other => Err(self.protocol(format!(
-                    "expected DirGranted, got {}",
-                    other.message_type()
-                ))),
+                other => {
+                    Err(self.protocol(format!("expected DirGranted, got {}", other.message_type())))
+                }
             };
         };
         let mut bitmaps = BTreeMap::new();
@@ -297,10 +298,7 @@ impl DirectoryClient {
         match self.next(&mut s.reader, ANSWER_TIMEOUT).await? {
             Message::DirInfo { term, primary } => Ok(info(term, primary)),
             Message::DirRefused { reason } => Err(self.refused(reason)),
-            other => Err(self.protocol(format!(
-                "expected DirInfo, got {}",
-                other.message_type()
-            ))),
+            other => Err(self.protocol(format!("expected DirInfo, got {}", other.message_type()))),
         }
     }
 }
@@ -397,7 +395,8 @@ where
     F: FnOnce(bool, u64) -> Fut,
     Fut: Future<Output = Result<Report, String>>,
 {
-    let lost = |what: String| DirError::Unreachable(format!("the directory's demote request: {what}"));
+    let lost =
+        |what: String| DirError::Unreachable(format!("the directory's demote request: {what}"));
     let request = tokio::time::timeout(DEMOTE_REQUEST_TIMEOUT, conn.reader.next())
         .await
         .map_err(|_| lost("no request within 10 s".into()))?
