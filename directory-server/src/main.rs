@@ -1,12 +1,15 @@
-//! `vmsync-directory`: the directory server.
+//! `vmsync-directory --config FILE`: the directory server.
 //!
-//! Skeleton for now: the directory (members, primary, term, staleness per node)
-//! is the subject of a later issue. It parses its configuration so that the
-//! interface contract (`vmsync-directory --config FILE`) already holds.
+//! It keeps, per resource, the members, the primary and its term, and the
+//! last report of which blocks every node lacks, durably (redb under
+//! `state_dir`); it answers nodes' joins, promotions (asking the current
+//! primary to demote first) and reports. See [`server`] and [`store`].
 
-use anyhow::Context;
+mod config;
+mod server;
+mod store;
+
 use clap::Parser;
-use serde::Deserialize;
 
 #[derive(Parser)]
 #[command(version, about = "vmsync directory server")]
@@ -16,34 +19,47 @@ struct Args {
     config: std::path::PathBuf,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct Config {
-    directory: DirectorySection,
-    security: SecuritySection,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct DirectorySection {
-    listen: String,
-    state_dir: std::path::PathBuf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct SecuritySection {
-    secret_file: std::path::PathBuf,
-}
-
-fn main() -> anyhow::Result<()> {
+fn main() {
     let args = Args::parse();
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("{}: cannot read", args.config.display()))?;
-    let _config: Config = toml::from_str(&text)
-        .with_context(|| format!("{}: invalid configuration", args.config.display()))?;
-    anyhow::bail!("vmsync-directory: the directory service is not implemented yet")
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(&args) {
+        eprintln!("vmsync-directory: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let config = config::Config::load(&args.config)?;
+    let store = store::Store::open(&config.state_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the state in {}: {e}",
+            config.state_dir.join(store::DB_FILE).display()
+        )
+    })?;
+    let directory = server::Directory::new(store, config.secret)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        tracing::info!(
+            listen = %config.listen,
+            state_dir = %config.state_dir.display(),
+            "directory serving"
+        );
+        tokio::select! {
+            _ = directory.serve(listener) => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, exiting"),
+        }
+        Ok(())
+    })
 }

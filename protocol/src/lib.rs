@@ -17,13 +17,17 @@
 //!
 //! Module map: [`frame`] (frame header, encode/decode), [`message`] (the
 //! messages and their wire codes), [`handshake`], [`types`] (enums and small
-//! structs inside messages), `codec` (field encoding), [`error`].
+//! structs inside messages), `codec` (field encoding), [`error`]; with the
+//! `net` feature, `net`: framed, authenticated TCP connections over tokio
+//! (the one place this crate does I/O).
 
 mod codec;
 pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod types;
 
 pub use error::ProtocolError;

@@ -1,0 +1,433 @@
+//! Framed, authenticated TCP connections between nodes (and between a node
+//! and the directory server). Only with the `net` feature (tokio).
+//!
+//! A peer link is two connections: *data* (replicated writes, resync data,
+//! barriers) and *meta* (acks, state, keepalive), so acks never queue behind
+//! bulk data. Each connection starts with the protocol's challenge-response
+//! handshake; anything malformed or unauthenticated closes that connection
+//! and nothing else.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::{
+    Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, ProtocolError,
+};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// How long a connection may take to authenticate.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a connection failed or was closed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("unknown node {0} tried to connect")]
+    UnknownPeer(u32),
+    #[error("{0}")]
+    Violation(String),
+}
+
+/// Receiving half of a connection.
+pub struct FrameReader {
+    read: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    /// The next message; an error means the connection is unusable.
+    pub async fn next(&mut self) -> Result<Message, LinkError> {
+        loop {
+            if let Some(msg) = crate::decode(&mut self.buf)? {
+                return Ok(msg);
+            }
+            self.buf.reserve(64 * 1024);
+            if self.read.read_buf(&mut self.buf).await? == 0 {
+                return Err(LinkError::Closed);
+            }
+        }
+    }
+}
+
+/// Sending half of a connection.
+///
+/// Messages are encoded into `buf`, except large payloads, which are queued
+/// as they are (shared, not copied) behind the encoded bytes before them;
+/// [`FrameWriter::flush`] hands everything to the socket in vectored writes.
+pub struct FrameWriter {
+    write: OwnedWriteHalf,
+    buf: BytesMut,
+    /// Encoded frames and payloads queued before `buf`, in order.
+    chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    chunked: usize,
+}
+
+impl FrameWriter {
+    pub async fn send(&mut self, msg: &Message) -> Result<(), LinkError> {
+        self.queue(msg)?;
+        self.flush().await
+    }
+
+    /// Encodes into the write buffer without sending yet (batching).
+    pub fn queue(&mut self, msg: &Message) -> Result<(), LinkError> {
+        if let Some(data) = crate::encode_split(msg, &mut self.buf)? {
+            let head = self.buf.split().freeze();
+            self.chunked += head.len() + data.len();
+            self.chunks.push_back(head);
+            self.chunks.push_back(data);
+        }
+        Ok(())
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.chunked + self.buf.len()
+    }
+
+    /// Sends every message from `rx` until the channel closes (the meta
+    /// connection's writer task). Whatever is queued when the socket is free
+    /// goes out in one write: under load, dozens of acks share a syscall.
+    pub async fn pump(
+        mut self,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Message>,
+    ) -> Result<(), LinkError> {
+        while let Some(msg) = rx.recv().await {
+            self.queue(&msg)?;
+            while let Ok(more) = rx.try_recv() {
+                self.queue(&more)?;
+            }
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), LinkError> {
+        if self.chunks.is_empty() {
+            if !self.buf.is_empty() {
+                self.write.write_all(&self.buf).await?;
+                self.buf.clear();
+            }
+            return Ok(());
+        }
+        if !self.buf.is_empty() {
+            let tail = self.buf.split().freeze();
+            self.chunked += tail.len();
+            self.chunks.push_back(tail);
+        }
+        // No chunk is empty (each holds a frame header or a large payload),
+        // so every vectored write makes progress.
+        let mut queue = ChunkQueue {
+            remaining: self.chunked,
+            chunks: std::mem::take(&mut self.chunks),
+        };
+        self.chunked = 0;
+        // Vectored when the socket supports it (TCP does).
+        self.write.write_all_buf(&mut queue).await?;
+        // Reuse the deque's allocation.
+        self.chunks = queue.chunks;
+        Ok(())
+    }
+}
+
+/// A queue of byte chunks read front to back, for vectored socket writes.
+struct ChunkQueue {
+    chunks: VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl Buf for ChunkQueue {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |b| &b[..])
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        let mut left = cnt.min(self.remaining);
+        self.remaining -= left;
+        while left > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                return;
+            };
+            if left < front.len() {
+                front.advance(left);
+                return;
+            }
+            left -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, chunk) in dst.iter_mut().zip(self.chunks.iter()) {
+            *slot = std::io::IoSlice::new(chunk);
+            n += 1;
+        }
+        n
+    }
+}
+
+fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    (
+        FrameReader {
+            read,
+            buf: BytesMut::with_capacity(128 * 1024),
+        },
+        FrameWriter {
+            write,
+            buf: BytesMut::with_capacity(128 * 1024),
+            chunks: VecDeque::new(),
+            chunked: 0,
+        },
+    )
+}
+
+/// An authenticated connection.
+pub struct Connection {
+    pub peer_id: u32,
+    pub channel: Channel,
+    pub reader: FrameReader,
+    pub writer: FrameWriter,
+}
+
+/// Who we are, for handshakes.
+#[derive(Clone)]
+pub struct LocalIdentity {
+    pub resource: String,
+    pub node_id: u32,
+    pub secret: std::sync::Arc<Vec<u8>>,
+}
+
+/// Dials `addr` and authenticates as `channel` towards node `peer_id`.
+pub async fn connect(
+    identity: &LocalIdentity,
+    addr: SocketAddr,
+    peer_id: u32,
+    channel: Channel,
+) -> Result<Connection, LinkError> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout)??;
+    let (mut reader, mut writer) = split(stream);
+    let params = HandshakeParams {
+        resource: identity.resource.clone(),
+        node_id: identity.node_id,
+        peer_node_id: peer_id,
+        channel,
+    };
+    let (machine, hello) = Handshake::new(params, &identity.secret)?;
+    writer.send(&hello).await?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, drive(machine, &mut reader, &mut writer))
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout)??;
+    Ok(Connection {
+        peer_id,
+        channel,
+        reader,
+        writer,
+    })
+}
+
+/// Authenticates an accepted connection. The peer says who it claims to be
+/// in its Hello; `is_known_peer` decides whether we talk to it at all.
+pub async fn accept(
+    identity: &LocalIdentity,
+    stream: TcpStream,
+    is_known_peer: impl Fn(u32) -> bool,
+) -> Result<Connection, LinkError> {
+    let (mut reader, mut writer) = split(stream);
+    let work = async {
+        let first = reader.next().await?;
+        let Message::Hello {
+            node_id, channel, ..
+        } = &first
+        else {
+            return Err(LinkError::Violation(format!(
+                "expected Hello, got {}",
+                first.message_type()
+            )));
+        };
+        let (peer_id, channel) = (*node_id, *channel);
+        if !is_known_peer(peer_id) {
+            let _ = writer
+                .send(&Message::Refused {
+                    reason: format!("node {peer_id} is not a configured peer"),
+                })
+                .await;
+            return Err(LinkError::UnknownPeer(peer_id));
+        }
+        let params = HandshakeParams {
+            resource: identity.resource.clone(),
+            node_id: identity.node_id,
+            peer_node_id: peer_id,
+            channel,
+        };
+        let (mut machine, hello) = Handshake::new(params, &identity.secret)?;
+        writer.send(&hello).await?;
+        let step = machine.on_message(first);
+        respond(step, &mut writer).await?;
+        drive(machine, &mut reader, &mut writer).await?;
+        Ok((peer_id, channel))
+    };
+    let (peer_id, channel) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout)??;
+    Ok(Connection {
+        peer_id,
+        channel,
+        reader,
+        writer,
+    })
+}
+
+/// Authenticates an accepted connection whose resource is not known in
+/// advance (the directory server, which serves many resources under one
+/// secret): the resource is the one the peer names in its Hello, and
+/// `is_known(resource, node)` decides whether we talk to it at all. We are
+/// node `node_id` (the directory: [`crate::DIRECTORY_NODE_ID`]). Returns the
+/// resource name and the connection.
+pub async fn accept_any_resource(
+    node_id: u32,
+    secret: &[u8],
+    stream: TcpStream,
+    is_known: impl Fn(&str, u32) -> bool,
+) -> Result<(String, Connection), LinkError> {
+    let (mut reader, mut writer) = split(stream);
+    let work = async {
+        let first = reader.next().await?;
+        let Message::Hello {
+            node_id: peer_id,
+            channel,
+            resource,
+            ..
+        } = &first
+        else {
+            return Err(LinkError::Violation(format!(
+                "expected Hello, got {}",
+                first.message_type()
+            )));
+        };
+        let (peer_id, channel, resource) = (*peer_id, *channel, resource.clone());
+        if !is_known(&resource, peer_id) {
+            let _ = writer
+                .send(&Message::Refused {
+                    reason: format!("node {peer_id} of resource '{resource}' is not accepted"),
+                })
+                .await;
+            return Err(LinkError::UnknownPeer(peer_id));
+        }
+        let params = HandshakeParams {
+            resource: resource.clone(),
+            node_id,
+            peer_node_id: peer_id,
+            channel,
+        };
+        let (mut machine, hello) = Handshake::new(params, secret)?;
+        writer.send(&hello).await?;
+        let step = machine.on_message(first);
+        respond(step, &mut writer).await?;
+        drive(machine, &mut reader, &mut writer).await?;
+        Ok((peer_id, channel, resource))
+    };
+    let (peer_id, channel, resource) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout)??;
+    Ok((
+        resource,
+        Connection {
+            peer_id,
+            channel,
+            reader,
+            writer,
+        },
+    ))
+}
+
+/// Sends what a handshake step asks for; a refusal is sent before failing.
+async fn respond(
+    step: Result<HandshakeStep, HandshakeError>,
+    writer: &mut FrameWriter,
+) -> Result<bool, LinkError> {
+    match step {
+        Ok(HandshakeStep::Send(msg)) => {
+            writer.send(&msg).await?;
+            Ok(false)
+        }
+        Ok(HandshakeStep::Done(_)) => Ok(true),
+        Err(e) => {
+            if let Some(refusal) = e.refusal() {
+                let _ = writer.send(&refusal).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+async fn drive(
+    mut machine: Handshake,
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+) -> Result<(), LinkError> {
+    loop {
+        let msg = reader.next().await?;
+        if respond(machine.on_message(msg), writer).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// Both ends of an unauthenticated loopback connection, for unit tests of
+/// what runs over a link (not for production use).
+#[doc(hidden)]
+pub async fn loopback_pair() -> ((FrameReader, FrameWriter), (FrameReader, FrameWriter)) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    (split(client.unwrap()), split(server.unwrap().0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_queue_reads_its_chunks_in_order_across_partial_advances() {
+        let parts: [&'static [u8]; 3] = [b"head", b"payload-bytes", b"tail"];
+        let mut queue = ChunkQueue {
+            chunks: parts.iter().map(|p| Bytes::from_static(p)).collect(),
+            remaining: parts.iter().map(|p| p.len()).sum(),
+        };
+        let mut seen = Vec::new();
+        // Odd step sizes cut chunks in the middle, as short writes do.
+        for step in [3, 5, 1, 7, 100] {
+            let take = step.min(queue.remaining());
+            let mut slices = [std::io::IoSlice::new(&[]); 4];
+            let n = queue.chunks_vectored(&mut slices);
+            let flat: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(flat.len(), queue.remaining());
+            seen.extend_from_slice(&flat[..take]);
+            queue.advance(take);
+        }
+        assert_eq!(seen, b"headpayload-bytestail");
+        assert_eq!(queue.remaining(), 0);
+        assert!(queue.chunk().is_empty());
+    }
+}
