@@ -51,7 +51,7 @@ use tokio::task::JoinHandle;
 
 use crate::device::{check_range, BlockDevice};
 use crate::meta::Bitmap;
-use inflight::{wait_released, InFlight};
+use inflight::{wait_released, Claim, InFlight};
 
 /// A boxed, sendable future (what [`BlockSource`] returns).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -478,14 +478,12 @@ impl<D: BlockDevice> Shared<D> {
         // Partly covered stale edges get the newest data to merge into.
         let mut edges = vec![touched.start, touched.end - 1];
         edges.dedup();
-        for edge in edges {
-            if !whole.contains(&edge) && self.stale.test(edge) {
-                let _waiting = DemandGuard::new(&self.demand_waiting);
-                let source = self.source()?;
-                self.fetch_claimed(&source, edge..edge + 1, FetchKind::OnDemand)
-                    .await?;
-            }
-        }
+        edges.retain(|edge| !whole.contains(edge) && self.stale.test(*edge));
+        let claim = if edges.is_empty() {
+            claim
+        } else {
+            self.fetch_edges(claim, edges).await?
+        };
         let clears = !whole.is_empty()
             && self
                 .stale
@@ -513,6 +511,26 @@ impl<D: BlockDevice> Shared<D> {
         }
         drop(claim);
         Ok(())
+    }
+
+    /// Fetches the stale `edges` of a write's claimed range on the runtime
+    /// (the source may need tokio, the caller's executor may not be tokio).
+    /// The task owns the claim while it fetches, so a write dropped
+    /// mid-fetch cannot let another write in under the fetch; it hands the
+    /// claim back when done.
+    async fn fetch_edges(self: &Arc<Self>, claim: Claim, edges: Vec<u64>) -> io::Result<Claim> {
+        let _waiting = DemandGuard::new(&self.demand_waiting);
+        let source = self.source()?;
+        let shared = Arc::clone(self);
+        let task = self.runtime.spawn(async move {
+            for edge in edges {
+                shared
+                    .fetch_claimed(&source, edge..edge + 1, FetchKind::OnDemand)
+                    .await?;
+            }
+            Ok(claim)
+        });
+        task.await.unwrap_or_else(|e| Err(join_error(e)))
     }
 
     /// Applies a modification to the inner device; `durable` forces it to

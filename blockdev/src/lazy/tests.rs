@@ -99,6 +99,8 @@ impl BlockSource for Remote {
 struct Counting {
     store: BackingStore,
     writes: Mutex<Vec<(u64, u64)>>,
+    /// Random delay before each write reaches the store (widens races).
+    write_delay: Mutex<Option<Duration>>,
 }
 
 impl BlockDevice for Counting {
@@ -110,6 +112,11 @@ impl BlockDevice for Counting {
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
         lock(&self.writes).push((offset, data.len() as u64));
+        let delay = *lock(&self.write_delay);
+        if let Some(max) = delay {
+            let d = rand::thread_rng().gen_range(Duration::ZERO..=max);
+            tokio::time::sleep(d).await;
+        }
         self.store.write(offset, data, fua).await
     }
     async fn flush(&self) -> io::Result<()> {
@@ -155,6 +162,7 @@ fn fixture_with(
     let inner = Arc::new(Counting {
         store,
         writes: Mutex::new(Vec::new()),
+        write_delay: Mutex::new(None),
     });
     let persists = Arc::new(Mutex::new(Vec::new()));
     let persist: PersistStale = {
@@ -468,10 +476,11 @@ const EXTENT_BLOCKS: u64 = crate::meta::EXTENT_SIZE / BS;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazy_guest_writes_racing_background_sync_are_never_overwritten() {
-    let blocks = 512u64;
+    let blocks = 256u64;
     let writers = 4u64;
-    let f = fixture(blocks, |b| b % 5 != 1);
-    *lock(&f.remote.delay) = Some((Duration::from_micros(200), Duration::from_millis(3)));
+    let f = fixture(blocks, |b| b % 37 != 5);
+    *lock(&f.remote.delay) = Some((Duration::from_millis(1), Duration::from_millis(6)));
+    *lock(&f.dev.inner().write_delay) = Some(Duration::from_millis(2));
     f.activate();
     f.dev.start_background_sync(SyncOptions {
         chunk: 8 * BS,
@@ -689,4 +698,33 @@ async fn lazy_deactivate_waits_for_in_flight_fetches() {
     );
     assert_eq!(f.remote.requests().len(), requests);
     assert!(f.stale.test(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_serves_callers_on_a_non_tokio_executor() {
+    // The ublk queues poll on smol; the source (here: tokio timers) must
+    // still run on the runtime.
+    let f = fixture(32, |_| true);
+    *lock(&f.remote.delay) = Some((Duration::from_millis(1), Duration::from_millis(2)));
+    f.activate();
+    let dev = Arc::clone(&f.dev);
+    let (read, merged) = tokio::task::spawn_blocking(move || {
+        smol::block_on(async {
+            dev.write(3 * BS + 512, Bytes::from(vec![9; 512]), false)
+                .await
+                .unwrap();
+            dev.flush().await.unwrap();
+            let mut read = vec![0u8; BS as usize];
+            dev.read(20 * BS, &mut read).await.unwrap();
+            let mut merged = vec![0u8; BS as usize];
+            dev.read(3 * BS, &mut merged).await.unwrap();
+            (read, merged)
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(read, f.newest(20 * BS, BS));
+    let mut expect = f.newest(3 * BS, BS).to_vec();
+    expect[512..1024].fill(9);
+    assert_eq!(merged, expect);
 }
