@@ -155,9 +155,16 @@ pub(super) async fn run<D: BlockDevice>(
 ) {
     let block_size = shared.block_size;
     let nbits = shared.stale.nbits();
-    let chunk = options.chunk.clamp(block_size, MAX_SOURCE_REQUEST);
-    let chunk_blocks = chunk / block_size;
-    let concurrency = options.concurrency.max(1);
+    let defaults = SyncOptions::default();
+    let chunk = match options.chunk {
+        0 => defaults.chunk,
+        chunk => chunk,
+    };
+    let chunk_blocks = chunk.clamp(block_size, MAX_SOURCE_REQUEST) / block_size;
+    let concurrency = match options.concurrency {
+        0 => defaults.concurrency,
+        n => n,
+    };
     let extent_blocks = (EXTENT_SIZE / block_size).max(1);
     let hot = options.hot_extents.iter().filter_map(|&extent| {
         let start = extent.checked_mul(extent_blocks)?;

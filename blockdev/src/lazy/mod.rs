@@ -109,9 +109,9 @@ pub struct SyncOptions {
     /// 4 MiB extents (e.g. the old primary's activity log) to pull first.
     pub hot_extents: Vec<u64>,
     /// Bytes per fetch (rounded down to whole blocks, at least one, at most
-    /// [`MAX_SOURCE_REQUEST`]).
+    /// [`MAX_SOURCE_REQUEST`]; 0 = the default, 1 MiB).
     pub chunk: u64,
-    /// Fetches in flight at once (at least 1).
+    /// Fetches in flight at once (0 = the default, 4).
     pub concurrency: usize,
 }
 
@@ -619,8 +619,13 @@ impl<D: BlockDevice> LazyDevice<D> {
 
     /// Stops the background sync, waits for every operation that uses the
     /// source or the claims table (fetches, and guest writes waiting for
-    /// them), then drops the source. Afterwards the layer is a pure
-    /// pass-through; the bits stay as they are.
+    /// them), persists the bits fetches cleared (a later pass-through write
+    /// over such a block would not), then drops the source. Afterwards the
+    /// layer is a pure pass-through; the bits stay as they are.
+    ///
+    /// A pass-through write does not clear bits: blocks still stale then
+    /// must not be written by the guest if the layer is to be activated
+    /// again (a fetch would overwrite those writes).
     pub async fn deactivate(&self) {
         self.shared.active.store(false, SeqCst);
         let sync = lock(&self.shared.sync).take();
@@ -630,6 +635,16 @@ impl<D: BlockDevice> LazyDevice<D> {
         }
         let mut ops = self.shared.ops.subscribe();
         let _ = ops.wait_for(|&n| n == 0).await;
+        let shared = &self.shared;
+        if shared.unpersisted.count_ones() > 0 || shared.persist_failed.load(SeqCst) {
+            let _counted = PersistGuard::new(&shared.persists_in_flight);
+            shared.persist_failed.store(false, SeqCst);
+            shared.unpersisted.clear_all();
+            // A failure is logged by `persist`. What is at stake is a later
+            // pass-through write over a fetched block: with its clear lost,
+            // a re-activation after a crash would fetch over it.
+            let _ = shared.persist(0..shared.stale.nbits()).await;
+        }
         *lock(&self.shared.source) = None;
     }
 
@@ -722,7 +737,7 @@ impl<D: BlockDevice> BlockDevice for LazyDevice<D> {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         check_range(self.shared.size, offset, len)?;
-        if self.shared.is_active() {
+        if self.shared.is_active() && len > 0 && self.shared.stale.any_in_bytes(offset, len) {
             Arc::clone(&self.shared).ensure_present(offset, len).await?;
         }
         self.shared.inner.read(offset, buf).await

@@ -686,8 +686,11 @@ async fn lazy_deactivate_waits_for_in_flight_fetches() {
     assert!(!deactivate.is_finished());
     assert!(!reader.is_finished());
     assert!(!f.dev.is_active());
+    lock(&f.persists).clear();
     f.remote.gate.as_ref().unwrap().add_permits(100);
     deactivate.await.unwrap();
+    // The fetch's clears were persisted on the way out.
+    assert!(lock(&f.persists).iter().any(|r| r.contains(&1)));
     assert_eq!(reader.await.unwrap().unwrap(), f.newest(BS, BS));
     // Now a pass-through: the next stale block reads the old local bytes.
     let requests = f.remote.requests().len();
