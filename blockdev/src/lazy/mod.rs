@@ -346,8 +346,11 @@ impl<D: BlockDevice> Shared<D> {
             self.counters.on_demand_fetches.fetch_add(1, SeqCst);
         }
         let fetched = source.fetch(offset, len, local_hash).await.map_err(|e| {
-            let message = format!("fetching {offset}+{len} failed: {e}");
-            self.set_last_error(message);
+            if kind == FetchKind::OnDemand {
+                // The guest I/O that needed it fails; the bits stay set.
+                tracing::warn!(offset, len, error = %e, "on-demand fetch failed");
+            }
+            self.set_last_error(format!("fetching {offset}+{len} failed: {e}"));
             e
         })?;
         let data = match fetched {
