@@ -2,6 +2,7 @@
 //!
 //! * [`device`]: the [`BlockDevice`] trait every layer implements.
 //! * [`backing`]: the local backing store (file or block device) on io_uring.
+//! * [`lazy`]: the on-demand fetch layer: stale blocks fetched before they are read.
 //! * [`meta`]: on-disk metadata: superblock, staleness bitmaps, activity log.
 //! * [`ublk`]: the frontend that serves a [`BlockDevice`] as `/dev/ublkbN`.
 

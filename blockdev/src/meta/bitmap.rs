@@ -211,6 +211,41 @@ impl Bitmap {
             .filter(|&bit| bit < self.nbits)
     }
 
+    /// The first set bit in `range` (clipped to the bitmap). Unlike
+    /// [`find_next_set`](Self::find_next_set) it stops scanning at
+    /// `range.end`, so callers may hold a lock while they look.
+    pub fn next_set_in(&self, range: Range<u64>) -> Option<u64> {
+        self.find_next_below(range, 0)
+    }
+
+    /// The first clear bit in `range` (clipped to the bitmap).
+    pub fn next_clear_in(&self, range: Range<u64>) -> Option<u64> {
+        self.find_next_below(range, u64::MAX)
+    }
+
+    /// First bit in `range` whose value XOR `invert` is 1.
+    fn find_next_below(&self, range: Range<u64>, invert: u64) -> Option<u64> {
+        let end = range.end.min(self.nbits);
+        if range.start >= end {
+            return None;
+        }
+        let last = ((end - 1) / WORD_BITS) as usize;
+        let mut w = (range.start / WORD_BITS) as usize;
+        let mut bits =
+            (self.words[w].load(SeqCst) ^ invert) & (u64::MAX << (range.start % WORD_BITS));
+        loop {
+            if bits != 0 {
+                let bit = w as u64 * WORD_BITS + u64::from(bits.trailing_zeros());
+                return (bit < end).then_some(bit);
+            }
+            if w == last {
+                return None;
+            }
+            w += 1;
+            bits = self.words[w].load(SeqCst) ^ invert;
+        }
+    }
+
     /// First bit at or after `from` whose value XOR `invert` is 1.
     fn find_next(&self, from: u64, invert: u64) -> Option<u64> {
         if from >= self.nbits {
@@ -452,6 +487,22 @@ mod tests {
         bm.set_range(200, 99);
         assert_eq!(bm.find_next_clear(200), None);
         assert_eq!(bm.find_next_clear(1_000), None);
+    }
+
+    #[test]
+    fn bounded_find_stops_at_the_end_of_the_range() {
+        let bm = Bitmap::new(300, 4096);
+        bm.set_range(70, 5);
+        bm.set_range(299, 1);
+        assert_eq!(bm.next_set_in(0..70), None);
+        assert_eq!(bm.next_set_in(0..71), Some(70));
+        assert_eq!(bm.next_set_in(72..300), Some(72));
+        assert_eq!(bm.next_set_in(75..299), None);
+        assert_eq!(bm.next_set_in(75..1_000), Some(299));
+        assert_eq!(bm.next_clear_in(70..75), None);
+        assert_eq!(bm.next_clear_in(70..76), Some(75));
+        assert_eq!(bm.next_clear_in(299..1_000), None);
+        assert_eq!(bm.next_set_in(10..10), None);
     }
 
     #[test]
