@@ -122,7 +122,10 @@ impl Site {
             let want = &model.image()[at as usize..(at + len) as usize];
             if data != want {
                 let first = data.iter().zip(want).position(|(a, b)| a != b).unwrap();
-                panic!("read {at}+{len} differs from the model at byte {}", at + first as u64);
+                panic!(
+                    "read {at}+{len} differs from the model at byte {}",
+                    at + first as u64
+                );
             }
             at += len;
         }
@@ -141,7 +144,11 @@ impl Site {
             },
             CONVERGE,
         );
-        assert!(done, "n{id}'s background sync did not finish: {}", self.status(id));
+        assert!(
+            done,
+            "n{id}'s background sync did not finish: {}",
+            self.status(id)
+        );
     }
 
     /// Waits until `primary` sees every peer in `peers` up to date.
@@ -152,7 +159,9 @@ impl Site {
                     peers.iter().all(|id| {
                         s["peers"].as_array().is_some_and(|ps| {
                             ps.iter().any(|p| {
-                                p["id"] == *id && p["state"] == "up-to-date" && p["stale_bytes"] == 0
+                                p["id"] == *id
+                                    && p["state"] == "up-to-date"
+                                    && p["stale_bytes"] == 0
                             })
                         })
                     })
@@ -160,7 +169,11 @@ impl Site {
             },
             CONVERGE,
         );
-        assert!(ok, "peers {peers:?} of n{primary} not up to date: {}", self.status(primary));
+        assert!(
+            ok,
+            "peers {peers:?} of n{primary} not up to date: {}",
+            self.status(primary)
+        );
     }
 
     fn hash(&self, id: u32) -> blake3::Hash {
@@ -178,7 +191,10 @@ impl Site {
             },
             CONVERGE,
         );
-        assert!(ok, "backings not equal to the model (node, equal): {last:?}");
+        assert!(
+            ok,
+            "backings not equal to the model (node, equal): {last:?}"
+        );
     }
 }
 
@@ -216,14 +232,18 @@ fn a_switch_to_an_empty_node_serves_everything_at_once_and_converges() {
     let message = site.promote(2);
     assert!(message.contains("fetched from other nodes"), "{message}");
     assert_eq!(site.status(2)["role"], "primary");
-    assert!(site.stale_bytes(2) > size / 2, "node 2 should lack (nearly) everything");
+    assert!(
+        site.stale_bytes(2) > size / 2,
+        "node 2 should lack (nearly) everything"
+    );
     let client = site.client(2);
     // The first reads are served at once, from node 3 (node 1 is down).
     site.assert_reads(&client, &model, 0..4 << 20);
     eprintln!("switch to first 4 MiB read: {:?}", started.elapsed());
     site.start(1);
     let model = site.write(&client, &mut gen, 500, model);
-    site.assert_reads(&client, &model, 0..size);
+    // Half the device read (the rest is left to the slow background sync).
+    site.assert_reads(&client, &model, 0..size / 2);
     let stale = site.stale_bytes(2);
     drop(client);
 
@@ -231,7 +251,10 @@ fn a_switch_to_an_empty_node_serves_everything_at_once_and_converges() {
     let message = site.promote(3);
     assert!(!message.contains("forced"), "{message}");
     assert_eq!(site.status(2)["role"], "secondary");
-    assert!(stale > 0, "node 2 finished its sync before the next switch: raise the data or lower sync_rate");
+    assert!(
+        stale > 0,
+        "node 2 finished its sync before the next switch: raise the data or lower sync_rate"
+    );
     let client = site.client(3);
     site.assert_reads(&client, &model, 0..size);
     let model = site.write(&client, &mut gen, 300, model);
@@ -380,14 +403,21 @@ fn a_frozen_primary_overridden_by_force_is_fenced_when_it_wakes() {
     let pid = nix::unistd::Pid::from_raw(site.daemon(1).pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let refused = site.ctl(2, &["promote"]);
-    assert!(!refused.status.success(), "promote without --force must wait for the frozen primary");
+    assert!(
+        !refused.status.success(),
+        "promote without --force must wait for the frozen primary"
+    );
     assert!(text(&refused).contains("unreachable"), "{}", text(&refused));
     let out = site.ctl(2, &["promote", "--force"]);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert!(out.status.success(), "promote --force: {}", text(&out));
     assert!(text(&out).contains("may be lost"), "{}", text(&out));
     let fenced = wait_for(
-        || site.daemon(1).try_status_json().is_some_and(|s| s["fenced"] == true),
+        || {
+            site.daemon(1)
+                .try_status_json()
+                .is_some_and(|s| s["fenced"] == true)
+        },
         Duration::from_secs(20),
     );
     assert!(fenced, "the old primary was not fenced: {}", site.status(1));

@@ -93,7 +93,7 @@ impl Node {
     pub(super) async fn report_demotion(&self, repl: &Replication) -> Option<String> {
         let directory = self.directory.as_ref()?;
         let _one_at_a_time = self.report_lock.lock().await;
-        match directory.report(&build_report(repl, true)).await {
+        match directory.report(&build_report(repl, true, false)).await {
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot give the directory the final report");
@@ -126,7 +126,7 @@ impl Node {
             if repl.role().role != Role::Primary {
                 continue;
             }
-            match directory.report(&build_report(repl, false)).await {
+            match directory.report(&build_report(repl, false, false)).await {
                 Ok(_) => unreachable_logged = false,
                 Err(DirError::Refused(why)) => repl.fence(&why),
                 Err(e) => {
@@ -172,6 +172,7 @@ impl Node {
             "the directory asks this node to demote"
         );
         let mut slot = self.frontend.lock().await;
+        let was_primary = repl.role().role == Role::Primary;
         super::remove_device(&mut slot, force).await?;
         let lagging = repl.demote().await.map_err(|e| format!("demote: {e}"))?;
         if !lagging.is_empty() {
@@ -180,30 +181,27 @@ impl Node {
                 "demoted for the directory; these peers lack writes (the report says which)"
             );
         }
-        Ok(build_report(repl, true))
+        Ok(build_report(repl, true, !was_primary))
     }
 }
 
 /// The node's report: generation, hot extents and, for itself and every
-/// peer, the blocks it lacks. A node that is not primary (restarted after
-/// a crash) adds its activity-log extents to every peer's bitmap, as its
-/// crash recovery would before it wrote again.
-pub(super) fn build_report(repl: &Replication, last: bool) -> Report {
-    let primary = repl.role().role == Role::Primary;
+/// peer, the blocks it lacks. With `restarted` (the directory still takes
+/// us for primary, but we are not: we restarted after a crash) the
+/// activity-log extents go into every peer's bitmap too, as a promotion
+/// after that crash would have marked them.
+pub(super) fn build_report(repl: &Replication, last: bool, restarted: bool) -> Report {
     let mut bitmaps = vec![(repl.config.node.id, Arc::clone(repl.local.stale_bitmap()))];
     for peer in &repl.peers {
         let lacking = peer.lacking();
-        if !primary {
+        if restarted {
             repl.metadata.mark_active_extents(&lacking);
         }
         bitmaps.push((peer.id(), Arc::new(lacking)));
     }
     Report {
-        term: if primary {
-            repl.role().term
-        } else {
-            repl.known_term()
-        },
+        // Demoted or not, the term we were primary of is the newest we know.
+        term: repl.known_term(),
         generation: repl.generation(),
         last,
         hot_extents: repl.metadata.activity_log().active_extents(),

@@ -2,10 +2,11 @@
 //! [`BlockSource`] that reads the newest version of a range from a node
 //! holding it.
 //!
-//! Who holds what is the primary's own bookkeeping: a block stale here and
-//! clear in a peer's bitmap is held by that peer in its newest version
-//! (the bitmaps were taken over from the directory at promotion, see
-//! `handover`, and only grow as we write). Holders in our LAN group are
+//! Who holds what comes from the handover (see `handover`): a block stale
+//! here and clear in what the previous primary reported a peer lacks is
+//! held by that peer in its newest version; nothing but this node writes
+//! there afterwards, and it never writes a block it lacks without
+//! fetching it first. Without a handover, the peers' bitmaps say it. Holders in our LAN group are
 //! asked first, then any. A range no single node holds whole is split.
 //! When no holder answers, the request is retried until `fetch_timeout`,
 //! then fails with EIO and a log line naming the blocks and the nodes
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockdev::lazy::{BlockSource, BoxFuture, Fetched};
+use blockdev::meta::Bitmap;
 use bytes::BytesMut;
 use protocol::{Channel, Message};
 use tokio::sync::{mpsc, oneshot};
@@ -38,7 +40,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 pub struct Fetcher {
     identity: LocalIdentity,
     lan_group: String,
-    peers: Vec<Arc<PeerReplica>>,
+    /// Each peer, and the blocks it lacks (so cannot be asked for).
+    peers: Vec<(Arc<PeerReplica>, Arc<Bitmap>)>,
     /// One connection per holder, opened on first use, replaced when it
     /// fails.
     sessions: Mutex<HashMap<u32, Arc<Session>>>,
@@ -51,7 +54,7 @@ impl Fetcher {
     pub fn new(
         identity: LocalIdentity,
         lan_group: String,
-        peers: Vec<Arc<PeerReplica>>,
+        peers: Vec<(Arc<PeerReplica>, Arc<Bitmap>)>,
         timeout: Duration,
     ) -> Fetcher {
         Fetcher {
@@ -70,8 +73,8 @@ impl Fetcher {
         let mut holders: Vec<_> = self
             .peers
             .iter()
-            .filter(|p| !p.bitmap.any_in_bytes(offset, len))
-            .cloned()
+            .filter(|(_, lacks)| !lacks.any_in_bytes(offset, len))
+            .map(|(p, _)| Arc::clone(p))
             .collect();
         // Same LAN group first, then linked peers (likely up) first.
         holders.sort_by_key(|p| (p.config.lan_group != self.lan_group, !p.is_connected()));
@@ -122,7 +125,7 @@ impl Fetcher {
     fn block_size(&self) -> u64 {
         self.peers
             .first()
-            .map_or(4096, |p| u64::from(p.bitmap.block_size()))
+            .map_or(4096, |(_, lacks)| u64::from(lacks.block_size()))
     }
 
     /// One request to one holder.
@@ -193,8 +196,8 @@ impl Fetcher {
         let names: Vec<String> = self
             .peers
             .iter()
-            .filter(|p| !p.bitmap.any_in_bytes(offset, len))
-            .map(|p| format!("{} ({})", p.config.name, p.config.address))
+            .filter(|(_, lacks)| !lacks.any_in_bytes(offset, len))
+            .map(|(p, _)| format!("{} ({})", p.config.name, p.config.address))
             .collect();
         if names.is_empty() {
             "none".into()
@@ -230,10 +233,9 @@ impl BlockSource for NetSource {
                             error = why,
                             "cannot fetch blocks this node lacks within fetch_timeout: failing the I/O"
                         );
-                        return Err(io::Error::new(
-                            io::ErrorKind::Other,
-                            format!("no holder of {offset}+{len} answered: {why}"),
-                        ));
+                        return Err(io::Error::other(format!(
+                            "no holder of {offset}+{len} answered: {why}"
+                        )));
                     }
                     Err(why) => {
                         tracing::warn!(offset, len, error = why, "fetch failed; retrying");

@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use blockdev::meta::{Bitmap, GenerationIds as MetaIds};
 use protocol::{GenerationIds, Role};
@@ -173,17 +174,26 @@ impl Replication {
                 own.set_all();
             }
         }
+        let mut holds = BTreeMap::new();
         for peer in &self.peers {
             peer.bitmap.clear_all();
+            let lacks = peer.bitmap.new_like();
             match prev.bitmaps.get(&peer.id()) {
                 Some(bitmap) => {
-                    let _ = peer.bitmap.merge_from(bitmap);
+                    let _ = lacks.merge_from(bitmap);
                 }
                 None => {
-                    peer.bitmap.set_all();
+                    lacks.set_all();
                 }
             }
+            let _ = peer.bitmap.merge_from(&lacks);
+            holds.insert(peer.id(), Arc::new(lacks));
         }
+        // Kept apart from the peers' bitmaps, which also grow by what we
+        // resync for other reasons (activity-log extents after a forced
+        // switch, a joining peer's report): where we lack a block, a peer
+        // clear here holds its newest version whatever else we resync there.
+        *self.holders.lock().unwrap_or_else(|e| e.into_inner()) = Some(holds);
         tracing::info!(
             previous_primary = prev.node,
             previous_term = prev.term,
@@ -191,6 +201,16 @@ impl Replication {
             missing_here = own.count_ones(),
             "took over the previous primary's staleness bitmaps"
         );
+    }
+
+    /// For each peer, the blocks it lacked at the handover this node took
+    /// over (`None` without one: then the peers' bitmaps say who holds
+    /// what). Used to pick the nodes to fetch from.
+    pub fn handover_holders(&self) -> Option<BTreeMap<u32, Arc<Bitmap>>> {
+        self.holders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// What this node took over at its last promotion, if the directory

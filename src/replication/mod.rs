@@ -74,6 +74,8 @@ pub struct Replication {
     /// What this node took over from the previous primary when the
     /// directory made it primary (see [`handover`]).
     inherited: Mutex<Option<Inherited>>,
+    /// Who lacked what at that handover (see `handover_holders`).
+    holders: Mutex<Option<std::collections::BTreeMap<u32, Arc<blockdev::meta::Bitmap>>>>,
     /// Writes are refused: the directory handed out a newer term.
     fenced: AtomicBool,
 }
@@ -143,6 +145,7 @@ impl Replication {
             fork_pending,
             fork_lock: Mutex::new(()),
             inherited: Mutex::new(None),
+            holders: Mutex::new(None),
             fenced: AtomicBool::new(false),
         })
     }
@@ -256,10 +259,22 @@ impl Replication {
             node_id: self.config.node.id,
             secret: Arc::new(self.config.read_secret()?),
         };
+        let handover = self.handover_holders();
+        let holders = self
+            .peers
+            .iter()
+            .map(|p| {
+                let lacks = handover
+                    .as_ref()
+                    .and_then(|h| h.get(&p.id()).cloned())
+                    .unwrap_or_else(|| Arc::clone(&p.bitmap));
+                (Arc::clone(p), lacks)
+            })
+            .collect();
         let fetcher = fetcher::Fetcher::new(
             identity,
             self.config.node.lan_group.clone(),
-            self.peers.clone(),
+            holders,
             Duration::from_millis(self.config.replication.fetch_timeout_ms),
         );
         self.local
@@ -389,6 +404,7 @@ impl Replication {
             self.set_disk_state(DiskState::Inconsistent)?;
         }
         *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.holders.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.fenced.store(false, Ordering::Release);
         let lagging: Vec<String> = self
             .peers
