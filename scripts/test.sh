@@ -26,7 +26,7 @@ vm_passed=0
 vm_failed=0
 if [ "${VMSYNC_SKIP_VM:-0}" != 1 ]; then
   echo "== VM tests (real ublk in a qemu guest)"
-  cargo build --release --bins
+  cargo build --release --workspace --bins
   VM_CONSOLE_LOG="$log_dir/vm-console.log" tests/vm/run.sh all 2>&1 | tee "$log_dir/vm-tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   # run.sh ends with one summary line per scenario: "  PASS  name  time".
