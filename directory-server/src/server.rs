@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use protocol::net::{self, Connection, FrameReader, LinkError, LocalIdentity};
 use protocol::{Channel, GenerationIds, Message, DIRECTORY_NODE_ID, NO_NODE};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::store::{Member, ReportMeta, ResourceState, Store, StoredBitmap};
 
@@ -494,7 +494,12 @@ impl Directory {
         }
         self.commit(&res.name, &new, Some(received.bitmaps)).await?;
         *state = new;
-        info!(term = state.term, last, "report stored");
+        // Periodic reports arrive every few seconds: only the final one is news.
+        if last {
+            info!(term = state.term, "final report stored");
+        } else {
+            debug!(term = state.term, "report stored");
+        }
         Ok(info_of(&state))
     }
 }
