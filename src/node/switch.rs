@@ -128,7 +128,11 @@ impl Node {
             }
             match directory.report(&build_report(repl, false, false)).await {
                 Ok(_) => unreachable_logged = false,
-                Err(DirError::Refused(why)) => repl.fence(&why),
+                // (Demoted meanwhile: the refusal only says so.)
+                Err(DirError::Refused(why)) if repl.role().role == Role::Primary => {
+                    repl.fence(&why)
+                }
+                Err(DirError::Refused(_)) => {}
                 Err(e) => {
                     // The primary and its mirroring carry on without it.
                     if !unreachable_logged {
@@ -172,6 +176,8 @@ impl Node {
             "the directory asks this node to demote"
         );
         let mut slot = self.frontend.lock().await;
+        // No periodic report may overtake the final one.
+        let _one_at_a_time = self.report_lock.lock().await;
         let was_primary = repl.role().role == Role::Primary;
         super::remove_device(&mut slot, force).await?;
         let lagging = repl.demote().await.map_err(|e| format!("demote: {e}"))?;

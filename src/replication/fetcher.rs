@@ -366,3 +366,70 @@ impl Drop for Fetcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Peer;
+
+    fn peer(id: u32, group: &str, lacks: &[u64]) -> (Arc<PeerReplica>, Arc<Bitmap>) {
+        let bitmap = Arc::new(Bitmap::new(64, 4096));
+        let config = Peer {
+            id,
+            name: format!("n{id}"),
+            address: "127.0.0.1:9".parse().unwrap(),
+            lan_group: group.into(),
+        };
+        let replica = Arc::new(PeerReplica::new(
+            config,
+            group == "home",
+            Arc::new(Bitmap::new(64, 4096)),
+            Arc::new(AtomicBool::new(false)),
+        ));
+        for &block in lacks {
+            bitmap.set_range(block, 1);
+        }
+        (replica, bitmap)
+    }
+
+    fn names(holders: &[Arc<PeerReplica>]) -> Vec<String> {
+        holders.iter().map(|p| p.config.name.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn holders_are_the_nodes_holding_every_block_nearest_first() {
+        let identity = LocalIdentity {
+            resource: "r".into(),
+            node_id: 1,
+            secret: Arc::new(vec![7; 32]),
+        };
+        let fetcher = Fetcher::new(
+            identity,
+            "home".into(),
+            vec![
+                peer(2, "away", &[]),
+                peer(3, "home", &[5]),
+                peer(4, "home", &[]),
+            ],
+            Duration::from_secs(1),
+        );
+        // Block 0: everyone holds it; LAN peers first (in config order).
+        assert_eq!(names(&fetcher.holders(0, 4096)), ["n3", "n4", "n2"]);
+        // Blocks 4..6: node 3 lacks block 5, so it is no holder of the range.
+        assert_eq!(names(&fetcher.holders(4 * 4096, 2 * 4096)), ["n4", "n2"]);
+        // A range nobody holds whole is split by `fetch_once`.
+        let none = Fetcher::new(
+            LocalIdentity {
+                resource: "r".into(),
+                node_id: 1,
+                secret: Arc::new(vec![7; 32]),
+            },
+            "home".into(),
+            vec![peer(2, "home", &[1]), peer(3, "home", &[0])],
+            Duration::from_secs(1),
+        );
+        assert!(none.holders(0, 2 * 4096).is_empty());
+        assert_eq!(names(&none.holders(0, 4096)), ["n2"]);
+        assert_eq!(names(&none.holders(4096, 4096)), ["n3"]);
+    }
+}
