@@ -193,6 +193,13 @@ impl Replication {
         // resync for other reasons (activity-log extents after a forced
         // switch, a joining peer's report): where we lack a block, a peer
         // clear here holds its newest version whatever else we resync there.
+        // On disk too, for a restart before the background sync ends. Not
+        // having it only means fewer holders (the peers' bitmaps), never
+        // a wrong one.
+        let path = super::holders::path_for(&self.config.node.metadata);
+        if let Err(e) = super::holders::save(&path, &holds) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save who holds which blocks");
+        }
         *self.holders.lock().unwrap_or_else(|e| e.into_inner()) = Some(holds);
         tracing::info!(
             previous_primary = prev.node,

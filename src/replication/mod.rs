@@ -13,6 +13,7 @@ mod epochs;
 mod fetcher;
 mod handover;
 mod holder;
+mod holders;
 mod link;
 pub mod peer;
 mod source;
@@ -259,7 +260,14 @@ impl Replication {
             node_id: self.config.node.id,
             secret: Arc::new(self.config.read_secret()?),
         };
-        let handover = self.handover_holders();
+        let layout = self.metadata.layout();
+        let handover = self.handover_holders().or_else(|| {
+            holders::load(
+                &holders::path_for(&self.config.node.metadata),
+                layout.blocks(),
+                layout.block_size(),
+            )
+        });
         let holders = self
             .peers
             .iter()
