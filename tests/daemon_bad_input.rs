@@ -285,8 +285,11 @@ fn metadata_with_a_flipped_byte_is_refused() {
     let n = node(&dir);
     must_create_md(&n.config);
     let mut meta = std::fs::read(&n.metadata).unwrap();
-    // Byte 44 is the low byte of the term, inside the checksummed sector.
+    // Byte 44 is the low byte of the term, inside the checksummed sector;
+    // flipped in both superblock copies (sectors 0 and 1), since one
+    // damaged copy alone is survived by using the other.
     meta[44] ^= 0x01;
+    meta[4096 + 44] ^= 0x01;
     std::fs::write(&n.metadata, &meta).unwrap();
     assert_refused(n, &n.config, &[path_str(&n.metadata), "checksum"]);
 }

@@ -35,12 +35,26 @@ pub enum MetaError {
     #[error("{} is not vmsync metadata (bad magic)", .path.display())]
     BadMagic { path: PathBuf },
 
-    /// The superblock's checksum does not match its contents.
+    /// Neither superblock copy is usable (checksum mismatch, torn write,
+    /// impossible fields); `copies` says what is wrong with each.
     #[error(
-        "metadata {}: superblock checksum mismatch (corrupted or torn write)",
+        "metadata {}: no valid superblock, both copies are damaged ({copies}); \
+         refusing to use it",
         .path.display()
     )]
-    BadChecksum { path: PathBuf },
+    NoValidSuperblock { path: PathBuf, copies: String },
+
+    /// Both superblock copies are valid but describe different replicas.
+    #[error(
+        "metadata {}: the two superblock copies disagree about the replica \
+         (copy 0: {first}; copy 1: {second}); refusing to guess",
+        .path.display()
+    )]
+    ConflictingSuperblocks {
+        path: PathBuf,
+        first: String,
+        second: String,
+    },
 
     /// The superblock was written by an incompatible version of vmsync.
     #[error(
