@@ -320,8 +320,11 @@ impl Uring {
                 Ok(_) => backoff(attempt),
                 Err(e) => {
                     let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                    let OnEnterError::Retry(pause) = on_submit_error(true, errno, attempt) else {
-                        unreachable!("a queued entry is never failed");
+                    let pause = match on_submit_error(true, errno, attempt) {
+                        OnEnterError::Retry(pause) => pause,
+                        // Never returned for a queued entry; retrying is
+                        // the only safe reading anyway.
+                        OnEnterError::Fail => backoff(attempt),
                     };
                     if errno != libc::EINTR && log.due() {
                         tracing::warn!(error = %e, attempt, "io_uring submit failed after queueing; the queued requests stay pending and submission is retried");

@@ -31,8 +31,12 @@ pub enum MetaError {
     )]
     Exists { path: PathBuf, what: String },
 
-    /// The file does not start with the vmsync metadata magic.
-    #[error("{} is not vmsync metadata (bad magic)", .path.display())]
+    /// Neither superblock copy starts with the vmsync metadata magic.
+    #[error(
+        "{} is not vmsync metadata (bad magic in both superblock copies: \
+         other data, or both copies overwritten)",
+        .path.display()
+    )]
     BadMagic { path: PathBuf },
 
     /// Neither superblock copy is usable (checksum mismatch, torn write,

@@ -152,6 +152,12 @@ pub struct Recovery {
     /// another generation) marks the AL extents stale for the peers
     /// ([`Metadata::mark_active_extents`]) before anything is written.
     pub al_extents: Vec<u64>,
+    /// The superblock copy (0 or 1) that was damaged (torn or corrupted) and
+    /// skipped in favour of the other; it has been rewritten by the open.
+    pub damaged_superblock_copy: Option<u32>,
+    /// `(node, page)` of every bitmap page that failed its checksum and so
+    /// was read as all stale (each page covers 32512 blocks).
+    pub damaged_bitmap_pages: Vec<(u32, u64)>,
 }
 
 /// The newest valid superblock copy: its contents, sequence number and
@@ -286,7 +292,7 @@ impl Metadata {
     pub fn open(path: impl AsRef<Path>, expect: &Expect) -> Result<Metadata, MetaError> {
         let path = path.as_ref();
         let file = Arc::new(MetaFile::open(path)?);
-        let stored = read_superblock(&file)?;
+        let (stored, damaged_superblock_copy) = read_superblock(&file)?;
         let mut superblock = stored.superblock.clone();
         check_expectations(path, &superblock, expect)?;
         let layout = superblock.layout;
@@ -298,7 +304,8 @@ impl Metadata {
                 needed: layout.file_len(),
             });
         }
-        let bitmaps = Arc::new(NodeBitmaps::load(Arc::clone(&file), layout)?);
+        let (bitmaps, damaged_bitmap_pages) = NodeBitmaps::load(Arc::clone(&file), layout)?;
+        let bitmaps = Arc::new(bitmaps);
         let activity_log = Arc::new(ActivityLog::load(
             Arc::clone(&file),
             layout,
@@ -309,6 +316,8 @@ impl Metadata {
         let recovery = Recovery {
             was_unclean: !superblock.clean,
             al_extents: activity_log.active_extents(),
+            damaged_superblock_copy,
+            damaged_bitmap_pages,
         };
         superblock.clean = false;
         let stored = stored.write_next(&file, superblock)?;
@@ -499,9 +508,10 @@ fn read_copy(
     Ok(Superblock::decode(&sector))
 }
 
-/// The newest valid superblock copy (see `superblock` for the rules); reads
-/// only. The error says what is wrong with each copy.
-fn read_superblock(file: &MetaFile) -> Result<StoredSuperblock, MetaError> {
+/// The newest valid superblock copy (see `superblock` for the rules) and,
+/// if the other copy is damaged, its number; reads only. The error says what
+/// is wrong with each copy.
+fn read_superblock(file: &MetaFile) -> Result<(StoredSuperblock, Option<u32>), MetaError> {
     let path = file.path().to_owned();
     let copies = [read_copy(file, 0)?, read_copy(file, 1)?];
     let valid: Vec<StoredSuperblock> = (0..)
@@ -533,7 +543,7 @@ fn read_superblock(file: &MetaFile) -> Result<StoredSuperblock, MetaError> {
                     ),
                 });
             }
-            Ok(if b.sequence > a.sequence { b } else { a }.clone())
+            Ok((if b.sequence > a.sequence { b } else { a }.clone(), None))
         }
         [only] => {
             let other = 1 - only.copy;
@@ -547,10 +557,10 @@ fn read_superblock(file: &MetaFile) -> Result<StoredSuperblock, MetaError> {
                     using_copy = only.copy,
                     sequence = only.sequence,
                     "superblock copy is damaged (torn write or corruption); using the other \
-                     copy, the damaged one is rewritten by the next update"
+                     copy (the damaged one is the next to be written)"
                 );
             }
-            Ok(only.clone())
+            Ok((only.clone(), Some(other)))
         }
         _ => {
             let errors: Vec<&SuperblockError> =
@@ -618,7 +628,7 @@ fn describe_contents(file: &MetaFile) -> Result<Option<String>, MetaError> {
         return Ok(None);
     }
     let what = match read_superblock(file) {
-        Ok(stored) => format!("vmsync metadata ({})", stored.superblock),
+        Ok((stored, _)) => format!("vmsync metadata ({})", stored.superblock),
         Err(MetaError::BadMagic { .. }) => format!("{len} bytes of other data"),
         Err(MetaError::Io { .. }) => format!("{len} bytes of unreadable data"),
         Err(e) => format!("damaged or incompatible vmsync metadata ({e})"),

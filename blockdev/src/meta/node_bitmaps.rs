@@ -78,8 +78,13 @@ pub struct NodeBitmaps {
 impl NodeBitmaps {
     /// Reads every node's bitmap region. A page that fails its checksum
     /// reads as all stale (see the module docs); this writes nothing, the
-    /// page is only marked dirty for the next flush.
-    pub(crate) fn load(file: Arc<MetaFile>, layout: Layout) -> Result<NodeBitmaps, MetaError> {
+    /// page is only marked dirty for the next flush. Also returns the
+    /// `(node, page)` of every such page.
+    pub(crate) fn load(
+        file: Arc<MetaFile>,
+        layout: Layout,
+    ) -> Result<(NodeBitmaps, Vec<(u32, u64)>), MetaError> {
+        let mut damaged = Vec::new();
         let pages = layout.bitmap_pages() as usize;
         let mut region = vec![0u8; layout.bitmap_region_len() as usize];
         // The bits alone, page payloads back to back: the format
@@ -115,16 +120,18 @@ impl NodeBitmaps {
                          treating all its blocks as stale for this node"
                     );
                     bitmap.mark_page_dirty(page);
+                    damaged.push((node, page as u64));
                 }
                 Ok(Arc::new(bitmap))
             })
             .collect::<Result<_, MetaError>>()?;
-        Ok(NodeBitmaps {
+        let bitmaps = NodeBitmaps {
             file,
             layout,
             bitmaps,
             flush_lock: Mutex::new(()),
-        })
+        };
+        Ok((bitmaps, damaged))
     }
 
     /// Node `node`'s bitmap, or `None` if `node` is not a node slot.

@@ -289,13 +289,16 @@ fn torn_newest_superblock_falls_back_to_the_previous_state() {
     assert_eq!(md.term(), 5);
     assert_eq!(md.generations(), generations);
     assert!(md.recovery().was_unclean);
+    assert_eq!(md.recovery().damaged_superblock_copy, Some(newest as u32));
     assert_eq!(md.resource(), "work-vm");
     // The open wrote the damaged copy, so both are valid again.
     let [a, b] = copies_on_disk(&fx);
     assert!(a.is_some() && b.is_some());
     assert_eq!(newest_copy(&fx), newest, "the torn copy was rewritten");
     drop(md);
-    assert_eq!(fx.open().term(), 5);
+    let md = fx.open();
+    assert_eq!(md.term(), 5);
+    assert_eq!(md.recovery().damaged_superblock_copy, None);
 }
 
 #[test]
@@ -306,6 +309,7 @@ fn torn_older_superblock_is_ignored() {
     let md = fx.open();
     assert_eq!(md.term(), 5);
     assert!(!md.recovery().was_unclean, "the newest copy says clean");
+    assert!(md.recovery().damaged_superblock_copy.is_some());
 }
 
 #[test]
@@ -465,6 +469,7 @@ fn a_damaged_bitmap_page_reads_all_stale_and_other_pages_are_intact() {
     md.mark_clean().unwrap();
     drop(md);
     let md = fx.open();
+    assert!(md.recovery().damaged_bitmap_pages.is_empty());
     let peer = md.bitmap(2).unwrap();
     assert_eq!(peer.count_ones(), per_page + 2 - 100);
     assert_eq!(md.bitmaps().dirty_page_count(), 0);
