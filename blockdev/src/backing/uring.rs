@@ -333,7 +333,7 @@ impl Uring {
                 }
             };
             if let Persist::Bounded(max) = persist {
-                if attempt + 1 >= max {
+                if attempt.saturating_add(1) >= max {
                     tracing::error!("io_uring: giving up handing a no-op to the kernel");
                     return;
                 }
