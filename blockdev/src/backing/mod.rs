@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 
 use crate::buffer::{is_aligned, AlignedBuf};
 use crate::device::{check_range, BlockDevice};
@@ -123,6 +123,30 @@ impl BackingStore {
         types::Fd(self.file.as_raw_fd())
     }
 
+    /// Runs one operation. A result of -EINTR or -EAGAIN means the kernel
+    /// did not perform it (no byte transferred), so it is submitted again,
+    /// a few times, rather than failing a guest request on a transient
+    /// condition; any other result, or a transient one that persists, is
+    /// returned.
+    ///
+    /// # Safety
+    /// As [`Uring::submit`]: every buffer `entry` points to must stay valid
+    /// and unaliased until the returned future completes (it is awaited
+    /// here, so until this future completes or is dropped).
+    async unsafe fn run(&self, entry: squeue::Entry) -> io::Result<usize> {
+        let mut attempt = 0;
+        loop {
+            // SAFETY: the caller's contract; each submission is awaited
+            // (and so finished) before the next one reuses the buffers.
+            let result = unsafe { self.uring.submit(entry.clone()) }.await;
+            if retry_transient(result, attempt) {
+                attempt += 1;
+                continue;
+            }
+            return cqe_to_result(result);
+        }
+    }
+
     /// Reads exactly `buf.len()` bytes, retrying short reads.
     async fn read_exact_at(&self, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
         while !buf.is_empty() {
@@ -131,7 +155,7 @@ impl BackingStore {
                 .offset(offset)
                 .build();
             // SAFETY: `buf` is borrowed until the op completes (UringOp waits on drop).
-            let done = cqe_to_result(unsafe { self.uring.submit(entry) }.await)?;
+            let done = unsafe { self.run(entry) }.await?.min(buf.len());
             if done == 0 {
                 // Past the end of a file: the rest reads as zeroes, like a hole.
                 buf.fill(0);
@@ -153,7 +177,7 @@ impl BackingStore {
                 .rw_flags(rw_flags)
                 .build();
             // SAFETY: `data` is borrowed until the op completes.
-            let done = cqe_to_result(unsafe { self.uring.submit(entry) }.await)?;
+            let done = unsafe { self.run(entry) }.await?.min(data.len());
             if done == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -172,7 +196,7 @@ impl BackingStore {
             .mode(mode)
             .build();
         // SAFETY: fallocate references no memory.
-        cqe_to_result(unsafe { self.uring.submit(entry) }.await).map(|_| ())
+        unsafe { self.run(entry) }.await.map(|_| ())
     }
 
     /// Writes zero buffers: the fallback for backings that cannot zero a range.
@@ -187,6 +211,16 @@ impl BackingStore {
         }
         Ok(())
     }
+}
+
+/// Times an operation that the kernel did not perform (-EINTR, -EAGAIN) is
+/// submitted again before its error is returned.
+const TRANSIENT_RETRIES: u32 = 3;
+
+/// Whether CQE result `result` of attempt `attempt` (0-based) is worth
+/// another submission.
+fn retry_transient(result: i32, attempt: u32) -> bool {
+    (result == -libc::EINTR || result == -libc::EAGAIN) && attempt < TRANSIENT_RETRIES
 }
 
 /// io_uring lengths are u32; large requests go in pieces.

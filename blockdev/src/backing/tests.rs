@@ -158,3 +158,15 @@ fn a_missing_or_odd_backing_is_refused_with_its_path() {
     // A directory cannot be opened read-write at all; either way it is refused.
     assert!(err.to_string().contains(&dir.path().display().to_string()));
 }
+
+#[test]
+fn only_operations_the_kernel_did_not_perform_are_resubmitted() {
+    for transient in [-libc::EINTR, -libc::EAGAIN] {
+        assert!(retry_transient(transient, 0));
+        assert!(retry_transient(transient, TRANSIENT_RETRIES - 1));
+        assert!(!retry_transient(transient, TRANSIENT_RETRIES), "bounded");
+    }
+    for other in [0, 4096, -libc::EIO, -libc::ENOSPC, -libc::EINVAL] {
+        assert!(!retry_transient(other, 0), "{other}");
+    }
+}

@@ -7,7 +7,7 @@
 //!
 //! Besides the bits, a [`Bitmap`] keeps
 //! * a counter of set bits, so "how much is stale" is O(1), and
-//! * a second, tiny atomic bitmap with one bit per 4 KiB page of words that
+//! * a second, tiny atomic bitmap with one bit per on-disk page of words that
 //!   marks the pages changed since they were last persisted, so flushing
 //!   writes only those pages (see `node_bitmaps`).
 //!
@@ -23,12 +23,15 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
 
-use super::layout::{BITMAP_BITS_PER_PAGE, SECTOR_SIZE};
+use super::codec::{Sector, SEALED_PAYLOAD_LEN};
+use super::layout::BITMAP_BITS_PER_PAGE;
 
 const WORD_BITS: u64 = u64::BITS as u64;
 const WORD_BYTES: usize = std::mem::size_of::<u64>();
-/// Words per 4 KiB page of the on-disk bitmap.
+/// Words per page of the on-disk bitmap (508: a 4 KiB sector less its
+/// checksum).
 pub(crate) const WORDS_PER_PAGE: usize = (BITMAP_BITS_PER_PAGE / WORD_BITS) as usize;
+const _: () = assert!(WORDS_PER_PAGE * WORD_BYTES == SEALED_PAYLOAD_LEN);
 
 /// Concurrent bitmap of the blocks of one device, for one node.
 pub struct Bitmap {
@@ -393,9 +396,10 @@ impl Bitmap {
         first..last + 1
     }
 
-    /// Writes page `page` in on-disk form into `out`.
-    pub(crate) fn encode_page(&self, page: usize, out: &mut [u8; SECTOR_SIZE]) {
-        self.write_le_bytes(page * WORDS_PER_PAGE, out);
+    /// Writes page `page`'s words in on-disk form into the payload of
+    /// `out` (its first `SEALED_PAYLOAD_LEN` bytes); the caller seals it.
+    pub(crate) fn encode_page(&self, page: usize, out: &mut Sector) {
+        self.write_le_bytes(page * WORDS_PER_PAGE, &mut out[..SEALED_PAYLOAD_LEN]);
     }
 
     /// Clears page `page`'s dirty mark; returns whether it was set. Call
@@ -589,7 +593,7 @@ mod tests {
         let bm = Bitmap::new(70, 4096);
         bm.set_range(3, 1);
         bm.set_range(64, 6);
-        let mut page = [0u8; SECTOR_SIZE];
+        let mut page = [0u8; crate::meta::layout::SECTOR_SIZE];
         bm.encode_page(0, &mut page);
         assert_eq!(page[0], 0b1000);
         page[8] = 0xff; // bits 64..72: 70 and 71 are past the end

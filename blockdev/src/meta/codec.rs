@@ -4,7 +4,9 @@
 //! whose last [`CHECKSUM_LEN`] bytes are the BLAKE3 hash of everything before
 //! them. Hashing the whole payload, padding included, means any flipped byte
 //! anywhere in the sector is detected, and a torn write (part old, part new)
-//! is rejected rather than half-trusted.
+//! is rejected rather than half-trusted. Bitmap pages are sealed the same
+//! way, with a checksum that also covers their node and page number
+//! ([`seal_bitmap_page`]).
 
 use super::layout::SECTOR_SIZE;
 
@@ -26,6 +28,35 @@ pub(crate) fn seal(sector: &mut Sector) {
 pub(crate) fn is_sealed(sector: &Sector) -> bool {
     let hash = blake3::hash(&sector[..SEALED_PAYLOAD_LEN]);
     hash.as_bytes()[..] == sector[SEALED_PAYLOAD_LEN..]
+}
+
+/// Domain separation for bitmap page checksums, so a bitmap page can never
+/// verify as (or be confused with) any other kind of sealed sector.
+const BITMAP_PAGE_DOMAIN: &[u8] = b"vmsync bitmap page v3\0";
+
+/// Checksum of bitmap page `page` of node `node`: BLAKE3 over a domain tag,
+/// the node id, the page number and the page's payload. Binding the position
+/// in means a page written at the wrong offset (or copied from another
+/// node's bitmap) fails the check instead of silently moving bits.
+fn bitmap_page_checksum(sector: &Sector, node: u32, page: u64) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update(BITMAP_PAGE_DOMAIN)
+        .update(&node.to_le_bytes())
+        .update(&page.to_le_bytes())
+        .update(&sector[..SEALED_PAYLOAD_LEN]);
+    hasher.finalize()
+}
+
+/// Writes the checksum of bitmap page `page` of node `node` into its tail.
+pub(crate) fn seal_bitmap_page(sector: &mut Sector, node: u32, page: u64) {
+    let hash = bitmap_page_checksum(sector, node, page);
+    sector[SEALED_PAYLOAD_LEN..].copy_from_slice(hash.as_bytes());
+}
+
+/// Whether `sector` is a valid bitmap page `page` of node `node`.
+pub(crate) fn is_sealed_bitmap_page(sector: &Sector, node: u32, page: u64) -> bool {
+    bitmap_page_checksum(sector, node, page).as_bytes()[..] == sector[SEALED_PAYLOAD_LEN..]
 }
 
 /// Appends little-endian fields to a buffer.
@@ -121,6 +152,22 @@ mod tests {
         assert_eq!(r.bytes(1), Ok(&b"x"[..]));
         assert_eq!(r.u16(), Err(ShortBuffer));
         assert_eq!(r.bytes(usize::MAX), Err(ShortBuffer));
+    }
+
+    #[test]
+    fn bitmap_pages_are_bound_to_their_place() {
+        let mut sector = [0u8; SECTOR_SIZE];
+        sector[7] = 0x80;
+        seal_bitmap_page(&mut sector, 2, 5);
+        assert!(is_sealed_bitmap_page(&sector, 2, 5));
+        assert!(!is_sealed_bitmap_page(&sector, 1, 5));
+        assert!(!is_sealed_bitmap_page(&sector, 2, 4));
+        assert!(!is_sealed(&sector), "not a plain sealed sector");
+        let mut flipped = sector;
+        flipped[100] ^= 1;
+        assert!(!is_sealed_bitmap_page(&flipped, 2, 5));
+        // An all-zero page (unwritten, or zeroed by mistake) is not valid.
+        assert!(!is_sealed_bitmap_page(&[0; SECTOR_SIZE], 0, 0));
     }
 
     #[test]

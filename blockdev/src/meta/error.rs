@@ -31,16 +31,34 @@ pub enum MetaError {
     )]
     Exists { path: PathBuf, what: String },
 
-    /// The file does not start with the vmsync metadata magic.
-    #[error("{} is not vmsync metadata (bad magic)", .path.display())]
-    BadMagic { path: PathBuf },
-
-    /// The superblock's checksum does not match its contents.
+    /// Neither superblock copy starts with the vmsync metadata magic.
     #[error(
-        "metadata {}: superblock checksum mismatch (corrupted or torn write)",
+        "{} is not vmsync metadata (bad magic in both superblock copies: \
+         other data, or both copies overwritten)",
         .path.display()
     )]
-    BadChecksum { path: PathBuf },
+    BadMagic { path: PathBuf },
+
+    /// Neither superblock copy is usable (checksum mismatch, torn write,
+    /// impossible fields); `copies` says what is wrong with each.
+    #[error(
+        "metadata {}: no valid superblock, both copies are damaged ({copies}); \
+         refusing to use it",
+        .path.display()
+    )]
+    NoValidSuperblock { path: PathBuf, copies: String },
+
+    /// Both superblock copies are valid but describe different replicas.
+    #[error(
+        "metadata {}: the two superblock copies disagree about the replica \
+         (copy 0: {first}; copy 1: {second}); refusing to guess",
+        .path.display()
+    )]
+    ConflictingSuperblocks {
+        path: PathBuf,
+        first: String,
+        second: String,
+    },
 
     /// The superblock was written by an incompatible version of vmsync.
     #[error(

@@ -3,6 +3,7 @@
 use std::ops::Range;
 
 use super::al_ring::MAX_AL_SLOTS;
+use super::codec::SEALED_PAYLOAD_LEN;
 
 /// Size of the superblock, of one activity-log transaction and of one bitmap
 /// page: the unit of every metadata write.
@@ -32,9 +33,18 @@ pub const MIN_AL_RING_SECTORS: u32 = 2;
 /// Upper bound on the ring, to keep the scan at open time small.
 pub const MAX_AL_RING_SECTORS: u32 = 1024;
 
-/// Staleness bits stored in one bitmap page.
-pub(crate) const BITMAP_BITS_PER_PAGE: u64 = SECTOR_SIZE as u64 * 8;
+/// Staleness bits stored in one bitmap page: a page is a sealed sector, so
+/// its last 32 bytes are a checksum and 4064 bytes (508 words) hold bits.
+pub(crate) const BITMAP_BITS_PER_PAGE: u64 = SEALED_PAYLOAD_LEN as u64 * 8;
+/// Number of superblock copies at the start of the file.
+pub(crate) const SUPERBLOCK_COPIES: u32 = 2;
 const SECTOR: u64 = SECTOR_SIZE as u64;
+
+/// File offset of superblock copy `copy` (0 or 1). Independent of the
+/// geometry, which is only known once a superblock has been read.
+pub(crate) fn superblock_offset(copy: u32) -> u64 {
+    SECTOR * u64::from(copy)
+}
 
 /// The parameters that fix the metadata file's layout (unvalidated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,11 +61,13 @@ pub struct Geometry {
     pub al_ring_sectors: u32,
 }
 
-/// A validated [`Geometry`] with the derived sizes and file offsets:
+/// A validated [`Geometry`] with the derived sizes and file offsets
+/// (format version 3):
 ///
 /// ```text
-/// offset 0                      superblock                  1 sector
-/// SECTOR_SIZE                   activity-log ring           al_ring_sectors sectors
+/// offset 0                      superblock copy 0           1 sector
+/// SECTOR_SIZE                   superblock copy 1           1 sector
+/// 2 * SECTOR_SIZE               activity-log ring           al_ring_sectors sectors
 /// bitmap_offset(0)              staleness bitmap, node 0    bitmap_region_len()
 /// bitmap_offset(1)              staleness bitmap, node 1    bitmap_region_len()
 /// ...                           ... up to node_slots - 1
@@ -63,10 +75,17 @@ pub struct Geometry {
 ///
 /// A sector is 4 KiB. Every region starts on a 4 KiB boundary so that each
 /// sector or bitmap page is written with one aligned write, which storage
-/// performs atomically in practice (and even when it does not, a torn bitmap
-/// page is harmless, see [`NodeBitmaps`](super::NodeBitmaps)). A bitmap page
-/// holds 32768 bits as 512 little-endian u64 words; bit `b` is bit `b % 64`
-/// of word `b / 64`.
+/// performs atomically in practice. When it does not, every kind of sector
+/// detects the tear with its checksum: the two superblock copies are written
+/// alternately, so a torn one leaves the other (see `superblock`); the
+/// activity-log ring falls back to the previous transaction (see `al_ring`);
+/// a bitmap page that fails its checksum reads as all stale (see
+/// [`NodeBitmaps`](super::NodeBitmaps)).
+///
+/// A bitmap page holds 32512 bits as 508 little-endian u64 words (bytes
+/// 0..4064; bit `b` of the bitmap is bit `b % 64` of word `b / 64`), then a
+/// 32-byte BLAKE3 checksum of those words, keyed by the node id and the page
+/// number so that a page written to the wrong place does not verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     geometry: Geometry,
@@ -122,7 +141,7 @@ impl Layout {
         let bitmap_region_len = blocks.div_ceil(BITMAP_BITS_PER_PAGE) * SECTOR;
         let file_len = u64::from(node_slots)
             .checked_mul(bitmap_region_len)
-            .and_then(|bitmaps| bitmaps.checked_add((1 + u64::from(al_ring_sectors)) * SECTOR))
+            .and_then(|bitmaps| bitmaps.checked_add(Self::bitmaps_start(al_ring_sectors)))
             .ok_or_else(|| format!("device size {device_size} is too large"))?;
         Ok(Layout {
             geometry,
@@ -190,13 +209,23 @@ impl Layout {
 
     /// File offset of activity-log transaction sector `index`.
     pub(crate) fn al_sector_offset(&self, index: u32) -> u64 {
-        SECTOR * (1 + u64::from(index))
+        SECTOR * (u64::from(SUPERBLOCK_COPIES) + u64::from(index))
+    }
+
+    /// Where the first bitmap starts: after the superblocks and the ring.
+    fn bitmaps_start(al_ring_sectors: u32) -> u64 {
+        SECTOR * (u64::from(SUPERBLOCK_COPIES) + u64::from(al_ring_sectors))
     }
 
     /// File offset of node `node`'s staleness bitmap.
     pub(crate) fn bitmap_offset(&self, node: u32) -> u64 {
-        SECTOR * (1 + u64::from(self.geometry.al_ring_sectors))
+        Self::bitmaps_start(self.geometry.al_ring_sectors)
             + u64::from(node) * self.bitmap_region_len
+    }
+
+    /// Number of pages in each node's bitmap.
+    pub(crate) fn bitmap_pages(&self) -> u64 {
+        self.bitmap_region_len / SECTOR
     }
 
     /// Bytes reserved for each node's bitmap: whole 4 KiB pages.
@@ -228,12 +257,16 @@ mod tests {
     fn offsets_follow_the_documented_layout() {
         let layout = Layout::new(geometry(1 << 30)).unwrap();
         assert_eq!(layout.blocks(), 262_144);
-        // 32 KiB of bitmap per GiB per node.
-        assert_eq!(layout.bitmap_region_len(), 32 << 10);
-        assert_eq!(layout.al_sector_offset(0), 4096);
-        assert_eq!(layout.bitmap_offset(0), 4096 * 65);
-        assert_eq!(layout.bitmap_offset(2), 4096 * 65 + 2 * (32 << 10));
-        assert_eq!(layout.file_len(), 4096 * 65 + 3 * (32 << 10));
+        // 262144 bits in pages of 32512: 9 pages, 36 KiB per GiB per node.
+        assert_eq!(layout.bitmap_region_len(), 36 << 10);
+        assert_eq!(layout.bitmap_pages(), 9);
+        assert_eq!(superblock_offset(0), 0);
+        assert_eq!(superblock_offset(1), 4096);
+        assert_eq!(layout.al_sector_offset(0), 2 * 4096);
+        assert_eq!(layout.al_sector_offset(63), 65 * 4096);
+        assert_eq!(layout.bitmap_offset(0), 4096 * 66);
+        assert_eq!(layout.bitmap_offset(2), 4096 * 66 + 2 * (36 << 10));
+        assert_eq!(layout.file_len(), 4096 * 66 + 3 * (36 << 10));
         assert_eq!(layout.extents(), 256);
         assert_eq!(layout.blocks_per_extent(), 1024);
     }

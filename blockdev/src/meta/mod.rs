@@ -2,14 +2,17 @@
 //!
 //! The metadata lives in its own file (`[node] metadata` in the
 //! configuration), laid out as described in [`Layout`]:
-//! `[superblock][activity-log ring][bitmap node 0][bitmap node 1]...`.
+//! `[superblock copy 0][superblock copy 1][activity-log ring][bitmap node 0]
+//! [bitmap node 1]...`.
 //!
 //! * [`Superblock`]: identity (resource, node id), geometry, term, data
 //!   generation ids and the clean flag; checksummed, versioned, explicit
-//!   little-endian encoding.
+//!   little-endian encoding; two copies written alternately with a sequence
+//!   number, so a torn update falls back to the previous state.
 //! * [`Bitmap`]: lock-free staleness bitmap, one per node slot, with a
 //!   compact network encoding ([`Bitmap::encode`]/[`Bitmap::decode`]).
-//!   [`NodeBitmaps`] persists their dirty pages lazily.
+//!   [`NodeBitmaps`] persists their dirty pages lazily, each page with its
+//!   own checksum; a page that fails it reads as all stale.
 //! * [`ActivityLog`]: the persisted set of hot 4 MiB extents that makes lazy
 //!   bitmap persistence safe.
 //!
@@ -26,6 +29,8 @@
 //!   only [`Metadata::mark_clean`] marks it clean again. Dropping a
 //!   [`Metadata`] without it is treated like a crash at the next open.
 //! * A failed check at open time writes nothing.
+//! * A superblock update never overwrites the newest valid copy; a damaged
+//!   bitmap page is never read as "current", only as "all stale".
 //!
 //! # Fresh metadata
 //!
@@ -65,7 +70,7 @@ pub use superblock::{GenerationIds, Superblock, FORMAT_VERSION, MAX_RESOURCE_NAM
 
 use codec::Sector;
 use file::MetaFile;
-use layout::SECTOR_SIZE;
+use layout::{superblock_offset, SECTOR_SIZE, SUPERBLOCK_COPIES};
 use superblock::SuperblockError;
 
 /// Zero-filling a new file is done in chunks of this size.
@@ -147,6 +152,50 @@ pub struct Recovery {
     /// another generation) marks the AL extents stale for the peers
     /// ([`Metadata::mark_active_extents`]) before anything is written.
     pub al_extents: Vec<u64>,
+    /// The superblock copy (0 or 1) that was damaged (torn or corrupted) and
+    /// skipped in favour of the other; it has been rewritten by the open.
+    pub damaged_superblock_copy: Option<u32>,
+    /// `(node, page)` of every bitmap page that failed its checksum and so
+    /// was read as all stale (each page covers 32512 blocks).
+    pub damaged_bitmap_pages: Vec<(u32, u64)>,
+}
+
+/// The newest valid superblock copy: its contents, sequence number and
+/// which copy (0 or 1) holds it. The next update goes to the other copy.
+#[derive(Debug, Clone)]
+struct StoredSuperblock {
+    superblock: Superblock,
+    sequence: u64,
+    copy: u32,
+}
+
+impl StoredSuperblock {
+    /// Writes `superblock` to the copy that does not hold the newest valid
+    /// one, with the next sequence number, and syncs; returns the new newest
+    /// copy. Until it returns Ok, the newest valid copy on disk is `self`
+    /// (or, after a failed sync, possibly the new one: either is a state
+    /// that was requested and not yet reported durable).
+    fn write_next(
+        &self,
+        file: &MetaFile,
+        superblock: Superblock,
+    ) -> Result<StoredSuperblock, MetaError> {
+        let sequence = self
+            .sequence
+            .checked_add(1)
+            .ok_or_else(|| MetaError::Corrupt {
+                path: file.path().to_owned(),
+                reason: "superblock sequence number exhausted".into(),
+            })?;
+        let next = StoredSuperblock {
+            superblock,
+            sequence,
+            copy: (self.copy + 1) % SUPERBLOCK_COPIES,
+        };
+        write_superblock_copy(file, &next)?;
+        file.sync("sync superblock")?;
+        Ok(next)
+    }
 }
 
 /// An open, locked metadata file.
@@ -157,7 +206,7 @@ pub struct Recovery {
 #[derive(Debug)]
 pub struct Metadata {
     file: Arc<MetaFile>,
-    superblock: Mutex<Superblock>,
+    superblock: Mutex<StoredSuperblock>,
     bitmaps: Arc<NodeBitmaps>,
     activity_log: Arc<ActivityLog>,
     recovery: Recovery,
@@ -190,12 +239,16 @@ impl Metadata {
                 }
                 // From here until the new superblock is written, a crash
                 // must leave something `open` refuses, not the old metadata
-                // over new bitmaps.
-                file.write_at(&[0; SECTOR_SIZE], 0, "invalidate old superblock")?;
+                // over new bitmaps: both copies go.
+                file.write_at(
+                    &[0; SECTOR_SIZE * SUPERBLOCK_COPIES as usize],
+                    0,
+                    "invalidate old superblock",
+                )?;
                 file.sync("invalidate old superblock")?;
             }
         }
-        prepare_space(&file, layout.file_len())?;
+        prepare_space(&file, &layout)?;
         let superblock = Superblock {
             resource: params.resource.clone(),
             node_id: params.node_id,
@@ -208,7 +261,20 @@ impl Metadata {
             clean: true,
             inconsistent: false,
         };
-        write_superblock(&file, &superblock)?;
+        // Both copies (sequence 1 and 2), so that from the start a damaged
+        // copy has a fallback. A crash between them leaves one complete
+        // copy, which is as good as both.
+        for copy in 0..SUPERBLOCK_COPIES {
+            write_superblock_copy(
+                &file,
+                &StoredSuperblock {
+                    superblock: superblock.clone(),
+                    sequence: u64::from(copy) + 1,
+                    copy,
+                },
+            )?;
+        }
+        file.sync("sync superblock")?;
         if created {
             file.sync_parent_dir()?;
         }
@@ -219,13 +285,15 @@ impl Metadata {
     ///
     /// Every check (magic, version, checksum, resource, size, node id, block
     /// size, file length) happens before the first write; a failure leaves
-    /// the file untouched. Then, if the previous run crashed, the activity-log
-    /// extents are marked stale for every other node and persisted, and the
-    /// superblock is marked in use (unclean).
+    /// the file untouched. The newest valid superblock copy is used (see
+    /// `superblock`); bitmap pages that fail their checksum read as all
+    /// stale. Then the superblock is marked in use (unclean), written to the
+    /// other copy.
     pub fn open(path: impl AsRef<Path>, expect: &Expect) -> Result<Metadata, MetaError> {
         let path = path.as_ref();
         let file = Arc::new(MetaFile::open(path)?);
-        let mut superblock = read_superblock(&file)?;
+        let (stored, damaged_superblock_copy) = read_superblock(&file)?;
+        let mut superblock = stored.superblock.clone();
         check_expectations(path, &superblock, expect)?;
         let layout = superblock.layout;
         let found = file.len()?;
@@ -236,7 +304,8 @@ impl Metadata {
                 needed: layout.file_len(),
             });
         }
-        let bitmaps = Arc::new(NodeBitmaps::load(Arc::clone(&file), layout)?);
+        let (bitmaps, damaged_bitmap_pages) = NodeBitmaps::load(Arc::clone(&file), layout)?;
+        let bitmaps = Arc::new(bitmaps);
         let activity_log = Arc::new(ActivityLog::load(
             Arc::clone(&file),
             layout,
@@ -247,12 +316,14 @@ impl Metadata {
         let recovery = Recovery {
             was_unclean: !superblock.clean,
             al_extents: activity_log.active_extents(),
+            damaged_superblock_copy,
+            damaged_bitmap_pages,
         };
         superblock.clean = false;
-        write_superblock(&file, &superblock)?;
+        let stored = stored.write_next(&file, superblock)?;
         Ok(Metadata {
             file,
-            superblock: Mutex::new(superblock),
+            superblock: Mutex::new(stored),
             bitmaps,
             activity_log,
             recovery,
@@ -263,33 +334,33 @@ impl Metadata {
         self.file.path()
     }
 
-    fn lock_superblock(&self) -> std::sync::MutexGuard<'_, Superblock> {
+    fn lock_stored(&self) -> std::sync::MutexGuard<'_, StoredSuperblock> {
         self.superblock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A copy of the superblock as last persisted.
     pub fn superblock(&self) -> Superblock {
-        self.lock_superblock().clone()
+        self.lock_stored().superblock.clone()
     }
 
     pub fn layout(&self) -> Layout {
-        self.lock_superblock().layout
+        self.lock_stored().superblock.layout
     }
 
     pub fn resource(&self) -> String {
-        self.lock_superblock().resource.clone()
+        self.lock_stored().superblock.resource.clone()
     }
 
     pub fn node_id(&self) -> u32 {
-        self.lock_superblock().node_id
+        self.lock_stored().superblock.node_id
     }
 
     pub fn term(&self) -> u64 {
-        self.lock_superblock().term
+        self.lock_stored().superblock.term
     }
 
     pub fn generations(&self) -> GenerationIds {
-        self.lock_superblock().generations
+        self.lock_stored().superblock.generations
     }
 
     /// What `open` found about the previous run.
@@ -379,7 +450,7 @@ impl Metadata {
     /// Durably records the term of the primary whose writes this replica
     /// takes from now on (equal: no-op).
     pub fn set_data_term(&self, term: u64) -> Result<(), MetaError> {
-        if self.lock_superblock().data_term == term {
+        if self.lock_stored().superblock.data_term == term {
             return Ok(());
         }
         self.update_superblock(|sb| sb.data_term = term)
@@ -387,7 +458,7 @@ impl Metadata {
 
     /// Durably records whether a resync into this replica is unfinished.
     pub fn set_inconsistent(&self, inconsistent: bool) -> Result<(), MetaError> {
-        if self.lock_superblock().inconsistent == inconsistent {
+        if self.lock_stored().superblock.inconsistent == inconsistent {
             return Ok(());
         }
         self.update_superblock(|sb| sb.inconsistent = inconsistent)
@@ -405,37 +476,116 @@ impl Metadata {
 
     /// Writes a modified copy and adopts it only once it is durable.
     fn update_superblock(&self, change: impl FnOnce(&mut Superblock)) -> Result<(), MetaError> {
-        let mut superblock = self.lock_superblock();
-        let mut updated = superblock.clone();
+        let mut stored = self.lock_stored();
+        let mut updated = stored.superblock.clone();
         change(&mut updated);
-        write_superblock(&self.file, &updated)?;
-        *superblock = updated;
+        *stored = stored.write_next(&self.file, updated)?;
         Ok(())
     }
 }
 
-fn write_superblock(file: &MetaFile, superblock: &Superblock) -> Result<(), MetaError> {
-    file.write_at(&superblock.encode(), 0, "write superblock")?;
-    file.sync("sync superblock")
+/// Writes `stored` to its copy, without syncing.
+fn write_superblock_copy(file: &MetaFile, stored: &StoredSuperblock) -> Result<(), MetaError> {
+    file.write_at(
+        &stored.superblock.encode(stored.sequence),
+        superblock_offset(stored.copy),
+        "write superblock",
+    )
 }
 
-fn read_superblock(file: &MetaFile) -> Result<Superblock, MetaError> {
-    let path = file.path().to_owned();
-    if file.len()? < SECTOR_SIZE as u64 {
-        return Err(MetaError::BadMagic { path });
+/// Reads and decodes superblock copy `copy`; a copy past the end of the
+/// file reads as "bad magic".
+fn read_copy(
+    file: &MetaFile,
+    copy: u32,
+) -> Result<Result<(Superblock, u64), SuperblockError>, MetaError> {
+    let offset = superblock_offset(copy);
+    if file.len()? < offset + SECTOR_SIZE as u64 {
+        return Ok(Err(SuperblockError::BadMagic));
     }
     let mut sector: Sector = [0; SECTOR_SIZE];
-    file.read_at(&mut sector, 0, "read superblock")?;
-    Superblock::decode(&sector).map_err(|e| match e {
-        SuperblockError::BadMagic => MetaError::BadMagic { path },
-        SuperblockError::BadChecksum => MetaError::BadChecksum { path },
-        SuperblockError::UnsupportedVersion(found) => MetaError::UnsupportedVersion {
-            path,
-            found,
-            supported: FORMAT_VERSION,
-        },
-        SuperblockError::Corrupt(reason) => MetaError::Corrupt { path, reason },
-    })
+    file.read_at(&mut sector, offset, "read superblock")?;
+    Ok(Superblock::decode(&sector))
+}
+
+/// The newest valid superblock copy (see `superblock` for the rules) and,
+/// if the other copy is damaged, its number; reads only. The error says what
+/// is wrong with each copy.
+fn read_superblock(file: &MetaFile) -> Result<(StoredSuperblock, Option<u32>), MetaError> {
+    let path = file.path().to_owned();
+    let copies = [read_copy(file, 0)?, read_copy(file, 1)?];
+    let valid: Vec<StoredSuperblock> = (0..)
+        .zip(&copies)
+        .filter_map(|(copy, decoded)| {
+            let (superblock, sequence) = decoded.as_ref().ok()?.clone();
+            Some(StoredSuperblock {
+                superblock,
+                sequence,
+                copy,
+            })
+        })
+        .collect();
+    match valid.as_slice() {
+        [a, b] => {
+            if !a.superblock.same_identity(&b.superblock) {
+                return Err(MetaError::ConflictingSuperblocks {
+                    path,
+                    first: a.superblock.to_string(),
+                    second: b.superblock.to_string(),
+                });
+            }
+            if a.sequence == b.sequence && a.superblock != b.superblock {
+                return Err(MetaError::Corrupt {
+                    path,
+                    reason: format!(
+                        "both superblock copies carry sequence number {} but differ",
+                        a.sequence
+                    ),
+                });
+            }
+            Ok((if b.sequence > a.sequence { b } else { a }.clone(), None))
+        }
+        [only] => {
+            let other = 1 - only.copy;
+            if let Err(e) = &copies[other as usize] {
+                // Expected after a crash in the middle of a superblock
+                // update; anything else is worth the operator's attention.
+                tracing::warn!(
+                    metadata = %path.display(),
+                    copy = other,
+                    problem = %e,
+                    using_copy = only.copy,
+                    sequence = only.sequence,
+                    "superblock copy is damaged (torn write or corruption); using the other \
+                     copy (the damaged one is the next to be written)"
+                );
+            }
+            Ok((only.clone(), Some(other)))
+        }
+        _ => {
+            let errors: Vec<&SuperblockError> =
+                copies.iter().filter_map(|c| c.as_ref().err()).collect();
+            if errors.iter().all(|e| **e == SuperblockError::BadMagic) {
+                return Err(MetaError::BadMagic { path });
+            }
+            if let Some(found) = errors.iter().find_map(|e| match e {
+                SuperblockError::UnsupportedVersion(v) => Some(*v),
+                _ => None,
+            }) {
+                return Err(MetaError::UnsupportedVersion {
+                    path,
+                    found,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            let copies = (0..)
+                .zip(&errors)
+                .map(|(copy, e)| format!("copy {copy} at offset {}: {e}", superblock_offset(copy)))
+                .collect::<Vec<_>>()
+                .join("; ");
+            Err(MetaError::NoValidSuperblock { path, copies })
+        }
+    }
 }
 
 fn check_expectations(path: &Path, sb: &Superblock, expect: &Expect) -> Result<(), MetaError> {
@@ -478,7 +628,7 @@ fn describe_contents(file: &MetaFile) -> Result<Option<String>, MetaError> {
         return Ok(None);
     }
     let what = match read_superblock(file) {
-        Ok(sb) => format!("vmsync metadata ({sb})"),
+        Ok((stored, _)) => format!("vmsync metadata ({})", stored.superblock),
         Err(MetaError::BadMagic { .. }) => format!("{len} bytes of other data"),
         Err(MetaError::Io { .. }) => format!("{len} bytes of unreadable data"),
         Err(e) => format!("damaged or incompatible vmsync metadata ({e})"),
@@ -486,11 +636,12 @@ fn describe_contents(file: &MetaFile) -> Result<Option<String>, MetaError> {
     Ok(Some(what))
 }
 
-/// Sizes the file (or checks the device is large enough) and zeroes
-/// everything after the superblock, durably. Writing zeroes rather than
-/// leaving a sparse file also reserves the space, so a full filesystem
-/// cannot fail a bitmap flush later.
-fn prepare_space(file: &MetaFile, len: u64) -> Result<(), MetaError> {
+/// Sizes the file (or checks the device is large enough), zeroes the
+/// activity-log ring and writes clear, sealed bitmap pages, durably. Writing
+/// rather than leaving a sparse file also reserves the space, so a full
+/// filesystem cannot fail a bitmap flush later.
+fn prepare_space(file: &MetaFile, layout: &Layout) -> Result<(), MetaError> {
+    let len = layout.file_len();
     if file.is_regular_file()? {
         file.set_len(len)?;
     } else if file.len()? < len {
@@ -501,11 +652,13 @@ fn prepare_space(file: &MetaFile, len: u64) -> Result<(), MetaError> {
         )));
     }
     let zeroes = vec![0u8; ZERO_CHUNK];
-    let mut offset = SECTOR_SIZE as u64;
-    while offset < len {
-        let chunk = (len - offset).min(ZERO_CHUNK as u64) as usize;
+    let mut offset = layout.al_sector_offset(0);
+    let ring_end = layout.bitmap_offset(0);
+    while offset < ring_end {
+        let chunk = (ring_end - offset).min(ZERO_CHUNK as u64) as usize;
         file.write_at(&zeroes[..chunk], offset, "zero metadata")?;
         offset += chunk as u64;
     }
+    node_bitmaps::write_clear(file, layout)?;
     file.sync("sync zeroed metadata")
 }

@@ -1,13 +1,14 @@
 //! The superblock: identity, geometry and state of one replica's metadata.
 //!
-//! Sector 0 of the metadata file, sealed with a BLAKE3 checksum (see
-//! `codec`). Fields are little-endian at fixed offsets, so the format does not
-//! depend on any serialization library and can be read by future versions:
+//! Sectors 0 and 1 of the metadata file hold two copies, each sealed with a
+//! BLAKE3 checksum (see `codec`). Fields are little-endian at fixed offsets,
+//! so the format does not depend on any serialization library and can be read
+//! by future versions:
 //!
 //! ```text
 //! off  len  field
 //!   0    8  magic "VMSYNCMD"
-//!   8    4  format version (2)
+//!   8    4  format version (3)
 //!  12    4  flags: bit 0 = clean (no writer had the metadata open),
 //!           bit 1 = inconsistent (a resync into this replica is unfinished)
 //!  16    8  device size in bytes
@@ -23,15 +24,26 @@
 //!  76    8  generation: history[1]
 //!  84    8  data term (term of the primary whose writes this replica
 //!           last took; 0: none or unknown)
-//!  92    2  resource name length n
-//!  94    n  resource name, UTF-8
+//!  92    8  sequence number of this copy (>= 1; +1 on every update)
+//! 100    2  resource name length n
+//! 102    n  resource name, UTF-8
 //!   ...     zero
 //! 4064  32  BLAKE3 of bytes 0..4064
 //! ```
 //!
-//! The superblock is rewritten in place. A torn write makes the checksum fail
-//! and the daemon refuse to start, which is safe (nothing is trusted) but needs
-//! the operator; 4 KiB aligned writes do not tear on current storage.
+//! # Two copies
+//!
+//! An update never overwrites the newest valid copy: it writes the OTHER
+//! copy with the sequence number + 1 and `fdatasync`s before the change is
+//! adopted (so updates alternate between the copies). At open, the valid
+//! copy (magic, version, checksum and fields all correct) with the highest
+//! sequence number wins; if both are valid they must describe the same
+//! replica (resource, node id, geometry), or open refuses. A write torn by a
+//! crash or power loss therefore leaves the previous state in the other copy,
+//! which is exactly the state before the interrupted update — and that update
+//! had not been reported durable to anyone, so falling back to it is correct.
+//! Only when both copies are unreadable does open refuse (nothing is trusted;
+//! the operator decides). Version 2 had a single superblock and is refused.
 
 use std::fmt;
 
@@ -41,7 +53,9 @@ use super::layout::{Geometry, Layout, SECTOR_SIZE};
 /// First bytes of every vmsync metadata file.
 pub const MAGIC: [u8; 8] = *b"VMSYNCMD";
 /// The on-disk format this code reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3: two superblock copies with sequence numbers, checksummed
+/// bitmap pages.
+pub const FORMAT_VERSION: u32 = 3;
 /// Longest resource name, in bytes.
 pub const MAX_RESOURCE_NAME_LEN: usize = 255;
 
@@ -115,6 +129,19 @@ pub(crate) enum SuperblockError {
     Corrupt(String),
 }
 
+impl fmt::Display for SuperblockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SuperblockError::BadMagic => write!(f, "bad magic"),
+            SuperblockError::BadChecksum => {
+                write!(f, "checksum mismatch (corrupted or torn write)")
+            }
+            SuperblockError::UnsupportedVersion(v) => write!(f, "format version {v}"),
+            SuperblockError::Corrupt(reason) => write!(f, "invalid: {reason}"),
+        }
+    }
+}
+
 impl From<ShortBuffer> for SuperblockError {
     fn from(_: ShortBuffer) -> Self {
         SuperblockError::Corrupt("resource name runs past the end of the superblock".into())
@@ -155,8 +182,17 @@ impl Superblock {
         Ok(())
     }
 
-    /// The sealed on-disk form.
-    pub(crate) fn encode(&self) -> Sector {
+    /// Whether `other` describes the same replica: same resource, node and
+    /// geometry. Two valid copies that disagree on this are not two versions
+    /// of one replica's state, and neither can be trusted over the other.
+    pub(crate) fn same_identity(&self, other: &Superblock) -> bool {
+        self.resource == other.resource
+            && self.node_id == other.node_id
+            && self.layout == other.layout
+    }
+
+    /// The sealed on-disk form of a copy with sequence number `sequence`.
+    pub(crate) fn encode(&self, sequence: u64) -> Sector {
         let g = self.layout.geometry();
         let flags = if self.clean { FLAG_CLEAN } else { 0 }
             | if self.inconsistent {
@@ -182,14 +218,16 @@ impl Superblock {
             .u64(self.generations.history[0])
             .u64(self.generations.history[1])
             .u64(self.data_term)
+            .u64(sequence)
             .u16(name_len)
             .bytes(self.resource.as_bytes());
         seal(&mut sector);
         sector
     }
 
-    /// Decodes and validates a sector read from disk; never panics.
-    pub(crate) fn decode(sector: &Sector) -> Result<Superblock, SuperblockError> {
+    /// Decodes and validates a sector read from disk, returning the
+    /// superblock and the copy's sequence number; never panics.
+    pub(crate) fn decode(sector: &Sector) -> Result<(Superblock, u64), SuperblockError> {
         if sector[..MAGIC.len()] != MAGIC {
             return Err(SuperblockError::BadMagic);
         }
@@ -227,13 +265,17 @@ impl Superblock {
             history: [r.u64()?, r.u64()?],
         };
         let data_term = r.u64()?;
+        let sequence = r.u64()?;
+        if sequence == 0 {
+            return Err(SuperblockError::Corrupt("sequence number 0".into()));
+        }
         let name_len = usize::from(r.u16()?);
         let resource = std::str::from_utf8(r.bytes(name_len)?)
             .map_err(|_| SuperblockError::Corrupt("resource name is not UTF-8".into()))?
             .to_owned();
         let layout = Layout::new(geometry).map_err(SuperblockError::Corrupt)?;
         Self::check_identity(&resource, node_id, &layout).map_err(SuperblockError::Corrupt)?;
-        Ok(Superblock {
+        let superblock = Superblock {
             resource,
             node_id,
             layout,
@@ -242,7 +284,8 @@ impl Superblock {
             data_term,
             clean: flags & FLAG_CLEAN != 0,
             inconsistent: flags & FLAG_INCONSISTENT != 0,
-        })
+        };
+        Ok((superblock, sequence))
     }
 }
 
@@ -277,7 +320,7 @@ mod tests {
 
     /// Re-seals after editing a field so the checksum is not what fails.
     fn with_patch(offset: usize, bytes: &[u8]) -> Sector {
-        let mut sector = sample().encode();
+        let mut sector = sample().encode(9);
         sector[offset..offset + bytes.len()].copy_from_slice(bytes);
         seal(&mut sector);
         sector
@@ -301,47 +344,52 @@ mod tests {
     fn round_trip() {
         for clean in [true, false] {
             let sb = Superblock { clean, ..sample() };
-            assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
+            assert_eq!(Superblock::decode(&sb.encode(5)), Ok((sb, 5)));
         }
     }
 
     #[test]
     fn fields_sit_at_documented_offsets() {
-        let sector = sample().encode();
+        let sector = sample().encode(0x0102_0304);
         assert_eq!(&sector[..8], b"VMSYNCMD");
+        assert_eq!(&sector[8..12], &3u32.to_le_bytes());
         assert_eq!(&sector[16..24], &(16u64 << 30).to_le_bytes());
         assert_eq!(&sector[44..52], &7u64.to_le_bytes());
         assert_eq!(&sector[84..92], &6u64.to_le_bytes());
-        assert_eq!(&sector[92..94], &7u16.to_le_bytes());
-        assert_eq!(&sector[94..101], b"work-vm");
+        assert_eq!(&sector[92..100], &0x0102_0304u64.to_le_bytes());
+        assert_eq!(&sector[100..102], &7u16.to_le_bytes());
+        assert_eq!(&sector[102..109], b"work-vm");
     }
 
     #[test]
     fn rejects_each_kind_of_damage() {
-        let mut flipped = sample().encode();
+        let mut flipped = sample().encode(1);
         flipped[100] ^= 0x40;
         assert_eq!(
             Superblock::decode(&flipped),
             Err(SuperblockError::BadChecksum)
         );
-        let mut tail = sample().encode();
+        let mut tail = sample().encode(1);
         tail[SEALED_PAYLOAD_LEN + 3] ^= 1;
         assert_eq!(Superblock::decode(&tail), Err(SuperblockError::BadChecksum));
         assert_eq!(
             Superblock::decode(&[0; SECTOR_SIZE]),
             Err(SuperblockError::BadMagic)
         );
-        assert_eq!(
-            Superblock::decode(&with_patch(8, &3u32.to_le_bytes())),
-            Err(SuperblockError::UnsupportedVersion(3))
-        );
+        for old_or_new in [1u32, 2, 4] {
+            assert_eq!(
+                Superblock::decode(&with_patch(8, &old_or_new.to_le_bytes())),
+                Err(SuperblockError::UnsupportedVersion(old_or_new))
+            );
+        }
         for (offset, bytes) in [
-            (12, &8u32.to_le_bytes()[..]),    // unknown flag
-            (24, &1000u32.to_le_bytes()[..]), // block size
-            (28, &4u32.to_le_bytes()[..]),    // node id >= slots
-            (92, &0u16.to_le_bytes()[..]),    // empty name
-            (92, &5000u16.to_le_bytes()[..]), // name past the end
-            (94, &[0xff][..]),                // invalid UTF-8
+            (12, &8u32.to_le_bytes()[..]),     // unknown flag
+            (24, &1000u32.to_le_bytes()[..]),  // block size
+            (28, &4u32.to_le_bytes()[..]),     // node id >= slots
+            (92, &0u64.to_le_bytes()[..]),     // sequence 0
+            (100, &0u16.to_le_bytes()[..]),    // empty name
+            (100, &5000u16.to_le_bytes()[..]), // name past the end
+            (102, &[0xff][..]),                // invalid UTF-8
         ] {
             let result = Superblock::decode(&with_patch(offset, bytes));
             assert!(
