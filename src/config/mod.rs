@@ -86,6 +86,11 @@ pub struct Replication {
     /// Longest a guest I/O waits for a block this node lacks while no node
     /// holding it answers, before it fails with EIO (milliseconds).
     pub fetch_timeout_ms: u64,
+    /// How often each side of a link pings the other (milliseconds).
+    pub ping_interval_ms: u64,
+    /// A peer from which no frame at all arrived for this long is dead: the
+    /// link is dropped (milliseconds). Also the sockets' `TCP_USER_TIMEOUT`.
+    pub ping_timeout_ms: u64,
 }
 
 impl Default for Replication {
@@ -97,6 +102,8 @@ impl Default for Replication {
             resync_rate: 0,
             sync_rate: 0,
             fetch_timeout_ms: 30_000,
+            ping_interval_ms: 1000,
+            ping_timeout_ms: 5000,
         }
     }
 }
@@ -236,6 +243,8 @@ struct RawReplication {
     resync_rate: Option<RawSize>,
     sync_rate: Option<RawSize>,
     fetch_timeout_ms: Option<i64>,
+    ping_interval_ms: Option<i64>,
+    ping_timeout_ms: Option<i64>,
 }
 
 /// A size: an integer number of bytes or a string with a suffix.
@@ -447,6 +456,32 @@ impl Validator<'_> {
             }
             if let Some(ms) = r.fetch_timeout_ms {
                 replication.fetch_timeout_ms = self.count("replication.fetch_timeout_ms", ms)?;
+            }
+            if let Some(ms) = r.ping_interval_ms {
+                replication.ping_interval_ms = self.count("replication.ping_interval_ms", ms)?;
+            }
+            if let Some(ms) = r.ping_timeout_ms {
+                replication.ping_timeout_ms = self.count("replication.ping_timeout_ms", ms)?;
+            }
+            // A timeout of less than two ping intervals drops healthy links
+            // whenever one ping is a little late.
+            if replication.ping_timeout_ms < 2 * replication.ping_interval_ms {
+                return Err(self.err(
+                    "replication.ping_timeout_ms",
+                    format!(
+                        "{} must be at least twice replication.ping_interval_ms ({})",
+                        replication.ping_timeout_ms, replication.ping_interval_ms
+                    ),
+                ));
+            }
+            if replication.ping_interval_ms < 10 {
+                return Err(self.err(
+                    "replication.ping_interval_ms",
+                    format!(
+                        "{} is below the minimum of 10",
+                        replication.ping_interval_ms
+                    ),
+                ));
             }
         }
         let (directory, report_interval_ms) = match raw.directory {

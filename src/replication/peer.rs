@@ -109,6 +109,10 @@ pub struct PeerReplica {
     /// Why the last link to this peer ended, if it ended in an error (a
     /// split brain, a refused handshake...); cleared when a link comes up.
     pub last_error: Mutex<Option<String>>,
+    /// When the last frame arrived from the peer on the current link (see
+    /// `liveness`): lets `promote --force` tell a silent primary peer from
+    /// one that is answering.
+    last_heard: Mutex<Option<Instant>>,
 }
 
 impl PeerReplica {
@@ -137,6 +141,7 @@ impl PeerReplica {
             drained: Notify::new(),
             fork_pending,
             last_error: Mutex::new(None),
+            last_heard: Mutex::new(None),
         }
     }
 
@@ -149,6 +154,19 @@ impl PeerReplica {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// A frame arrived from the peer.
+    pub fn heard(&self) {
+        *self.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long since the last frame from the peer (None: never heard).
+    pub fn silent_for(&self) -> Option<std::time::Duration> {
+        self.last_heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -215,6 +233,7 @@ impl PeerReplica {
         }
         inner.write_waiters.clear();
         inner.barrier_waiters.clear();
+        *self.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.queued.store(0, Ordering::Release);
         drop(inner);
         self.drained.notify_waiters();
@@ -315,7 +334,11 @@ impl PeerReplica {
             return None;
         }
         inner.unacked.entry(epoch).or_default();
-        want_ack.then(|| {
+        // A peer that is behind still gets barriers (its acks are what lets
+        // it resume, see `backlog_drained`), but nobody waits for them: it
+        // already misses writes, and waiting would make every guest flush
+        // take `max_peer_wait_ms` for nothing.
+        (want_ack && inner.mode.mirrors()).then(|| {
             let (tx, rx) = oneshot::channel();
             inner.barrier_waiters.push((epoch, tx));
             rx
@@ -367,9 +390,20 @@ impl PeerReplica {
         added
     }
 
-    /// The peer has made every epoch up to `epoch` durable.
-    pub fn barrier_acked(&self, epoch: u64, congestion_limit: u64) {
+    /// The peer has made every epoch up to `epoch` durable. An ack for an
+    /// epoch we never closed on this link is a protocol violation (and
+    /// `epoch + 1` must not wrap): refused before anything changes.
+    pub fn barrier_acked(&self, epoch: u64, congestion_limit: u64) -> Result<(), String> {
         let mut inner = self.lock();
+        let Some(&newest) = inner.unacked.keys().next_back() else {
+            // Nothing outstanding: a late duplicate, harmless.
+            return Ok(());
+        };
+        if epoch > newest {
+            return Err(format!(
+                "BarrierAck for epoch {epoch}, but the newest epoch sent is {newest}"
+            ));
+        }
         let later = inner.unacked.split_off(&(epoch + 1));
         let done = std::mem::replace(&mut inner.unacked, later);
         for record in done.into_values() {
@@ -386,6 +420,7 @@ impl PeerReplica {
             let _ = tx.send(());
         }
         self.backlog_drained(congestion_limit);
+        Ok(())
     }
 
     pub fn write_acked(&self, seq: u64) {
