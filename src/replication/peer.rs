@@ -75,6 +75,12 @@ struct Inner {
     unacked: BTreeMap<u64, EpochRecord>,
     write_waiters: HashMap<u64, oneshot::Sender<()>>,
     barrier_waiters: Vec<(u64, oneshot::Sender<()>)>,
+    /// Set when the peer falls behind: the newest epoch then outstanding.
+    /// It resumes only once that epoch is acknowledged — proof that it
+    /// makes progress. Without this, a stuck peer with little outstanding
+    /// resumed at once, and every guest flush waited `max_peer_wait_ms`
+    /// for it again before it fell behind again.
+    behind_until_acked: Option<u64>,
 }
 
 /// Counters for status and tests.
@@ -132,6 +138,7 @@ impl PeerReplica {
                 unacked: BTreeMap::new(),
                 write_waiters: HashMap::new(),
                 barrier_waiters: Vec::new(),
+                behind_until_acked: None,
             }),
             queued: AtomicU64::new(0),
             stats: PeerStats::default(),
@@ -225,6 +232,7 @@ impl PeerReplica {
             self.fork_pending.store(true, Ordering::Release);
         }
         inner.mode = PeerMode::Disconnected;
+        inner.behind_until_acked = None;
         inner.tx = None;
         for (_, record) in std::mem::take(&mut inner.unacked) {
             for (offset, len) in record.written {
@@ -269,6 +277,7 @@ impl PeerReplica {
             tracing::warn!(peer = %self.config.name, queued,
                 "peer is congested: falling behind, resync later");
             inner.mode = PeerMode::Behind;
+            inner.behind_until_acked = inner.unacked.keys().next_back().copied();
             self.fork_pending.store(true, Ordering::Release);
         }
         let payload = match &message {
@@ -461,6 +470,7 @@ impl PeerReplica {
         if inner.mode.mirrors() {
             tracing::warn!(peer = %self.config.name, "peer falls behind: {why}");
             inner.mode = PeerMode::Behind;
+            inner.behind_until_acked = inner.unacked.keys().next_back().copied();
             self.fork_pending.store(true, Ordering::Release);
         }
         inner.write_waiters.clear();
@@ -479,12 +489,21 @@ impl PeerReplica {
             return;
         }
         let mut inner = self.lock();
+        let progressed = inner.behind_until_acked.is_none_or(|stuck| {
+            inner
+                .unacked
+                .keys()
+                .next()
+                .is_none_or(|&oldest| oldest > stuck)
+        });
         if inner.mode == PeerMode::Behind
             && inner.tx.is_some()
+            && progressed
             && inner.unacked.len() <= MAX_UNACKED_TO_RESUME
         {
             tracing::info!(peer = %self.config.name, "backlog drained: resyncing what the peer missed");
             inner.mode = PeerMode::Resyncing;
+            inner.behind_until_acked = None;
             drop(inner);
             self.resync_wanted.notify_one();
         }
