@@ -535,3 +535,54 @@ impl PeerReplica {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerReplica {
+        let config = Peer {
+            id: 2,
+            name: "n2".into(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            lan_group: "default".into(),
+        };
+        let replica = PeerReplica::new(
+            config,
+            true,
+            Arc::new(Bitmap::new(1024, 4096)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::mem::forget(rx); // keep the channel open
+        replica.start_mirroring(tx);
+        replica
+    }
+
+    #[test]
+    fn an_ack_for_an_epoch_never_sent_is_refused_and_does_not_wrap() {
+        let p = peer();
+        // Nothing outstanding: a (late) ack of anything is harmless.
+        assert!(p.barrier_acked(u64::MAX, 1 << 20).is_ok());
+        assert!(p.barrier(1, 7, false).is_none());
+        let write = Message::Barrier { term: 1, epoch: 8 };
+        p.mirror(8, 1, write, (0, 4096), false, 1 << 20);
+        for bogus in [9, u64::MAX] {
+            let err = p.barrier_acked(bogus, 1 << 20).unwrap_err();
+            assert!(err.contains("newest epoch sent is 8"), "{err}");
+        }
+        // Nothing was cleared by the refused acks.
+        assert_eq!(p.lock().unacked.len(), 2);
+        assert!(p.barrier_acked(8, 1 << 20).is_ok());
+        assert!(p.lock().unacked.is_empty());
+    }
+
+    #[test]
+    fn a_behind_peer_gets_barriers_but_nobody_waits_for_them() {
+        let p = peer();
+        p.fall_behind("test");
+        assert_eq!(p.mode(), PeerMode::Behind);
+        assert!(p.barrier(1, 1, true).is_none(), "a flush would wait for it");
+        assert_eq!(p.lock().unacked.len(), 1, "the barrier was not sent");
+    }
+}
