@@ -56,6 +56,16 @@ pub struct Node {
     /// block-socket protocol) instead of ublk: for tests and benchmarks on
     /// machines whose kernel has no ublk.
     pub block_socket: Option<PathBuf>,
+    /// Members of this group may use the control socket too (mode 0660
+    /// instead of 0600). Only root and the daemon's own user otherwise.
+    pub control_group: Option<ControlGroup>,
+}
+
+/// A group allowed on the control socket, resolved when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlGroup {
+    pub name: String,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +220,7 @@ struct RawNode {
     lan_group: Option<String>,
     direct_io: Option<bool>,
     block_socket: Option<PathBuf>,
+    control_group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -362,6 +373,19 @@ impl Validator<'_> {
         }
     }
 
+    /// A group that exists on this machine.
+    fn group(&self, key: &str, name: &str) -> Result<ControlGroup, ConfigError> {
+        let name = self.name(key, name)?;
+        match nix::unistd::Group::from_name(&name) {
+            Ok(Some(group)) => Ok(ControlGroup {
+                name,
+                gid: group.gid.as_raw(),
+            }),
+            Ok(None) => Err(self.err(key, format!("no group named \"{name}\" on this machine"))),
+            Err(e) => Err(self.err(key, format!("cannot look up group \"{name}\": {e}"))),
+        }
+    }
+
     fn count(&self, key: &str, n: i64) -> Result<u64, ConfigError> {
         u64::try_from(n)
             .ok()
@@ -407,6 +431,12 @@ impl Validator<'_> {
                 .unwrap_or_else(|| DEFAULT_LAN_GROUP.into()),
             direct_io: raw.node.direct_io.unwrap_or(false),
             block_socket: raw.node.block_socket,
+            control_group: raw
+                .node
+                .control_group
+                .as_deref()
+                .map(|g| self.group("node.control_group", g))
+                .transpose()?,
         };
         if node.backing == node.metadata {
             return Err(self.err(
