@@ -711,3 +711,50 @@ fn an_unknown_control_group_is_refused() {
         ],
     );
 }
+
+// The file mode is the first gate; the peer credentials are checked again
+// on every connection, so a socket made reachable by mistake still refuses
+// other users. Needs root (to run a client as another user).
+#[test]
+fn a_client_of_another_user_is_refused_even_through_an_open_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let dir = standalone();
+    let n = node(&dir);
+    must_create_md(&n.config);
+    let _d = start(n);
+    let socket = &n.control_socket;
+    // Open the way for uid 65534: every directory above, and the socket.
+    let mut at = socket.parent();
+    while let Some(d) = at {
+        let mode = std::fs::metadata(d).unwrap().permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o011)).unwrap();
+        }
+        at = d.parent();
+    }
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsyncctl"))
+        .args(["--socket", path_str(socket), "status"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run vmsyncctl as nobody");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "uid 65534 was served: {text}");
+    assert!(text.contains("permission denied"), "{text}");
+    assert!(ctl(&n.config, &["status"]).status.success());
+    let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+    assert!(
+        log.contains("control connection refused") && log.contains("uid 65534"),
+        "the refusal is not logged"
+    );
+}

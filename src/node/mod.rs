@@ -217,8 +217,12 @@ impl Node {
     }
 
     async fn serve_control_connection(self: Arc<Self>, mut stream: UnixStream) {
-        if let Err(e) = control::authorize(&stream, self.config.node.control_group.as_ref()).await {
+        let allowed = control::authorize(&stream, self.config.node.control_group.as_ref()).await;
+        if let Err(e) = allowed {
             tracing::warn!(error = %e, "control connection refused");
+            // Let the (bounded, timed) request arrive first, so the client
+            // reads our answer instead of a broken pipe; never act on it.
+            let _ = control::read_request(&mut stream).await;
             let _ = control::write_response(&mut stream, &Response::error(e)).await;
             return;
         }

@@ -201,6 +201,8 @@ impl PeerReplica {
         self.peer_primary
             .store(role == Role::Primary, Ordering::Release);
         self.connected.store(true, Ordering::Release);
+        // Its State just arrived.
+        self.heard();
         let mut inner = self.lock();
         if inner.mode == PeerMode::Disconnected {
             inner.mode = PeerMode::Idle;
