@@ -1,16 +1,29 @@
 //! The control socket between `vmsyncctl` and `vmsyncd`.
 //!
 //! One JSON object per line each way: a [`Request`], then a [`Response`].
-//! The socket is a Unix socket, so access is governed by its file mode.
+//!
+//! Access: the socket file is mode 0600 (0660 with `node.control_group`),
+//! created so that it never exists with a wider mode; and every connection's
+//! peer credentials (SO_PEERCRED) are checked again, so a socket file that
+//! was made reachable by mistake (a chmod, a bind mount) still only serves
+//! root, the daemon's own user and the control group. A client that does
+//! not send its request within [`REQUEST_TIMEOUT`] is dropped.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::ControlGroup;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 /// Longest request line the daemon accepts; anything longer is garbage.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+
+/// How long a client has to send its request line; `vmsyncctl` sends it at
+/// once. An idle connection would otherwise hold a task and a descriptor
+/// for ever.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "command", rename_all = "kebab-case")]
@@ -164,7 +177,12 @@ pub async fn call(socket: &Path, request: &Request) -> std::io::Result<Response>
 
 /// Binds the control socket, replacing a stale socket file left by a dead
 /// daemon but refusing to steal one a live daemon still answers on.
-pub async fn bind(socket: &Path) -> std::io::Result<UnixListener> {
+///
+/// The socket is bound under a temporary name, given its mode (0600, or
+/// 0660 and `group`) and only then renamed into place, so no client can
+/// connect while it is more open than that.
+pub async fn bind(socket: &Path, group: Option<&ControlGroup>) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     if socket.exists() {
         if UnixStream::connect(socket).await.is_ok() {
             return Err(std::io::Error::new(
@@ -177,7 +195,77 @@ pub async fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    UnixListener::bind(socket)
+    let name = socket
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the control socket path has no file name"))?;
+    let mut staging_name = std::ffi::OsString::from(".");
+    staging_name.push(name);
+    staging_name.push(format!(".{}.tmp", std::process::id()));
+    let staging = socket.with_file_name(staging_name);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)?;
+    let placed = (|| {
+        let mode = match group {
+            Some(g) => {
+                nix::unistd::chown(&staging, None, Some(nix::unistd::Gid::from_raw(g.gid)))
+                    .map_err(std::io::Error::from)?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&staging, socket)
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// Whether the process at the other end of `stream` may use the control
+/// socket: root, the daemon's own user, or a member of `group`.
+pub async fn authorize(stream: &UnixStream, group: Option<&ControlGroup>) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read the client's credentials: {e}"))?;
+    let (uid, gid) = (cred.uid(), cred.gid());
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+        return Ok(());
+    }
+    if let Some(group) = group {
+        if gid == group.gid {
+            return Ok(());
+        }
+        // A supplementary member: the group's member list names the user.
+        // User and group look-ups may block (NSS): not on a runtime thread.
+        let group = group.clone();
+        let member = tokio::task::spawn_blocking(move || {
+            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()?;
+            let members = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(group.gid))
+                .ok()
+                .flatten()?
+                .mem;
+            Some(members.contains(&user.name))
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if member {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "permission denied: uid {uid} may not use this control socket (root, the daemon's user{})",
+        if group.is_some() {
+            " or node.control_group"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// Reads one request from a control connection. Garbage yields an error
@@ -186,9 +274,9 @@ pub async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
     let (read, _) = stream.split();
     let mut line = String::new();
     let mut limited = tokio::io::AsyncReadExt::take(BufReader::new(read), MAX_REQUEST_BYTES);
-    limited
-        .read_line(&mut line)
+    tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line))
         .await
+        .map_err(|_| format!("no request within {} s; closing", REQUEST_TIMEOUT.as_secs()))?
         .map_err(|e| format!("cannot read request: {e}"))?;
     serde_json::from_str(line.trim()).map_err(|e| format!("malformed request: {e}"))
 }

@@ -694,3 +694,103 @@ fn a_standalone_node_serves_its_block_socket_and_records_how_it_stopped() {
     );
     assert!(d.sigterm_and_wait(START).success());
 }
+
+#[test]
+fn the_control_socket_is_private_and_idle_clients_are_dropped() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = standalone();
+    let n = node(&dir);
+    must_create_md(&n.config);
+    let _d = start(n);
+    let socket = &n.control_socket;
+    let mode = std::fs::metadata(socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode is {mode:o}");
+
+    // A client that connects and sends nothing is dropped after the
+    // request timeout (10 s) with an error, while others are served.
+    let mut idle = UnixStream::connect(socket).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let connected = Instant::now();
+    let out = ctl(&n.config, &["status", "--json"]);
+    assert!(out.status.success(), "status while a client idles");
+    let mut reply = Vec::new();
+    let _ = idle.read_to_end(&mut reply);
+    let took = connected.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+        "the idle client was dropped after {took:?}"
+    );
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.contains("no request within"), "reply: {reply}");
+    assert!(ctl(&n.config, &["status"]).status.success());
+}
+
+#[test]
+fn an_unknown_control_group_is_refused() {
+    let dir = standalone();
+    let n = node(&dir);
+    must_create_md(&n.config);
+    let config = variant(&dir, "control-group", |t| {
+        replace_once(
+            &t,
+            "[node]\n",
+            "[node]\ncontrol_group = \"no-such-group-vmsync\"\n",
+        )
+    });
+    assert_refused(
+        n,
+        &config,
+        &[
+            "node.control_group",
+            "no group named \"no-such-group-vmsync\"",
+        ],
+    );
+}
+
+// The file mode is the first gate; the peer credentials are checked again
+// on every connection, so a socket made reachable by mistake still refuses
+// other users. Needs root (to run a client as another user).
+#[test]
+fn a_client_of_another_user_is_refused_even_through_an_open_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let dir = standalone();
+    let n = node(&dir);
+    must_create_md(&n.config);
+    let _d = start(n);
+    let socket = &n.control_socket;
+    // Open the way for uid 65534: every directory above, and the socket.
+    let mut at = socket.parent();
+    while let Some(d) = at {
+        let mode = std::fs::metadata(d).unwrap().permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o011)).unwrap();
+        }
+        at = d.parent();
+    }
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsyncctl"))
+        .args(["--socket", path_str(socket), "status"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run vmsyncctl as nobody");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "uid 65534 was served: {text}");
+    assert!(text.contains("permission denied"), "{text}");
+    assert!(ctl(&n.config, &["status"]).status.success());
+    let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+    assert!(
+        log.contains("control connection refused") && log.contains("uid 65534"),
+        "the refusal is not logged"
+    );
+}

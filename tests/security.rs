@@ -525,3 +525,110 @@ fn a_stale_primary_holding_the_link_does_not_block_promotion() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Node 2's term as its status shows it.
+fn term_of(cluster: &Cluster, id: u32) -> u64 {
+    cluster.status(id)["term"].as_u64().unwrap()
+}
+
+/// Waits until node 2 has closed both connections of `link`.
+fn assert_link_dropped(link: RawLink, what: &str) {
+    let RawLink { mut data, mut meta } = link;
+    data.drain_until_closed(CLOSE)
+        .unwrap_or_else(|e| panic!("node 2 kept the data connection after {what}: {e}"));
+    meta.drain_until_closed(CLOSE)
+        .unwrap_or_else(|e| panic!("node 2 kept the meta connection after {what}: {e}"));
+}
+
+/// Sends `msg` on `conn`; node 2 may already have closed it (it refuses as
+/// early as it can), which is the refusal under test, not a failure.
+fn send_or_refused(conn: &mut RawConn, msg: &Message) {
+    if let Err(e) = conn.send(msg) {
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ),
+            "sending {msg:?} failed with {e}"
+        );
+    }
+}
+
+// An authenticated peer (it holds the secret, but may be buggy or
+// compromised) announcing a term at the top of the range must not make node
+// 2 persist it: the next promotion would wrap the term to 0 and every old
+// primary would look current again. Nor may an epoch at the maximum wrap.
+#[test]
+fn terms_and_epochs_at_the_maximum_are_refused_without_wrapping() {
+    let mut cluster = primary_and_secondary();
+    kill_primary(&mut cluster);
+    let term = term_of(&cluster, 2);
+    let log = cluster.dir.node(2).log.clone();
+
+    // In State.
+    let (link, _) = fake_node1_link(&cluster, Role::Primary, u64::MAX);
+    assert_link_dropped(link, "a State of term u64::MAX");
+    assert!(
+        support::wait_for(
+            || !rawpeer::log_lines_with(&log, "above the maximum").is_empty(),
+            LOG
+        ),
+        "node 2's log does not say why it refused the term"
+    );
+    assert_eq!(term_of(&cluster, 2), term, "node 2 took the term");
+
+    // In a Write and in a Barrier of an otherwise valid session; an epoch at
+    // the maximum is just a number to a secondary (acked, never incremented).
+    for bad in [
+        Message::Write {
+            term: u64::MAX,
+            epoch: 1,
+            seq: 1,
+            offset: 0,
+            fua: false,
+            data: Bytes::from(vec![0xEE; 4096]),
+        },
+        Message::Barrier {
+            term: u64::MAX,
+            epoch: 1,
+        },
+    ] {
+        let (mut link, _) = fake_node1_link(&cluster, Role::Primary, term);
+        send_or_refused(
+            &mut link.data,
+            &Message::Barrier {
+                term,
+                epoch: u64::MAX,
+            },
+        );
+        send_or_refused(&mut link.data, &bad);
+        let what = format!("{bad:?}").chars().take(40).collect::<String>();
+        assert_link_dropped(link, &what);
+        assert!(cluster.daemon(2).is_running(), "node 2 exited");
+        assert_eq!(term_of(&cluster, 2), term, "node 2 took the term");
+    }
+    let image = std::fs::read(&cluster.dir.node(2).backing).unwrap();
+    assert!(
+        image[..4096].iter().any(|&b| b != 0xEE),
+        "node 2 applied a write of term u64::MAX"
+    );
+
+    // A peer id outside the metadata's node slots never gets that far.
+    let failure = rawpeer::handshake(
+        node2_addr(&cluster),
+        rawpeer::params(RESOURCE, u32::MAX, 2, Channel::Meta),
+        &secret(&cluster),
+    )
+    .err()
+    .expect("node 2 accepted node u32::MAX");
+    assert!(failure.closed, "{failure:?}");
+
+    // The term did not wrap: a promotion goes one up.
+    let out = cluster.daemon(2).ctl(&["promote"]);
+    assert!(
+        out.status.success(),
+        "promote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(term_of(&cluster, 2), term + 1);
+}

@@ -183,8 +183,41 @@ impl Buf for ChunkQueue {
     }
 }
 
-fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
+/// Dead-peer timeout of every connection made from now on, in ms (see
+/// [`set_dead_peer_timeout`]). Process-wide: one daemon per process.
+static DEAD_PEER_TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(5000);
+
+/// Sets the dead-peer timeout applied to connections made after this call
+/// (the node's `ping_timeout_ms`).
+pub fn set_dead_peer_timeout(timeout: Duration) {
+    let ms = u64::try_from(timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    DEAD_PEER_TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Lets the kernel notice a dead peer too, within about the dead-peer
+/// timeout: `TCP_USER_TIMEOUT` drops the connection when sent data stays
+/// unacknowledged that long (a crashed host, a cut cable: otherwise TCP
+/// retransmits for ~15 minutes), and keepalive probes find an idle one.
+/// The application's pings still catch a peer whose kernel answers but
+/// whose process does not (SIGSTOP). Best effort: failures are ignored.
+pub fn configure_socket(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
+    let timeout =
+        Duration::from_millis(DEAD_PEER_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed));
+    let probe = (timeout / 4).max(Duration::from_secs(1));
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(probe)
+        .with_interval(probe)
+        .with_retries(4);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_user_timeout(Some(timeout));
+}
+
+fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
+    configure_socket(&stream);
     let (read, write) = stream.into_split();
     (
         FrameReader {

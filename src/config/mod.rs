@@ -56,6 +56,16 @@ pub struct Node {
     /// block-socket protocol) instead of ublk: for tests and benchmarks on
     /// machines whose kernel has no ublk.
     pub block_socket: Option<PathBuf>,
+    /// Members of this group may use the control socket too (mode 0660
+    /// instead of 0600). Only root and the daemon's own user otherwise.
+    pub control_group: Option<ControlGroup>,
+}
+
+/// A group allowed on the control socket, resolved when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlGroup {
+    pub name: String,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +96,11 @@ pub struct Replication {
     /// Longest a guest I/O waits for a block this node lacks while no node
     /// holding it answers, before it fails with EIO (milliseconds).
     pub fetch_timeout_ms: u64,
+    /// How often each side of a link pings the other (milliseconds).
+    pub ping_interval_ms: u64,
+    /// A peer from which no frame at all arrived for this long is dead: the
+    /// link is dropped (milliseconds). Also the sockets' `TCP_USER_TIMEOUT`.
+    pub ping_timeout_ms: u64,
 }
 
 impl Default for Replication {
@@ -97,6 +112,8 @@ impl Default for Replication {
             resync_rate: 0,
             sync_rate: 0,
             fetch_timeout_ms: 30_000,
+            ping_interval_ms: 1000,
+            ping_timeout_ms: 5000,
         }
     }
 }
@@ -203,6 +220,7 @@ struct RawNode {
     lan_group: Option<String>,
     direct_io: Option<bool>,
     block_socket: Option<PathBuf>,
+    control_group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -236,6 +254,8 @@ struct RawReplication {
     resync_rate: Option<RawSize>,
     sync_rate: Option<RawSize>,
     fetch_timeout_ms: Option<i64>,
+    ping_interval_ms: Option<i64>,
+    ping_timeout_ms: Option<i64>,
 }
 
 /// A size: an integer number of bytes or a string with a suffix.
@@ -353,6 +373,19 @@ impl Validator<'_> {
         }
     }
 
+    /// A group that exists on this machine.
+    fn group(&self, key: &str, name: &str) -> Result<ControlGroup, ConfigError> {
+        let name = self.name(key, name)?;
+        match nix::unistd::Group::from_name(&name) {
+            Ok(Some(group)) => Ok(ControlGroup {
+                name,
+                gid: group.gid.as_raw(),
+            }),
+            Ok(None) => Err(self.err(key, format!("no group named \"{name}\" on this machine"))),
+            Err(e) => Err(self.err(key, format!("cannot look up group \"{name}\": {e}"))),
+        }
+    }
+
     fn count(&self, key: &str, n: i64) -> Result<u64, ConfigError> {
         u64::try_from(n)
             .ok()
@@ -398,6 +431,12 @@ impl Validator<'_> {
                 .unwrap_or_else(|| DEFAULT_LAN_GROUP.into()),
             direct_io: raw.node.direct_io.unwrap_or(false),
             block_socket: raw.node.block_socket,
+            control_group: raw
+                .node
+                .control_group
+                .as_deref()
+                .map(|g| self.group("node.control_group", g))
+                .transpose()?,
         };
         if node.backing == node.metadata {
             return Err(self.err(
@@ -447,6 +486,32 @@ impl Validator<'_> {
             }
             if let Some(ms) = r.fetch_timeout_ms {
                 replication.fetch_timeout_ms = self.count("replication.fetch_timeout_ms", ms)?;
+            }
+            if let Some(ms) = r.ping_interval_ms {
+                replication.ping_interval_ms = self.count("replication.ping_interval_ms", ms)?;
+            }
+            if let Some(ms) = r.ping_timeout_ms {
+                replication.ping_timeout_ms = self.count("replication.ping_timeout_ms", ms)?;
+            }
+            // A timeout of less than two ping intervals drops healthy links
+            // whenever one ping is a little late.
+            if replication.ping_timeout_ms < 2 * replication.ping_interval_ms {
+                return Err(self.err(
+                    "replication.ping_timeout_ms",
+                    format!(
+                        "{} must be at least twice replication.ping_interval_ms ({})",
+                        replication.ping_timeout_ms, replication.ping_interval_ms
+                    ),
+                ));
+            }
+            if replication.ping_interval_ms < 10 {
+                return Err(self.err(
+                    "replication.ping_interval_ms",
+                    format!(
+                        "{} is below the minimum of 10",
+                        replication.ping_interval_ms
+                    ),
+                ));
             }
         }
         let (directory, report_interval_ms) = match raw.directory {

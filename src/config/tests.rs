@@ -172,3 +172,43 @@ fn load_reports_an_unreadable_file_with_its_path() {
         "{e}"
     );
 }
+
+#[test]
+fn ping_settings_default_and_are_validated() {
+    let c = parse_str(GOOD).unwrap();
+    assert_eq!(c.replication.ping_interval_ms, 1000);
+    assert_eq!(c.replication.ping_timeout_ms, 5000);
+    assert_eq!(c.node.control_group, None);
+
+    let with = |table: &str| format!("{GOOD}\n[replication]\n{table}\n");
+    let c = parse_str(&with("ping_interval_ms = 200\nping_timeout_ms = 1000")).unwrap();
+    assert_eq!(c.replication.ping_interval_ms, 200);
+    assert_eq!(c.replication.ping_timeout_ms, 1000);
+
+    let e = error_of(&with("ping_timeout_ms = 1500"));
+    assert!(
+        e.contains("`replication.ping_timeout_ms`") && e.contains("at least twice"),
+        "{e}"
+    );
+    let e = error_of(&with("ping_interval_ms = 0"));
+    assert!(e.contains("`replication.ping_interval_ms`"), "{e}");
+    let e = error_of(&with("ping_interval_ms = 5\nping_timeout_ms = 100"));
+    assert!(
+        e.contains("`replication.ping_interval_ms`") && e.contains("minimum of 10"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_control_group_must_exist() {
+    let text = GOOD.replace("[node]\n", "[node]\ncontrol_group = \"root\"\n");
+    let c = parse_str(&text).unwrap();
+    assert_eq!(c.node.control_group.map(|g| g.gid), Some(0));
+    let e = error_of(&GOOD.replace("[node]\n", "[node]\ncontrol_group = \"nope-vmsync\"\n"));
+    assert!(
+        e.contains("`node.control_group`") && e.contains("no group named"),
+        "{e}"
+    );
+    let e = error_of(&GOOD.replace("[node]\n", "[node]\ncontrol_group = \"a b\"\n"));
+    assert!(e.contains("`node.control_group`"), "{e}");
+}

@@ -217,6 +217,15 @@ impl Node {
     }
 
     async fn serve_control_connection(self: Arc<Self>, mut stream: UnixStream) {
+        let allowed = control::authorize(&stream, self.config.node.control_group.as_ref()).await;
+        if let Err(e) = allowed {
+            tracing::warn!(error = %e, "control connection refused");
+            // Let the (bounded, timed) request arrive first, so the client
+            // reads our answer instead of a broken pipe; never act on it.
+            let _ = control::read_request(&mut stream).await;
+            let _ = control::write_response(&mut stream, &Response::error(e)).await;
+            return;
+        }
         let response = match control::read_request(&mut stream).await {
             Ok(request) => {
                 tracing::debug!(?request, "control request");
@@ -255,12 +264,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info_span!("node", resource = %config.resource.name, node = %config.node.name);
     let _entered = span.enter();
     let socket_path = config.node.control_socket.clone();
+    let control_group = config.node.control_group.clone();
     let node = Node::open(config)?;
     if let Err(e) = start_serving(&node).await {
         let _ = node.metadata.mark_clean();
         return Err(e);
     }
-    let listener = match control::bind(&socket_path).await {
+    let listener = match control::bind(&socket_path, control_group.as_ref()).await {
         Ok(l) => l,
         Err(e) => {
             let _ = node.stop(true).await;

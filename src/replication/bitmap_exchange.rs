@@ -16,7 +16,6 @@ use blockdev::meta::Bitmap;
 use protocol::{Message, MAX_DATA_LEN};
 use tokio::sync::mpsc;
 
-use super::link::LINK_TIMEOUT;
 use super::transport::{FrameReader, LinkError};
 
 /// The one encoding of [`Message::Bitmap`] data: `Bitmap::encode`'s.
@@ -48,11 +47,12 @@ pub async fn receive(
     meta: &mut FrameReader,
     our_id: u32,
     like: &Bitmap,
+    timeout: std::time::Duration,
 ) -> Result<Bitmap, LinkError> {
     let mut encoded = Vec::new();
     let mut expected_index = 0u32;
     loop {
-        let msg = tokio::time::timeout(LINK_TIMEOUT, meta.next())
+        let msg = tokio::time::timeout(timeout, meta.next())
             .await
             .map_err(|_| LinkError::Violation("no bitmap from the peer".into()))??;
         if matches!(msg, Message::Ping | Message::PingAck) {
@@ -119,7 +119,7 @@ mod tests {
             writer.flush().await.unwrap();
             writer
         });
-        let received = receive(&mut reader, 1, like).await;
+        let received = receive(&mut reader, 1, like, std::time::Duration::from_secs(5)).await;
         drop(sending.await.unwrap());
         received
     }

@@ -83,6 +83,13 @@ impl Replication {
         }
         let me = self.config.node.id;
         let known = self.known_term().max(self.metadata.superblock().term);
+        if grant.term > super::MAX_TERM {
+            return Err(format!(
+                "the directory granted term {}, above the maximum {}; refusing",
+                grant.term,
+                super::MAX_TERM
+            ));
+        }
         if grant.term <= known {
             return Err(format!(
                 "the directory granted term {}, but this node has seen term {known}; refusing (is the directory's state older than the cluster's?)",

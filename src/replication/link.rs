@@ -16,16 +16,13 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::liveness::{self, Due, Liveness};
 use super::peer::PeerReplica;
 use super::transport::{self, Connection, FrameReader, FrameWriter, LinkError, LocalIdentity};
 use super::Replication;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Interval of keepalive pings on an idle meta connection.
-pub const PING_INTERVAL: Duration = Duration::from_secs(1);
-/// A link with no traffic for this long is dead.
-pub const LINK_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// What the peer announced when the link came up.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +49,9 @@ pub type IncomingConnections = mpsc::Receiver<Connection>;
 /// Binds the listener and starts a link task per peer. Returns the
 /// directory's connections, for the node to serve.
 pub async fn start(repl: Arc<Replication>) -> anyhow::Result<IncomingConnections> {
+    // The kernel's own dead-peer detection on every socket to a peer
+    // follows the same timeout as the pings (see `liveness`).
+    transport::set_dead_peer_timeout(liveness::ping_timeout(&repl.config.replication));
     let identity = LocalIdentity {
         resource: repl.config.resource.name.clone(),
         node_id: repl.config.node.id,
@@ -255,7 +255,8 @@ async fn run_session(
     let mut role_changes = repl.subscribe_role();
     let me = *role_changes.borrow_and_update();
     link.meta_writer.send(&our_state(repl)).await?;
-    let theirs = match tokio::time::timeout(LINK_TIMEOUT, link.meta_reader.next()).await {
+    let timeout = liveness::ping_timeout(&repl.config.replication);
+    let theirs = match tokio::time::timeout(timeout, link.meta_reader.next()).await {
         Ok(Ok(Message::State {
             role,
             term,
@@ -278,6 +279,9 @@ async fn run_session(
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(LinkError::Violation("no State from peer".into())),
     };
+    // Before anything else: a term we cannot take (it would wrap), or one
+    // newer than our tenure as primary (we have been replaced: fenced).
+    repl.check_peer_term(theirs.term, &peer.config.name)?;
     if theirs.size != repl.local_size() {
         return Err(LinkError::Violation(format!(
             "peer's device is {} bytes, ours is {}: refusing to replicate",
@@ -302,7 +306,7 @@ async fn run_session(
         (Role::Secondary, Role::Primary) => {
             super::target::run(repl, peer, link, theirs, &mut role_changes).await
         }
-        (Role::Secondary, Role::Secondary) => idle(link, &mut role_changes).await,
+        (Role::Secondary, Role::Secondary) => idle(repl, peer, link, &mut role_changes).await,
         (Role::Primary, Role::Primary) => Err(LinkError::Violation(
             "split brain: both nodes are primary; demote one of them".into(),
         )),
@@ -311,25 +315,36 @@ async fn run_session(
 
 /// Two secondaries: keep the link alive until either side's role changes.
 async fn idle(
+    repl: &Replication,
+    peer: &Arc<PeerReplica>,
     mut link: Link,
     role_changes: &mut tokio::sync::watch::Receiver<super::RoleState>,
 ) -> Result<(), LinkError> {
-    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut live = Liveness::new(&repl.config.replication, peer);
     loop {
         tokio::select! {
-            msg = tokio::time::timeout(LINK_TIMEOUT, link.meta_reader.next()) => match msg {
-                Ok(Ok(Message::Ping)) => link.meta_writer.send(&Message::PingAck).await?,
-                Ok(Ok(Message::PingAck)) => {}
-                // The peer changed role: start over so the right session runs.
-                Ok(Ok(Message::State { .. })) => return Ok(()),
-                Ok(Ok(other)) => return Err(LinkError::Violation(format!("unexpected {} between secondaries", other.message_type()))),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(LinkError::Violation("peer silent; link timed out".into())),
-            },
-            _ = ping.tick() => link.meta_writer.send(&Message::Ping).await?,
+            biased;
+            msg = link.meta_reader.next() => {
+                let msg = msg?;
+                live.heard();
+                match msg {
+                    Message::Ping => link.meta_writer.send(&Message::PingAck).await?,
+                    Message::PingAck => {}
+                    // The peer changed role: start over so the right session runs.
+                    Message::State { term, .. } => {
+                        repl.check_peer_term(term, &peer.config.name)?;
+                        return Ok(());
+                    }
+                    other => return Err(LinkError::Violation(format!("unexpected {} between secondaries", other.message_type()))),
+                }
+            }
             // Our role changed: drop the link; both sides reconnect and the
             // right session starts.
             _ = role_changes.changed() => return Ok(()),
+            due = live.due() => match due {
+                Due::Ping => link.meta_writer.send(&Message::Ping).await?,
+                Due::Dead(e) => return Err(e),
+            },
         }
     }
 }

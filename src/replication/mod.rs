@@ -15,6 +15,7 @@ mod handover;
 mod holder;
 mod holders;
 mod link;
+mod liveness;
 pub mod peer;
 mod source;
 mod target;
@@ -45,6 +46,22 @@ use peer::PeerReplica;
 /// its peers is read through it, so a block this node lacks is never
 /// served or sent; fetched data lands on this node's disk only.
 pub type LocalDisk = LazyDevice<BackingStore>;
+
+/// Highest term a peer may announce or we may take. Generation ids carry the
+/// term that started them in 32 bits (`GenerationIds::new_id`), so a larger
+/// term would silently alias an older one; and a term at `u64::MAX` would
+/// wrap on the next promotion. Four billion promotions is plenty.
+pub const MAX_TERM: u64 = u32::MAX as u64;
+
+/// Refuses a term from the wire that this node can never take.
+fn valid_term(term: u64) -> Result<(), transport::LinkError> {
+    if term > MAX_TERM {
+        return Err(transport::LinkError::Violation(format!(
+            "peer announced term {term}, above the maximum {MAX_TERM}: refused"
+        )));
+    }
+    Ok(())
+}
 
 /// Longest `demote` waits for peers to confirm every write.
 const DEMOTE_WAIT: Duration = Duration::from_secs(30);
@@ -331,6 +348,24 @@ impl Replication {
         }
     }
 
+    /// A peer announced `term` (in its State). Refuses a term that would
+    /// wrap; notes a newer one; and if we are primary of an older term, a
+    /// newer primary exists (we were frozen or cut off while it was
+    /// promoted): stop accepting writes at once, never two writable
+    /// primaries that both believe they are current.
+    fn check_peer_term(&self, term: u64, peer: &str) -> Result<(), transport::LinkError> {
+        valid_term(term)?;
+        self.observe_term(term);
+        let me = self.role();
+        if me.role == Role::Primary && term > me.term {
+            self.fence(&format!(
+                "peer {peer} knows term {term}, newer than our term {} as primary: another node was promoted; demote this one",
+                me.term
+            ));
+        }
+        Ok(())
+    }
+
     pub fn local_size(&self) -> u64 {
         self.local.size()
     }
@@ -350,13 +385,25 @@ impl Replication {
     /// Becomes primary: refuses if a connected peer is primary, or if this
     /// replica is not fit to serve (inconsistent, or empty while a peer has
     /// data). Bumps the term and starts a new data generation.
+    ///
+    /// With `force`, a connected primary peer that has sent nothing for more
+    /// than a ping interval (frozen, or its host or network hangs) does not
+    /// block the promotion: it is fenced by our newer term when it wakes.
+    /// One that is answering still does: demote it first.
     pub fn promote(&self, force: bool) -> Result<RoleState, String> {
         if self.role().role == Role::Primary {
             return Err("already primary".into());
         }
-        if let Some(p) = self.peers.iter().find(|p| p.is_peer_primary()) {
+        let ping_interval = Duration::from_millis(self.config.replication.ping_interval_ms);
+        for p in self.peers.iter().filter(|p| p.is_peer_primary()) {
+            let silent = p.silent_for().is_none_or(|t| t > ping_interval);
+            if force && silent {
+                tracing::warn!(peer = %p.config.name, silent_ms = p.silent_for().map(|t| t.as_millis() as u64),
+                    "forced promotion over a connected primary peer that has stopped answering");
+                continue;
+            }
             return Err(format!(
-                "peer {} (id {}) is primary; demote it first",
+                "peer {} (id {}) is primary and answering; demote it first",
                 p.config.name,
                 p.id()
             ));
@@ -364,7 +411,15 @@ impl Replication {
         if self.disk_state() == DiskState::Inconsistent && !force {
             return Err("this replica is inconsistent (a resync did not finish); promote a node with good data, or force".into());
         }
-        let term = self.known_term().max(self.metadata.superblock().term) + 1;
+        let term = self
+            .known_term()
+            .max(self.metadata.superblock().term)
+            .saturating_add(1);
+        if term > MAX_TERM {
+            return Err(format!(
+                "term {MAX_TERM} reached: no further promotion possible"
+            ));
+        }
         let generation = self.next_generation(term);
         self.metadata
             .set_term_and_generations(term, Some(from_wire(generation)))

@@ -75,6 +75,12 @@ struct Inner {
     unacked: BTreeMap<u64, EpochRecord>,
     write_waiters: HashMap<u64, oneshot::Sender<()>>,
     barrier_waiters: Vec<(u64, oneshot::Sender<()>)>,
+    /// Set when the peer falls behind: the newest epoch then outstanding.
+    /// It resumes only once that epoch is acknowledged — proof that it
+    /// makes progress. Without this, a stuck peer with little outstanding
+    /// resumed at once, and every guest flush waited `max_peer_wait_ms`
+    /// for it again before it fell behind again.
+    behind_until_acked: Option<u64>,
 }
 
 /// Counters for status and tests.
@@ -109,6 +115,10 @@ pub struct PeerReplica {
     /// Why the last link to this peer ended, if it ended in an error (a
     /// split brain, a refused handshake...); cleared when a link comes up.
     pub last_error: Mutex<Option<String>>,
+    /// When the last frame arrived from the peer on the current link (see
+    /// `liveness`): lets `promote --force` tell a silent primary peer from
+    /// one that is answering.
+    last_heard: Mutex<Option<Instant>>,
 }
 
 impl PeerReplica {
@@ -128,6 +138,7 @@ impl PeerReplica {
                 unacked: BTreeMap::new(),
                 write_waiters: HashMap::new(),
                 barrier_waiters: Vec::new(),
+                behind_until_acked: None,
             }),
             queued: AtomicU64::new(0),
             stats: PeerStats::default(),
@@ -137,6 +148,7 @@ impl PeerReplica {
             drained: Notify::new(),
             fork_pending,
             last_error: Mutex::new(None),
+            last_heard: Mutex::new(None),
         }
     }
 
@@ -149,6 +161,19 @@ impl PeerReplica {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// A frame arrived from the peer.
+    pub fn heard(&self) {
+        *self.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long since the last frame from the peer (None: never heard).
+    pub fn silent_for(&self) -> Option<std::time::Duration> {
+        self.last_heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -176,6 +201,8 @@ impl PeerReplica {
         self.peer_primary
             .store(role == Role::Primary, Ordering::Release);
         self.connected.store(true, Ordering::Release);
+        // Its State just arrived.
+        self.heard();
         let mut inner = self.lock();
         if inner.mode == PeerMode::Disconnected {
             inner.mode = PeerMode::Idle;
@@ -207,6 +234,7 @@ impl PeerReplica {
             self.fork_pending.store(true, Ordering::Release);
         }
         inner.mode = PeerMode::Disconnected;
+        inner.behind_until_acked = None;
         inner.tx = None;
         for (_, record) in std::mem::take(&mut inner.unacked) {
             for (offset, len) in record.written {
@@ -215,6 +243,7 @@ impl PeerReplica {
         }
         inner.write_waiters.clear();
         inner.barrier_waiters.clear();
+        *self.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.queued.store(0, Ordering::Release);
         drop(inner);
         self.drained.notify_waiters();
@@ -250,6 +279,7 @@ impl PeerReplica {
             tracing::warn!(peer = %self.config.name, queued,
                 "peer is congested: falling behind, resync later");
             inner.mode = PeerMode::Behind;
+            inner.behind_until_acked = inner.unacked.keys().next_back().copied();
             self.fork_pending.store(true, Ordering::Release);
         }
         let payload = match &message {
@@ -315,7 +345,11 @@ impl PeerReplica {
             return None;
         }
         inner.unacked.entry(epoch).or_default();
-        want_ack.then(|| {
+        // A peer that is behind still gets barriers (its acks are what lets
+        // it resume, see `backlog_drained`), but nobody waits for them: it
+        // already misses writes, and waiting would make every guest flush
+        // take `max_peer_wait_ms` for nothing.
+        (want_ack && inner.mode.mirrors()).then(|| {
             let (tx, rx) = oneshot::channel();
             inner.barrier_waiters.push((epoch, tx));
             rx
@@ -367,9 +401,20 @@ impl PeerReplica {
         added
     }
 
-    /// The peer has made every epoch up to `epoch` durable.
-    pub fn barrier_acked(&self, epoch: u64, congestion_limit: u64) {
+    /// The peer has made every epoch up to `epoch` durable. An ack for an
+    /// epoch we never closed on this link is a protocol violation (and
+    /// `epoch + 1` must not wrap): refused before anything changes.
+    pub fn barrier_acked(&self, epoch: u64, congestion_limit: u64) -> Result<(), String> {
         let mut inner = self.lock();
+        let Some(&newest) = inner.unacked.keys().next_back() else {
+            // Nothing outstanding: a late duplicate, harmless.
+            return Ok(());
+        };
+        if epoch > newest {
+            return Err(format!(
+                "BarrierAck for epoch {epoch}, but the newest epoch sent is {newest}"
+            ));
+        }
         let later = inner.unacked.split_off(&(epoch + 1));
         let done = std::mem::replace(&mut inner.unacked, later);
         for record in done.into_values() {
@@ -386,6 +431,7 @@ impl PeerReplica {
             let _ = tx.send(());
         }
         self.backlog_drained(congestion_limit);
+        Ok(())
     }
 
     pub fn write_acked(&self, seq: u64) {
@@ -426,6 +472,7 @@ impl PeerReplica {
         if inner.mode.mirrors() {
             tracing::warn!(peer = %self.config.name, "peer falls behind: {why}");
             inner.mode = PeerMode::Behind;
+            inner.behind_until_acked = inner.unacked.keys().next_back().copied();
             self.fork_pending.store(true, Ordering::Release);
         }
         inner.write_waiters.clear();
@@ -444,12 +491,21 @@ impl PeerReplica {
             return;
         }
         let mut inner = self.lock();
+        let progressed = inner.behind_until_acked.is_none_or(|stuck| {
+            inner
+                .unacked
+                .keys()
+                .next()
+                .is_none_or(|&oldest| oldest > stuck)
+        });
         if inner.mode == PeerMode::Behind
             && inner.tx.is_some()
+            && progressed
             && inner.unacked.len() <= MAX_UNACKED_TO_RESUME
         {
             tracing::info!(peer = %self.config.name, "backlog drained: resyncing what the peer missed");
             inner.mode = PeerMode::Resyncing;
+            inner.behind_until_acked = None;
             drop(inner);
             self.resync_wanted.notify_one();
         }
@@ -479,5 +535,56 @@ impl PeerReplica {
         } else {
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerReplica {
+        let config = Peer {
+            id: 2,
+            name: "n2".into(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            lan_group: "default".into(),
+        };
+        let replica = PeerReplica::new(
+            config,
+            true,
+            Arc::new(Bitmap::new(1024, 4096)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::mem::forget(rx); // keep the channel open
+        replica.start_mirroring(tx);
+        replica
+    }
+
+    #[test]
+    fn an_ack_for_an_epoch_never_sent_is_refused_and_does_not_wrap() {
+        let p = peer();
+        // Nothing outstanding: a (late) ack of anything is harmless.
+        assert!(p.barrier_acked(u64::MAX, 1 << 20).is_ok());
+        assert!(p.barrier(1, 7, false).is_none());
+        let write = Message::Barrier { term: 1, epoch: 8 };
+        p.mirror(8, 1, write, (0, 4096), false, 1 << 20);
+        for bogus in [9, u64::MAX] {
+            let err = p.barrier_acked(bogus, 1 << 20).unwrap_err();
+            assert!(err.contains("newest epoch sent is 8"), "{err}");
+        }
+        // Nothing was cleared by the refused acks.
+        assert_eq!(p.lock().unacked.len(), 2);
+        assert!(p.barrier_acked(8, 1 << 20).is_ok());
+        assert!(p.lock().unacked.is_empty());
+    }
+
+    #[test]
+    fn a_behind_peer_gets_barriers_but_nobody_waits_for_them() {
+        let p = peer();
+        p.fall_behind("test");
+        assert_eq!(p.mode(), PeerMode::Behind);
+        assert!(p.barrier(1, 1, true).is_none(), "a flush would wait for it");
+        assert_eq!(p.lock().unacked.len(), 1, "the barrier was not sent");
     }
 }

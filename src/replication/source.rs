@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use super::bitmap_exchange;
-use super::link::{our_state, Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
+use super::link::{our_state, Link, PeerState};
+use super::liveness::{Due, Liveness};
 use super::peer::{Outgoing, PeerMode, PeerReplica};
 use super::transport::{FrameWriter, LinkError};
 use super::{Replication, RoleState};
@@ -118,8 +119,13 @@ pub async fn run(
         meta_writer,
     } = link;
     // What the peer holds that we may not: resynced like what it lacks.
-    let reported =
-        bitmap_exchange::receive(&mut meta_reader, repl.config.node.id, &peer.bitmap).await?;
+    let reported = bitmap_exchange::receive(
+        &mut meta_reader,
+        repl.config.node.id,
+        &peer.bitmap,
+        super::liveness::ping_timeout(&repl.config.replication),
+    )
+    .await?;
     if taken_over && inherited.is_some_and(|i| i.exact) {
         // A clean handover: the directory's bitmap for this peer is exact,
         // and whatever it reports (its activity log, the blocks it knew we
@@ -161,27 +167,47 @@ pub async fn run(
         "mirroring to peer"
     );
 
-    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut live = Liveness::new(&repl.config.replication, peer);
     let result = loop {
         tokio::select! {
-            msg = tokio::time::timeout(LINK_TIMEOUT, meta_reader.next()) => match msg {
-                Ok(Ok(Message::BarrierAck { epoch })) => peer.barrier_acked(epoch, congestion),
-                Ok(Ok(Message::WriteAck { seq })) => peer.write_acked(seq),
-                Ok(Ok(Message::WriteNack { seq, errno })) => {
-                    break Err(LinkError::Violation(format!("peer failed write {seq}: errno {errno}")));
+            // Frames first: one that is waiting proves the peer alive even
+            // if the deadline passed while we were not polled.
+            biased;
+            msg = meta_reader.next() => {
+                let msg = match msg {
+                    Ok(msg) => msg,
+                    Err(e) => break Err(e),
+                };
+                live.heard();
+                match msg {
+                    Message::BarrierAck { epoch } => {
+                        if let Err(e) = peer.barrier_acked(epoch, congestion) {
+                            break Err(LinkError::Violation(e));
+                        }
+                    }
+                    Message::WriteAck { seq } => peer.write_acked(seq),
+                    Message::WriteNack { seq, errno } => {
+                        break Err(LinkError::Violation(format!("peer failed write {seq}: errno {errno}")));
+                    }
+                    Message::Ping => { let _ = meta_tx.send(Message::PingAck); }
+                    Message::PingAck => {}
+                    Message::State { term, .. } => {
+                        if let Err(e) = repl.check_peer_term(term, &peer.config.name) {
+                            break Err(e);
+                        }
+                        break Ok(());
+                    }
+                    other => break Err(LinkError::Violation(format!("unexpected {} from a secondary", other.message_type()))),
                 }
-                Ok(Ok(Message::Ping)) => { let _ = meta_tx.send(Message::PingAck); }
-                Ok(Ok(Message::PingAck)) => {}
-                Ok(Ok(Message::State { .. })) => break Ok(()),
-                Ok(Ok(other)) => break Err(LinkError::Violation(format!("unexpected {} from a secondary", other.message_type()))),
-                Ok(Err(e)) => break Err(e),
-                Err(_) => break Err(LinkError::Violation("peer silent; link timed out".into())),
-            },
-            _ = ping.tick() => { let _ = meta_tx.send(Message::Ping); }
+            }
             _ = role_changes.changed() => break Ok(()),
             sent = &mut sender => break match sent {
                 Ok(Err(e)) => Err(e),
                 _ => Err(LinkError::Closed),
+            },
+            due = live.due() => match due {
+                Due::Ping => { let _ = meta_tx.send(Message::Ping); }
+                Due::Dead(e) => break Err(e),
             },
         }
     };

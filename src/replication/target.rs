@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::bitmap_exchange;
-use super::link::{Link, PeerState, LINK_TIMEOUT, PING_INTERVAL};
+use super::link::{Link, PeerState};
+use super::liveness::{Due, Liveness};
 use super::peer::PeerReplica;
 use super::transport::LinkError;
 use super::{enter_activity_log, LocalDisk, Replication, RoleState};
@@ -160,40 +161,59 @@ pub async fn run(
         ack_writes: repl.config.resource.protocol == Protocol::C,
         in_flight: VecDeque::new(),
     };
-    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut live = Liveness::new(&repl.config.replication, peer);
     let result = loop {
         tokio::select! {
+            // Frames first: one that is waiting proves the primary alive
+            // even if the deadline passed while we were applying a write.
+            biased;
             msg = data_reader.next() => {
                 let step = match msg {
-                    Ok(msg) => apply(repl, &mut applier, &meta_tx, msg).await,
+                    Ok(msg) => {
+                        live.heard();
+                        apply(repl, &mut applier, &meta_tx, msg).await
+                    }
                     Err(e) => Err(e),
                 };
                 if let Err(e) = step {
                     break Err(e);
                 }
             }
-            msg = tokio::time::timeout(LINK_TIMEOUT, meta_reader.next()) => match msg {
-                Ok(Ok(Message::Ping)) => { let _ = meta_tx.send(Message::PingAck); }
-                Ok(Ok(Message::PingAck)) => {}
-                Ok(Ok(Message::State { disk_state: DiskState::UpToDate, generation, term, .. })) => {
-                    // A fenced primary must not rewrite our generation either.
-                    if let Err(e) = check_term(repl, term) {
-                        break Err(e);
+            msg = meta_reader.next() => {
+                let msg = match msg {
+                    Ok(msg) => msg,
+                    Err(e) => break Err(e),
+                };
+                live.heard();
+                match msg {
+                    Message::Ping => { let _ = meta_tx.send(Message::PingAck); }
+                    Message::PingAck => {}
+                    Message::State { disk_state: DiskState::UpToDate, generation, term, .. } => {
+                        // A fenced primary must not rewrite our generation either.
+                        if let Err(e) = check_term(repl, term) {
+                            break Err(e);
+                        }
+                        if let Err(e) = repl.adopt_generation(generation) {
+                            break Err(LinkError::Io(e));
+                        }
+                        // Whatever we reported differing has been overwritten.
+                        peer.bitmap.clear_all();
+                        tracing::info!(generation = format!("{:016x}", generation.current), "in sync with the primary");
                     }
-                    if let Err(e) = repl.adopt_generation(generation) {
-                        break Err(LinkError::Io(e));
+                    Message::State { term, .. } => {
+                        if let Err(e) = repl.check_peer_term(term, &peer.config.name) {
+                            break Err(e);
+                        }
+                        break Ok(());
                     }
-                    // Whatever we reported differing has been overwritten.
-                    peer.bitmap.clear_all();
-                    tracing::info!(generation = format!("{:016x}", generation.current), "in sync with the primary");
+                    other => break Err(LinkError::Violation(format!("unexpected {} on meta from the primary", other.message_type()))),
                 }
-                Ok(Ok(Message::State { .. })) => break Ok(()),
-                Ok(Ok(other)) => break Err(LinkError::Violation(format!("unexpected {} on meta from the primary", other.message_type()))),
-                Ok(Err(e)) => break Err(e),
-                Err(_) => break Err(LinkError::Violation("primary silent; link timed out".into())),
-            },
-            _ = ping.tick() => { let _ = meta_tx.send(Message::Ping); }
+            }
             _ = role_changes.changed() => break Ok(()),
+            due = live.due() => match due {
+                Due::Ping => { let _ = meta_tx.send(Message::Ping); }
+                Due::Dead(e) => break Err(e),
+            },
         }
     };
     // Let writes already started finish before the link is reported down.
@@ -242,6 +262,7 @@ fn report_what_may_differ(
 /// Rejects messages from a primary whose term is older than one we have
 /// seen: it was fenced by a newer promotion.
 fn check_term(repl: &Replication, term: u64) -> Result<(), LinkError> {
+    super::valid_term(term)?;
     let known = repl.known_term();
     if term < known {
         return Err(LinkError::Violation(format!(

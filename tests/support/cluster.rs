@@ -165,6 +165,25 @@ pub fn primary_with_proxy(
         &format!("address = \"{}\"", proxy.listen),
     );
     dir.write_config(1, &toml);
+    // A paused proxy models a slow peer that keeps its connections, not a
+    // dead one: keep the ping timeout (which would drop the link, see
+    // `tests/liveness.rs`) out of the way unless the test set one.
+    for id in 1..=dir.spec.nodes {
+        let toml = std::fs::read_to_string(&dir.node(id).config).expect("read config");
+        if toml.contains("ping_timeout_ms") {
+            continue;
+        }
+        let toml = if toml.contains("[replication]\n") {
+            toml.replacen(
+                "[replication]\n",
+                "[replication]\nping_timeout_ms = 120000\n",
+                1,
+            )
+        } else {
+            format!("{toml}\n[replication]\nping_timeout_ms = 120000\n")
+        };
+        dir.write_config(id, &toml);
+    }
     for n in &dir.nodes {
         assert!(ctl(&n.config, &["create-md"]).status.success());
     }
