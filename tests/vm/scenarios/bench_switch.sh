@@ -244,10 +244,13 @@ ONDEMAND=$(sed -n 's/.*"sync":{[^}]*"on_demand_fetches":\([0-9]*\).*/\1/p' <<<"$
 FETCHED=$(sed -n 's/.*"sync":{[^}]*"fetched_bytes":\([0-9]*\).*/\1/p' <<<"$js")
 log "switched run: $(secs "$SWITCHED_NS") s; n2 sync status afterwards: $(grep -o '"sync":{[^}]*}' <<<"$js")"
 [ -z "$(kernel_errors)" ] || fail "kernel I/O errors: $(kernel_errors | head -n 3)"
+# When B's background sync finished (if it did), seconds after it started.
+BG_DONE=$(sed -e 's/\x1b\[[0-9;]*m//g' "${DAEMON_LOGS[2]}" | sed -n 's/.*background sync complete.* seconds=\([0-9.]*\).*/\1/p' | tail -n1)
+log "n2's background sync: ${BG_DONE:+complete after ${BG_DONE}s}${BG_DONE:-not complete yet}"
 grep -a -E 'WARN|ERROR' "$W"/vmsyncd.*.log | head -n 20
 
 RATIO=$(awk -v s="$SWITCHED_NS" -v l="$LOCAL_NS" 'BEGIN { printf "%.2f", s / l }')
-echo "BENCH switch local_s=$(secs "$LOCAL_NS") switched_s=$(secs "$SWITCHED_NS") ratio=$RATIO switch_ms=$SWITCH_MS first_read_ms=$FIRST_READ_MS files=$FILES stale_bytes_at_switch=$STALE size_bytes=$SIZE_BYTES stale_after_run=${LEFT_AFTER:-?} fetched_bytes=${FETCHED:-?} on_demand_fetches=${ONDEMAND:-?} workload_files=$WFILES tree_kib=$TREE_KIB"
+echo "BENCH switch local_s=$(secs "$LOCAL_NS") switched_s=$(secs "$SWITCHED_NS") ratio=$RATIO switch_ms=$SWITCH_MS first_read_ms=$FIRST_READ_MS files=$FILES stale_bytes_at_switch=$STALE size_bytes=$SIZE_BYTES stale_after_run=${LEFT_AFTER:-?} fetched_bytes=${FETCHED:-?} on_demand_fetches=${ONDEMAND:-?} bg_sync_s=${BG_DONE:-running} workload_files=$WFILES tree_kib=$TREE_KIB"
 
 # ---- optional run 3: on B again once its background sync is done --------------
 if [ "$AFTER_SYNC" = 1 ]; then
