@@ -16,7 +16,8 @@ done
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-PKGS=(libclang-dev clang pkg-config qemu-system-x86 busybox-static e2fsprogs fio xz-utils cpio gzip iproute2 util-linux kmod)
+# linux-source-6.1: /usr/src/linux-source-6.1.tar.xz, the file tree of benches/switch.sh.
+PKGS=(libclang-dev clang pkg-config qemu-system-x86 busybox-static e2fsprogs fio xz-utils cpio gzip iproute2 util-linux kmod linux-source-6.1)
 
 need_pkgs=()
 for p in "${PKGS[@]}"; do
