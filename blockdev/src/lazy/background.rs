@@ -6,7 +6,11 @@
 //! our local copy, so a holder can answer `Same` instead of data.
 //!
 //! Guest I/O comes first: while a guest operation waits for the network the
-//! driver starts nothing new, and `rate` paces what it starts. A failed fetch
+//! driver starts nothing new; while the guest is busy at all (I/O within
+//! [`GUEST_BUSY`]) it keeps one fetch in flight and pauses [`TRICKLE_PAUSE`]
+//! between them, and runs at full concurrency only when the guest is idle
+//! (adaptive, as the thesis's background sync: hashing and copying the
+//! whole disk competes with the guest for CPU and disk); `rate` caps it. A failed fetch
 //! is logged, the driver backs off for [`BACKOFF`] and retries the range on a
 //! later pass; it keeps going until no stale bit remains.
 
@@ -27,6 +31,10 @@ use crate::meta::EXTENT_SIZE;
 pub(crate) const BACKOFF: Duration = Duration::from_secs(1);
 /// Pause while guest I/O waits for the network.
 const YIELD_TO_GUEST: Duration = Duration::from_millis(2);
+/// Guest I/O this recent makes the sync trickle.
+const GUEST_BUSY: Duration = Duration::from_millis(100);
+/// Pause between fetch starts while the guest is busy.
+const TRICKLE_PAUSE: Duration = Duration::from_millis(20);
 /// Pause after a pass that found only blocks others are handling.
 const IDLE_PASS: Duration = Duration::from_millis(50);
 /// Progress is logged at most this often.
@@ -75,7 +83,7 @@ struct Pacer {
 
 impl Pacer {
     fn ready_at(&self) -> Option<Instant> {
-        (self.rate > 0 && self.next > Instant::now()).then_some(self.next)
+        (self.next > Instant::now()).then_some(self.next)
     }
 
     fn started(&mut self, bytes: u64) {
@@ -209,7 +217,8 @@ pub(super) async fn run<D: BlockDevice>(
             finished(joined, &mut backoff_until);
         }
         progress.tick(&shared);
-        if tasks.len() >= concurrency {
+        let busy = shared.guest_busy(GUEST_BUSY);
+        if tasks.len() >= if busy { 1 } else { concurrency } {
             tokio::select! {
                 Some(joined) = tasks.join_next() => finished(joined, &mut backoff_until),
                 _ = stop.changed() => {}
@@ -264,6 +273,10 @@ pub(super) async fn run<D: BlockDevice>(
             break; // deactivated
         };
         pacer.started(shared.byte_range(&blocks).1);
+        if busy {
+            // Leave the guest room between fetches.
+            pacer.next = pacer.next.max(Instant::now() + TRICKLE_PAUSE);
+        }
         started_this_pass += 1;
         let task_shared = Arc::clone(&shared);
         tasks.spawn_on(

@@ -198,6 +198,10 @@ pub(crate) struct Shared<D: BlockDevice> {
     /// Guest operations waiting for the network: the background sync starts
     /// nothing new while this is non-zero.
     demand_waiting: AtomicUsize,
+    /// When the guest last did I/O (milliseconds since `epoch`): while it
+    /// is busy the background sync only trickles (see `background`).
+    last_guest_io_ms: AtomicU64,
+    epoch: std::time::Instant,
     /// Blocks whose stale bit a fetch cleared and that may not be persisted
     /// yet. A guest write over one must persist before it completes.
     /// Set after the stale bit is cleared; cleared only after a persist that
@@ -269,6 +273,23 @@ impl Drop for PersistGuard<'_> {
 impl<D: BlockDevice> Shared<D> {
     fn is_active(&self) -> bool {
         self.active.load(SeqCst)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Notes guest I/O (only counted while active: nothing else needs it).
+    fn guest_io(&self) {
+        if self.is_active() {
+            self.last_guest_io_ms.store(self.now_ms(), SeqCst);
+        }
+    }
+
+    /// Whether the guest did I/O within the last `window`.
+    pub(crate) fn guest_busy(&self, window: std::time::Duration) -> bool {
+        let last = self.last_guest_io_ms.load(SeqCst);
+        last != 0 && self.now_ms().saturating_sub(last) < window.as_millis() as u64
     }
 
     fn source(&self) -> io::Result<Arc<dyn BlockSource>> {
@@ -596,6 +617,8 @@ impl<D: BlockDevice> LazyDevice<D> {
                 inflight: Arc::new(InFlight::default()),
                 ops: watch::Sender::new(0),
                 demand_waiting: AtomicUsize::new(0),
+                last_guest_io_ms: AtomicU64::new(0),
+                epoch: std::time::Instant::now(),
                 unpersisted,
                 persists_in_flight: AtomicUsize::new(0),
                 persist_failed: AtomicBool::new(false),
@@ -740,6 +763,7 @@ impl<D: BlockDevice> BlockDevice for LazyDevice<D> {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         check_range(self.shared.size, offset, len)?;
+        self.shared.guest_io();
         if self.shared.is_active() && len > 0 && self.shared.stale.any_in_bytes(offset, len) {
             Arc::clone(&self.shared).ensure_present(offset, len).await?;
         }
@@ -749,6 +773,7 @@ impl<D: BlockDevice> BlockDevice for LazyDevice<D> {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
         let len = data.len() as u64;
         check_range(self.shared.size, offset, len)?;
+        self.shared.guest_io();
         if len == 0 || !self.shared.is_active() {
             return self.shared.inner.write(offset, data, fua).await;
         }
@@ -766,6 +791,7 @@ impl<D: BlockDevice> BlockDevice for LazyDevice<D> {
 
     async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.shared.size, offset, len)?;
+        self.shared.guest_io();
         if len == 0 || !self.shared.is_active() {
             return self.shared.inner.discard(offset, len).await;
         }
@@ -774,6 +800,7 @@ impl<D: BlockDevice> BlockDevice for LazyDevice<D> {
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.shared.size, offset, len)?;
+        self.shared.guest_io();
         if len == 0 || !self.shared.is_active() {
             return self.shared.inner.write_zeroes(offset, len).await;
         }

@@ -731,3 +731,25 @@ async fn lazy_serves_callers_on_a_non_tokio_executor() {
     expect[512..1024].fill(9);
     assert_eq!(merged, expect);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_background_sync_trickles_while_the_guest_is_busy() {
+    // 64 MiB, all stale but the first 16 blocks, which the guest keeps reading.
+    let blocks = 16 * EXTENT_BLOCKS;
+    let f = fixture(blocks, |b| b >= 16);
+    f.activate();
+    let busy_until = std::time::Instant::now() + Duration::from_millis(400);
+    f.dev.start_background_sync(SyncOptions {
+        concurrency: 4,
+        chunk: 1 << 20,
+        ..SyncOptions::default()
+    });
+    while std::time::Instant::now() < busy_until {
+        f.read(0, 16 * BS).await;
+    }
+    // One fetch at a time, 20 ms apart: far from the 64 an idle guest allows.
+    let during = f.remote.requests().len();
+    assert!(during <= 25, "{during} fetches while the guest was busy");
+    f.wait_sync_done().await;
+    assert_eq!(f.inner_image().await, f.remote.image);
+}
