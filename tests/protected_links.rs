@@ -28,7 +28,7 @@ fn tampered_records_are_rejected_and_the_link_recovers_with_identical_replicas()
         protocol: "C",
         ..ClusterSpec::default()
     };
-    let (mut cluster, proxy) = primary_with_proxy(&rt, spec, 2);
+    let (cluster, proxy) = primary_with_proxy(&rt, spec, 2);
     let size = cluster.dir.spec.size;
     let log2 = cluster.dir.node(2).log.clone();
     let mut gen = Workload::new(2026, size);

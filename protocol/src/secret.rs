@@ -121,9 +121,12 @@ pub fn generate_secret() -> String {
 mod tests {
     use super::*;
 
+    /// Whether an error is the expected kind.
+    type Expect = fn(&WeakSecret) -> bool;
+
     #[test]
     fn weak_secrets_are_refused_with_the_reason() {
-        let cases: [(&[u8], fn(&WeakSecret) -> bool); 9] = [
+        let cases: [(&[u8], Expect); 9] = [
             (b"short", |e| matches!(e, WeakSecret::TooShort { len: 5 })),
             (&[0x41; 32], |e| {
                 matches!(e, WeakSecret::TooFewDistinct { distinct: 1 })
