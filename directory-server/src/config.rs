@@ -150,7 +150,7 @@ mod tests {
         assert!(e.contains("holds 5 bytes"), "{e}");
         assert!(e.contains(&secret.display().to_string()), "{e}");
         // Long enough but guessable: refused too, naming the file.
-        std::fs::write(&secret, "passwordpassword\n").unwrap();
+        std::fs::write(&secret, "pass1word!pass1word!\n").unwrap();
         let e = parse(&text("127.0.0.1:7700")).unwrap_err().to_string();
         assert!(e.contains("pattern repeated"), "{e}");
         assert!(e.contains(&secret.display().to_string()), "{e}");
