@@ -183,7 +183,7 @@ fn weak_secrets_are_refused_naming_the_file() {
     for (weak, why) in [
         ("short\n", "at least 16"),
         ("aaaaaaaaaaaaaaaaaaaaaaaa\n", "distinct byte values"),
-        ("hunter2hunter2hunter2\n", "pattern repeated"),
+        ("hunter2!hunter2!hunter2!\n", "pattern repeated"),
         ("abcdefghijklmnopqrstu\n", "constant step"),
         ("0123456789abcdef\n", "too guessable"),
     ] {
