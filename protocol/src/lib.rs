@@ -18,8 +18,10 @@
 //!   as an authenticated, encrypted record.
 //!
 //! Module map: [`frame`] (frame header, encode/decode), [`message`] (the
-//! messages and their wire codes), [`handshake`], [`types`] (enums and small
-//! structs inside messages), `codec` (field encoding), [`error`]; with the
+//! messages and their wire codes), [`handshake`], [`secure`] (the sealed
+//! records after the handshake), [`secret`] (secret strength checks and
+//! generation), [`types`] (enums and small structs inside messages), `codec`
+//! (field encoding), [`error`]; with the
 //! `net` feature, `net`: framed, authenticated TCP connections over tokio
 //! (the one place this crate does I/O).
 
