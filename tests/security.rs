@@ -284,10 +284,11 @@ fn a_wrong_protocol_version_is_refused() {
     let rt = runtime();
     let mut conn = RawConn::connect(node2_addr(&cluster)).expect("connect to node 2");
     let from = conn.local_addr();
+    // Version 1: the protocol before protected links.
     let mut hello = BytesMut::new();
     protocol::encode(
         &Message::Hello {
-            version: 2,
+            version: 1,
             resource: RESOURCE.into(),
             node_id: 1,
             peer_node_id: 2,
@@ -296,18 +297,18 @@ fn a_wrong_protocol_version_is_refused() {
         },
         &mut hello,
     )
-    .expect("encode a version-2 Hello");
+    .expect("encode a version-1 Hello");
     conn.send_raw(&hello).unwrap();
     let received = conn
         .drain_until_closed(CLOSE)
-        .unwrap_or_else(|e| panic!("node 2 kept a version-2 connection open: {e}"));
+        .unwrap_or_else(|e| panic!("node 2 kept a version-1 connection open: {e}"));
     let refused = received.iter().find_map(|m| match m {
         Message::Refused { reason } => Some(reason.clone()),
         _ => None,
     });
     let refused = refused.unwrap_or_else(|| panic!("no Refused in {received:?}"));
     assert!(
-        refused.contains("version 2") && refused.contains(&format!("we speak {PROTOCOL_VERSION}")),
+        refused.contains("version 1") && refused.contains(&format!("we speak {PROTOCOL_VERSION}")),
         "refusal does not name the versions: {refused}"
     );
     assert!(
@@ -316,7 +317,7 @@ fn a_wrong_protocol_version_is_refused() {
             .any(|m| matches!(m, Message::AuthResponse { .. } | Message::AuthOk)),
         "node 2 went on with the handshake: {received:?}"
     );
-    assert_refusal_logged(&cluster, from, "peer speaks protocol version 2");
+    assert_refusal_logged(&cluster, from, "peer speaks protocol version 1");
     assert_cluster_serves_on(&mut cluster, &rt, 7);
 }
 

@@ -102,13 +102,14 @@ impl Config {
             )
         })?;
         let secret = secret.trim_ascii().to_vec();
-        if secret.len() < 16 {
+        // The same rules as the nodes' (one shared check in `protocol`).
+        if let Err(weak) = protocol::check_secret(&secret) {
             return Err(err(
                 "security.secret_file",
                 format!(
-                    "{} holds {} bytes; a shared secret needs at least 16",
-                    file.display(),
-                    secret.len()
+                    "the shared secret in {} is refused: {weak}; \
+                     make one with `vmsyncctl gen-secret FILE`",
+                    file.display()
                 ),
             ));
         }
@@ -147,9 +148,15 @@ mod tests {
         let e = parse(&text("127.0.0.1:7700")).unwrap_err().to_string();
         assert!(e.contains("key `security.secret_file`"), "{e}");
         assert!(e.contains("holds 5 bytes"), "{e}");
-        std::fs::write(&secret, "0123456789abcdef\n").unwrap();
+        assert!(e.contains(&secret.display().to_string()), "{e}");
+        // Long enough but guessable: refused too, naming the file.
+        std::fs::write(&secret, "pass1word!pass1word!\n").unwrap();
+        let e = parse(&text("127.0.0.1:7700")).unwrap_err().to_string();
+        assert!(e.contains("pattern repeated"), "{e}");
+        assert!(e.contains(&secret.display().to_string()), "{e}");
+        std::fs::write(&secret, "directory-test-secret-0123456789\n").unwrap();
         let config = parse(&text("127.0.0.1:7700")).unwrap();
-        assert_eq!(config.secret, b"0123456789abcdef");
+        assert_eq!(config.secret, b"directory-test-secret-0123456789");
         let e = parse("[directory]\nlisten = \"127.0.0.1:1\"\n[security]\nsecret_file = \"/x\"\n")
             .unwrap_err()
             .to_string();

@@ -69,4 +69,28 @@ pub enum ProtocolError {
         /// How many bytes were left over.
         count: usize,
     },
+
+    /// A protected record's length is below the smallest or above the
+    /// largest record (a plaintext frame after the handshake lands here:
+    /// its magic read as a length is far too large). Raised before any
+    /// buffer is grown for the record.
+    #[error("protected record of {len} bytes is out of range: tampered stream or plaintext after the handshake")]
+    BadRecordLength {
+        /// The offending record length.
+        len: u64,
+    },
+
+    /// A protected record failed authentication: it was tampered with,
+    /// injected, replayed, reordered, or sealed under another key.
+    #[error("protected record failed authentication: tampered, injected, replayed or reordered")]
+    Unauthenticated,
+
+    /// A direction of the connection has used every record counter value;
+    /// going on would reuse a nonce.
+    #[error("record counter exhausted: the connection must be re-established")]
+    CounterExhausted,
+
+    /// An authentic record did not hold exactly one frame.
+    #[error("protected record does not hold exactly one frame")]
+    RecordNotOneFrame,
 }

@@ -30,8 +30,10 @@
 //!   man in the middle cannot splice a data connection of one resource into
 //!   a meta connection of another.
 //!
-//! The handshake authenticates; it does not encrypt or protect the messages
-//! that follow it (the design trusts the LAN/WAN links for confidentiality).
+//! The handshake messages themselves are plain (the MACs protect what
+//! matters in them). Once it is done, [`Handshake::session_keys`] derives
+//! one key per direction from the secret and the whole transcript, and every
+//! later frame travels sealed under them (see [`crate::secure`]).
 
 use std::fmt;
 
@@ -45,6 +47,10 @@ use crate::PROTOCOL_VERSION;
 /// BLAKE3 key-derivation context for the authentication key. Changing it
 /// changes every key, so it is versioned with the transcript format.
 const KEY_CONTEXT: &str = "vmsync 2024-11 node authentication key v1";
+
+/// BLAKE3 key-derivation context for the per-direction record keys of a
+/// connection (see [`Handshake::session_keys`]).
+const LINK_KEY_CONTEXT: &str = "vmsync 2026-12 link record key v1";
 
 /// What a node knows about a connection before it is established.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,8 +179,10 @@ enum State {
     AwaitMac { peer_nonce: Nonce },
     /// The peer's MAC checked out and our AuthOk is out; waiting for the
     /// peer's AuthOk.
-    AwaitAuthOk,
-    /// Done or failed.
+    AwaitAuthOk { peer_nonce: Nonce },
+    /// Both sides accepted each other: the session keys may be derived.
+    Established { peer_nonce: Nonce },
+    /// Failed (or misused after being established).
     Over,
 }
 
@@ -183,8 +191,8 @@ impl State {
         match self {
             Self::AwaitHello => "Hello",
             Self::AwaitMac { .. } => "AuthResponse",
-            Self::AwaitAuthOk => "AuthOk",
-            Self::Over => "nothing",
+            Self::AwaitAuthOk { .. } => "AuthOk",
+            Self::Established { .. } | Self::Over => "nothing",
         }
     }
 }
@@ -267,7 +275,7 @@ impl Handshake {
         msg: Message,
     ) -> Result<(State, HandshakeStep), HandshakeError> {
         match (state, msg) {
-            (State::Over, _) => Err(HandshakeError::Over),
+            (State::Over | State::Established { .. }, _) => Err(HandshakeError::Over),
             (_, Message::Refused { reason }) => Err(HandshakeError::Refused(reason)),
             (
                 State::AwaitHello,
@@ -294,10 +302,13 @@ impl Handshake {
                 if blake3::Hash::from(mac) != self.mac(Direction::Incoming, &peer_nonce) {
                     return Err(HandshakeError::AuthFailed);
                 }
-                Ok((State::AwaitAuthOk, HandshakeStep::Send(Message::AuthOk)))
+                Ok((
+                    State::AwaitAuthOk { peer_nonce },
+                    HandshakeStep::Send(Message::AuthOk),
+                ))
             }
-            (State::AwaitAuthOk, Message::AuthOk) => Ok((
-                State::Over,
+            (State::AwaitAuthOk { peer_nonce }, Message::AuthOk) => Ok((
+                State::Established { peer_nonce },
                 HandshakeStep::Done(PeerInfo {
                     node_id: self.params.peer_node_id,
                     channel: self.params.channel,
@@ -359,6 +370,28 @@ impl Handshake {
         Ok(())
     }
 
+    /// The keys that protect every frame after the handshake, once it has
+    /// returned [`HandshakeStep::Done`]; `None` before (or after a failure).
+    ///
+    /// Each direction's key is BLAKE3 in key-derivation mode over the
+    /// secret-derived key and the transcript (version, channel, resource,
+    /// sender and receiver ids, sender and receiver nonces). Both ends derive
+    /// the same two keys, swapped; fresh nonces make them unique to this
+    /// connection, and the sender-first order makes the two directions'
+    /// keys differ.
+    pub fn session_keys(&self) -> Option<crate::SessionKeys> {
+        let State::Established { peer_nonce } = &self.state else {
+            return None;
+        };
+        let p = &self.params;
+        let me = (p.node_id, &self.nonce);
+        let peer = (p.peer_node_id, peer_nonce);
+        Some(crate::SessionKeys {
+            send: link_key(&self.key, p.channel, &p.resource, me, peer),
+            recv: link_key(&self.key, p.channel, &p.resource, peer, me),
+        })
+    }
+
     /// The MAC we send (`Outgoing`, from us to the peer) or expect
     /// (`Incoming`, from the peer to us).
     fn mac(&self, direction: Direction, peer_nonce: &Nonce) -> blake3::Hash {
@@ -376,6 +409,29 @@ impl Handshake {
 enum Direction {
     Outgoing,
     Incoming,
+}
+
+/// The record key for the direction `sender` → `receiver`. The same
+/// length-prefixed transcript as [`transcript_mac`], under another
+/// derivation context, so a MAC and a key are never the same value.
+fn link_key(
+    auth_key: &[u8; 32],
+    channel: Channel,
+    resource: &str,
+    sender: (u32, &Nonce),
+    receiver: (u32, &Nonce),
+) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(LINK_KEY_CONTEXT);
+    h.update(auth_key);
+    h.update(&PROTOCOL_VERSION.to_le_bytes());
+    h.update(&[channel.tag()]);
+    h.update(&(resource.len() as u64).to_le_bytes());
+    h.update(resource.as_bytes());
+    h.update(&sender.0.to_le_bytes());
+    h.update(&receiver.0.to_le_bytes());
+    h.update(sender.1);
+    h.update(receiver.1);
+    *h.finalize().as_bytes()
 }
 
 /// The MAC of the transcript as seen by `sender`, a (node id, nonce) pair.

@@ -13,11 +13,15 @@
 //!   that connection and carries on.
 //! * [`Handshake`] runs the symmetric Hello / AuthResponse / AuthOk exchange
 //!   that checks version, resource, node ids and channel and proves both
-//!   sides know the shared secret.
+//!   sides know the shared secret; [`Handshake::session_keys`] then derives
+//!   the connection's keys, and [`secure`] seals and opens every later frame
+//!   as an authenticated, encrypted record.
 //!
 //! Module map: [`frame`] (frame header, encode/decode), [`message`] (the
-//! messages and their wire codes), [`handshake`], [`types`] (enums and small
-//! structs inside messages), `codec` (field encoding), [`error`]; with the
+//! messages and their wire codes), [`handshake`], [`secure`] (the sealed
+//! records after the handshake), [`secret`] (secret strength checks and
+//! generation), [`types`] (enums and small structs inside messages), `codec`
+//! (field encoding), [`error`]; with the
 //! `net` feature, `net`: framed, authenticated TCP connections over tokio
 //! (the one place this crate does I/O).
 
@@ -28,6 +32,8 @@ pub mod handshake;
 pub mod message;
 #[cfg(feature = "net")]
 pub mod net;
+pub mod secret;
+pub mod secure;
 pub mod types;
 
 pub use error::ProtocolError;
@@ -36,11 +42,15 @@ pub use frame::{
 };
 pub use handshake::{Handshake, HandshakeError, HandshakeParams, HandshakeStep, PeerInfo};
 pub use message::{BlockHash, Mac, Message, MessageType, Nonce};
+pub use secret::{check_secret, generate_secret, WeakSecret};
+pub use secure::{Opener, Sealer, SessionKeys};
 pub use types::{Channel, DiskState, GenerationIds, Role};
 
 /// Version of the wire protocol spoken by this crate. Peers must speak the
 /// same version; it is checked (and authenticated) in the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: every frame after the handshake travels in an AEAD record ([`secure`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The node id the directory server uses in handshakes (never a node's).
 pub const DIRECTORY_NODE_ID: u32 = u32::MAX;

@@ -5,14 +5,18 @@
 //! barriers) and *meta* (acks, state, keepalive), so acks never queue behind
 //! bulk data. Each connection starts with the protocol's challenge-response
 //! handshake; anything malformed or unauthenticated closes that connection
-//! and nothing else.
+//! and nothing else. Once both sides have verified the peer's `AuthOk`, the
+//! reader and writer switch to sealed records under the handshake's session
+//! keys ([`crate::secure`]) and never go back: from then on a plaintext
+//! frame, or a record that fails authentication, closes the connection.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::{
-    Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, ProtocolError,
+    Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, Opener,
+    ProtocolError, Sealer,
 };
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,13 +49,20 @@ pub enum LinkError {
 pub struct FrameReader {
     read: OwnedReadHalf,
     buf: BytesMut,
+    /// Set once the handshake is done; from then on only sealed records
+    /// are accepted.
+    opener: Option<Opener>,
 }
 
 impl FrameReader {
     /// The next message; an error means the connection is unusable.
     pub async fn next(&mut self) -> Result<Message, LinkError> {
         loop {
-            if let Some(msg) = crate::decode(&mut self.buf)? {
+            let next = match &mut self.opener {
+                Some(opener) => opener.open(&mut self.buf)?,
+                None => crate::decode(&mut self.buf)?,
+            };
+            if let Some(msg) = next {
                 return Ok(msg);
             }
             self.buf.reserve(64 * 1024);
@@ -64,12 +75,19 @@ impl FrameReader {
 
 /// Sending half of a connection.
 ///
-/// Messages are encoded into `buf`, except large payloads, which are queued
-/// as they are (shared, not copied) behind the encoded bytes before them;
+/// Messages are encoded into `buf`. Before the handshake is done (and on
+/// unprotected test links), large payloads are queued as they are (shared,
+/// not copied) behind the encoded bytes before them and
 /// [`FrameWriter::flush`] hands everything to the socket in vectored writes.
+/// On a protected connection every frame is sealed into `buf` instead: the
+/// ciphertext needs memory of its own anyway, so encoding the payload into
+/// `buf` and encrypting it there in place is the one copy, and `buf` keeps
+/// its capacity from flush to flush.
 pub struct FrameWriter {
     write: OwnedWriteHalf,
     buf: BytesMut,
+    /// Set once the handshake is done.
+    sealer: Option<Sealer>,
     /// Encoded frames and payloads queued before `buf`, in order.
     chunks: VecDeque<Bytes>,
     /// Bytes in `chunks`.
@@ -84,6 +102,10 @@ impl FrameWriter {
 
     /// Encodes into the write buffer without sending yet (batching).
     pub fn queue(&mut self, msg: &Message) -> Result<(), LinkError> {
+        if let Some(sealer) = &mut self.sealer {
+            sealer.seal(msg, &mut self.buf)?;
+            return Ok(());
+        }
         if let Some(data) = crate::encode_split(msg, &mut self.buf)? {
             let head = self.buf.split().freeze();
             self.chunked += head.len() + data.len();
@@ -223,10 +245,12 @@ fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
         FrameReader {
             read,
             buf: BytesMut::with_capacity(128 * 1024),
+            opener: None,
         },
         FrameWriter {
             write,
             buf: BytesMut::with_capacity(128 * 1024),
+            sealer: None,
             chunks: VecDeque::new(),
             chunked: 0,
         },
@@ -266,11 +290,15 @@ pub async fn connect(
         peer_node_id: peer_id,
         channel,
     };
-    let (machine, hello) = Handshake::new(params, &identity.secret)?;
+    let (mut machine, hello) = Handshake::new(params, &identity.secret)?;
     writer.send(&hello).await?;
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, drive(machine, &mut reader, &mut writer))
-        .await
-        .map_err(|_| LinkError::HandshakeTimeout)??;
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        drive(&mut machine, &mut reader, &mut writer),
+    )
+    .await
+    .map_err(|_| LinkError::HandshakeTimeout)??;
+    protect(&machine, &mut reader, &mut writer)?;
     Ok(Connection {
         peer_id,
         channel,
@@ -317,7 +345,8 @@ pub async fn accept(
         writer.send(&hello).await?;
         let step = machine.on_message(first);
         respond(step, &mut writer).await?;
-        drive(machine, &mut reader, &mut writer).await?;
+        drive(&mut machine, &mut reader, &mut writer).await?;
+        protect(&machine, &mut reader, &mut writer)?;
         Ok((peer_id, channel))
     };
     let (peer_id, channel) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
@@ -377,7 +406,8 @@ pub async fn accept_any_resource(
         writer.send(&hello).await?;
         let step = machine.on_message(first);
         respond(step, &mut writer).await?;
-        drive(machine, &mut reader, &mut writer).await?;
+        drive(&mut machine, &mut reader, &mut writer).await?;
+        protect(&machine, &mut reader, &mut writer)?;
         Ok((peer_id, channel, resource))
     };
     let (peer_id, channel, resource) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
@@ -414,8 +444,26 @@ async fn respond(
     }
 }
 
+/// Switches both halves to sealed records under the session keys of the
+/// finished handshake `machine`. Runs right after our `AuthOk` went out and
+/// the peer's came in: the peer seals only after it has seen ours, so
+/// anything already buffered behind its `AuthOk` is sealed too.
+fn protect(
+    machine: &Handshake,
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+) -> Result<(), LinkError> {
+    let keys = machine
+        .session_keys()
+        .ok_or_else(|| LinkError::Violation("handshake finished without session keys".into()))?;
+    let (sealer, opener) = keys.split();
+    reader.opener = Some(opener);
+    writer.sealer = Some(sealer);
+    Ok(())
+}
+
 async fn drive(
-    mut machine: Handshake,
+    machine: &mut Handshake,
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
 ) -> Result<(), LinkError> {
@@ -440,6 +488,78 @@ pub async fn loopback_pair() -> ((FrameReader, FrameWriter), (FrameReader, Frame
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A real handshake over loopback through a relay that records what
+    /// the dialer puts on the wire: frames after the handshake arrive
+    /// intact both ways, and neither their payload nor a frame header
+    /// shows on the wire (only the three plain handshake frames do).
+    #[tokio::test]
+    async fn frames_after_the_handshake_are_sealed_on_the_wire() {
+        use tokio::net::TcpListener;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&seen);
+        tokio::spawn(async move {
+            let (client, _) = relay.accept().await.unwrap();
+            let server = TcpStream::connect(server_addr).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let up = async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = cr.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    recorded.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let down = tokio::io::copy(&mut sr, &mut cw);
+            let _ = tokio::join!(up, down);
+        });
+        let secret = std::sync::Arc::new(b"net test secret: 0123456789".to_vec());
+        let identity = |node_id| LocalIdentity {
+            resource: "r0".into(),
+            node_id,
+            secret: Arc::clone(&secret),
+        };
+        let server_identity = identity(2);
+        let accepting = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(&server_identity, stream, |id| id == 1).await
+        });
+        let mut client = connect(&identity(1), relay_addr, 2, Channel::Data)
+            .await
+            .unwrap();
+        let mut server = accepting.await.unwrap().unwrap();
+
+        let write = Message::Write {
+            term: 1,
+            epoch: 1,
+            seq: 1,
+            offset: 0,
+            fua: false,
+            data: Bytes::from(vec![0xa5; 64 * 1024]),
+        };
+        client.writer.queue(&write).unwrap();
+        client.writer.queue(&Message::Ping).unwrap();
+        client.writer.flush().await.unwrap();
+        assert_eq!(server.reader.next().await.unwrap(), write);
+        assert_eq!(server.reader.next().await.unwrap(), Message::Ping);
+        server.writer.send(&Message::PingAck).await.unwrap();
+        assert_eq!(client.reader.next().await.unwrap(), Message::PingAck);
+
+        let wire = seen.lock().unwrap().clone();
+        assert_eq!(wire.windows(4).filter(|w| w == b"VMSY").count(), 3);
+        assert!(!wire.windows(64).any(|w| w.iter().all(|&b| b == 0xa5)));
+    }
 
     #[test]
     fn a_chunk_queue_reads_its_chunks_in_order_across_partial_advances() {

@@ -121,9 +121,10 @@ fn wrong_resource_fails_with_both_names() {
 
 #[test]
 fn wrong_version_fails() {
+    // Version 1 is the protocol before protected links: refused.
     let (mut a, _) = Handshake::new(params(1, 2), SECRET).unwrap();
     let hello = Message::Hello {
-        version: 2,
+        version: 1,
         resource: "work-vm".into(),
         node_id: 2,
         peer_node_id: 1,
@@ -131,15 +132,15 @@ fn wrong_version_fails() {
         nonce: [9; 32],
     };
     let err = a.on_message(hello).unwrap_err();
-    assert_eq!(err, HandshakeError::VersionMismatch { peer: 2, ours: 1 });
+    assert_eq!(err, HandshakeError::VersionMismatch { peer: 1, ours: 2 });
     assert_eq!(
         err.to_string(),
-        "peer speaks protocol version 2, we speak 1"
+        "peer speaks protocol version 1, we speak 2"
     );
     assert_eq!(
         err.refusal(),
         Some(Message::Refused {
-            reason: "peer speaks protocol version 2, we speak 1".into()
+            reason: "peer speaks protocol version 1, we speak 2".into()
         })
     );
 }
@@ -363,4 +364,80 @@ fn nonces_are_fresh_and_the_secret_never_crosses_the_wire() {
         !format!("{a:?}").contains("key"),
         "Debug must not show the key"
     );
+}
+
+/// Runs a successful handshake between fresh machines for nodes 1 and 2 and
+/// returns both machines, done.
+fn established(channel: Channel, secret: &[u8]) -> (Handshake, Handshake) {
+    let (mut a, hello_a) = Handshake::new(
+        HandshakeParams {
+            channel,
+            ..params(1, 2)
+        },
+        secret,
+    )
+    .unwrap();
+    let (mut b, hello_b) = Handshake::new(
+        HandshakeParams {
+            channel,
+            ..params(2, 1)
+        },
+        secret,
+    )
+    .unwrap();
+    assert!(a.session_keys().is_none(), "no keys before the handshake");
+    let Ok(HandshakeStep::Send(mac_a)) = a.on_message(over_wire(&hello_b)) else {
+        panic!("a: no mac")
+    };
+    let Ok(HandshakeStep::Send(mac_b)) = b.on_message(over_wire(&hello_a)) else {
+        panic!("b: no mac")
+    };
+    let Ok(HandshakeStep::Send(ok_a)) = a.on_message(over_wire(&mac_b)) else {
+        panic!("a: no AuthOk")
+    };
+    let Ok(HandshakeStep::Send(ok_b)) = b.on_message(over_wire(&mac_a)) else {
+        panic!("b: no AuthOk")
+    };
+    assert!(
+        a.session_keys().is_none(),
+        "no keys before the peer's AuthOk"
+    );
+    assert!(matches!(a.on_message(ok_b), Ok(HandshakeStep::Done(_))));
+    assert!(matches!(b.on_message(ok_a), Ok(HandshakeStep::Done(_))));
+    (a, b)
+}
+
+#[test]
+fn session_keys_match_swapped_and_differ_per_direction_and_connection() {
+    let (a, b) = established(Channel::Data, SECRET);
+    let (ka, kb) = (a.session_keys().unwrap(), b.session_keys().unwrap());
+    assert_eq!(ka.send, kb.recv);
+    assert_eq!(ka.recv, kb.send);
+    assert_ne!(ka.send, ka.recv, "directions share a key");
+    // A second connection (fresh nonces) and the other channel: other keys.
+    let (a2, _) = established(Channel::Data, SECRET);
+    let (a3, _) = established(Channel::Meta, SECRET);
+    for other in [a2.session_keys().unwrap(), a3.session_keys().unwrap()] {
+        assert_ne!(other.send, ka.send);
+        assert_ne!(other.recv, ka.recv);
+    }
+    // Records flow both ways under them.
+    let (mut seal_a, mut open_a) = ka.split();
+    let (mut seal_b, mut open_b) = kb.split();
+    let mut wire = BytesMut::new();
+    seal_a.seal(&Message::Ping, &mut wire).unwrap();
+    assert_eq!(open_b.open(&mut wire), Ok(Some(Message::Ping)));
+    seal_b.seal(&Message::PingAck, &mut wire).unwrap();
+    assert_eq!(open_a.open(&mut wire), Ok(Some(Message::PingAck)));
+}
+
+#[test]
+fn a_failed_handshake_yields_no_keys() {
+    let (mut a, _) = Handshake::new(params(1, 2), SECRET).unwrap();
+    let (_, hello_b) = Handshake::new(params(2, 1), b"another secret").unwrap();
+    let Ok(HandshakeStep::Send(_)) = a.on_message(over_wire(&hello_b)) else {
+        panic!("no mac")
+    };
+    let _ = a.on_message(Message::AuthResponse { mac: [0; 32] });
+    assert!(a.session_keys().is_none());
 }

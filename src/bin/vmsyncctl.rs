@@ -47,6 +47,16 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write a new random shared secret (32 random bytes as 64 hex digits
+    /// and a newline; the daemons use the file's text as it is) to FILE,
+    /// mode 0600. Copy the same file to every node and the directory.
+    GenSecret {
+        /// Where to write it.
+        file: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +84,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
             println!("metadata created: {}", config.node.metadata.display());
             return Ok(ExitCode::SUCCESS);
         }
+        Command::GenSecret { file, force } => {
+            write_secret(&file, force)?;
+            println!("secret written: {}", file.display());
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Status { .. } => Request::Status,
         Command::Promote { force } => Request::Promote { force },
         Command::Demote { force } => Request::Demote { force },
@@ -99,6 +114,37 @@ fn run(args: Args) -> Result<ExitCode, String> {
         _ => println!("{}", response.message.unwrap_or_else(|| "ok".into())),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Creates `file` with mode 0600 from the start (the secret is never
+/// readable by others, not even briefly) and writes a fresh secret.
+fn write_secret(file: &Path, force: bool) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if force {
+        // Removed rather than truncated: an existing file may have looser
+        // permissions, which a truncating open would keep.
+        match std::fs::remove_file(file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot replace {}: {e}", file.display())),
+        }
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!(
+                "{} already exists; not overwriting a secret (use --force to replace it)",
+                file.display()
+            ),
+            _ => format!("cannot create {}: {e}", file.display()),
+        })?;
+    out.write_all(protocol::generate_secret().as_bytes())
+        .and_then(|()| out.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", file.display()))
 }
 
 fn call(socket: &Path, request: &Request) -> Result<control::Response, String> {

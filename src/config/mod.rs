@@ -132,7 +132,10 @@ impl Config {
         peer.lan_group == self.node.lan_group
     }
 
-    /// Reads the shared secret. An empty or unreadable file is an error.
+    /// Reads the shared secret: the file's bytes, trimmed of surrounding
+    /// whitespace. An unreadable file, or a secret that is too short or
+    /// too guessable ([`protocol::check_secret`]), is an error naming the
+    /// file.
     pub fn read_secret(&self) -> Result<Vec<u8>, ConfigError> {
         let file = self.secret_file.as_ref().ok_or_else(|| {
             self.err(
@@ -147,13 +150,13 @@ impl Config {
             )
         })?;
         let trimmed = secret.trim_ascii().to_vec();
-        if trimmed.len() < 16 {
+        if let Err(weak) = protocol::check_secret(&trimmed) {
             return Err(self.err(
                 "security.secret_file",
                 format!(
-                    "{} holds {} bytes; a shared secret needs at least 16",
-                    file.display(),
-                    trimmed.len()
+                    "the shared secret in {} is refused: {weak}; \
+                     make one with `vmsyncctl gen-secret FILE`",
+                    file.display()
                 ),
             ));
         }

@@ -212,3 +212,28 @@ fn a_control_group_must_exist() {
     let e = error_of(&GOOD.replace("[node]\n", "[node]\ncontrol_group = \"a b\"\n"));
     assert!(e.contains("`node.control_group`"), "{e}");
 }
+
+#[test]
+fn weak_secrets_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.secret");
+    let config =
+        parse_str(&GOOD.replace("/etc/vmsync/cluster.secret", &file.display().to_string()))
+            .unwrap();
+    for (weak, why) in [
+        ("short\n", "at least 16"),
+        ("aaaaaaaaaaaaaaaaaaaaaaaa\n", "distinct byte values"),
+        ("hunter2!hunter2!hunter2!\n", "pattern repeated"),
+        ("abcdefghijklmnopqrstu\n", "constant step"),
+        ("0123456789abcdef\n", "too guessable"),
+    ] {
+        std::fs::write(&file, weak).unwrap();
+        let e = config.read_secret().unwrap_err().to_string();
+        assert!(e.contains("security.secret_file"), "{e}");
+        assert!(e.contains(&file.display().to_string()), "{e}");
+        assert!(e.contains(why), "{weak:?}: {e}");
+        assert!(e.contains("gen-secret"), "{e}");
+    }
+    std::fs::write(&file, protocol::generate_secret()).unwrap();
+    assert_eq!(config.read_secret().unwrap().len(), 64);
+}

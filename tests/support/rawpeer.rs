@@ -3,8 +3,8 @@
 //!
 //! The daemon's own client (`replication::transport`) is private to the
 //! crate, so this re-implements the small part of it that tests need on top
-//! of the `protocol` crate: framing, the challenge-response handshake, and
-//! a full data + meta link. Everything is blocking with timeouts, so tests
+//! of the `protocol` crate: framing, the challenge-response handshake, the
+//! sealed records that follow it, and a full data + meta link. Everything is blocking with timeouts, so tests
 //! can drive it between plain `vmsyncctl` calls.
 
 use std::io::{self, ErrorKind, Read, Write};
@@ -41,6 +41,10 @@ impl RecvError {
 pub struct RawConn {
     stream: TcpStream,
     buf: BytesMut,
+    /// Set once the handshake is done: what [`RawConn::send`] and
+    /// [`RawConn::recv`] seal and open from then on, as the daemon does.
+    sealer: Option<protocol::Sealer>,
+    opener: Option<protocol::Opener>,
 }
 
 impl RawConn {
@@ -53,6 +57,8 @@ impl RawConn {
         Ok(RawConn {
             stream,
             buf: BytesMut::with_capacity(64 * 1024),
+            sealer: None,
+            opener: None,
         })
     }
 
@@ -67,17 +73,35 @@ impl RawConn {
         self.stream.flush()
     }
 
-    /// Encodes and sends one message.
+    /// Encodes and sends one message (sealed once the handshake is done).
     pub fn send(&mut self, msg: &Message) -> io::Result<()> {
-        let frame = protocol::encode_to_bytes(msg)
-            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        let mut frame = BytesMut::new();
+        match &mut self.sealer {
+            Some(sealer) => sealer.seal(msg, &mut frame),
+            None => protocol::encode(msg, &mut frame),
+        }
+        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
         self.send_raw(&frame)
+    }
+
+    /// Switches to sealed records under the finished handshake's keys.
+    fn protect(&mut self, machine: &Handshake) {
+        let (sealer, opener) = machine
+            .session_keys()
+            .expect("a finished handshake has session keys")
+            .split();
+        self.sealer = Some(sealer);
+        self.opener = Some(opener);
     }
 
     /// The next message from the daemon.
     pub fn recv(&mut self) -> Result<Message, RecvError> {
         loop {
-            match protocol::decode(&mut self.buf) {
+            let next = match &mut self.opener {
+                Some(opener) => opener.open(&mut self.buf),
+                None => protocol::decode(&mut self.buf),
+            };
+            match next {
                 Ok(Some(msg)) => return Ok(msg),
                 Ok(None) => {}
                 Err(e) => return Err(RecvError::Protocol(e)),
@@ -182,7 +206,10 @@ pub fn handshake_with(
                         break;
                     }
                 }
-                Ok(HandshakeStep::Done(_)) => return Ok(conn),
+                Ok(HandshakeStep::Done(_)) => {
+                    conn.protect(&machine);
+                    return Ok(conn);
+                }
                 Err(e) => {
                     local = Some(e);
                     break;

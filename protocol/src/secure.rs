@@ -1,0 +1,493 @@
+//! Protected framing: what a connection carries once the handshake is done.
+//!
+//! The handshake proves that both ends know the shared secret, but on its
+//! own it protects nothing that follows it. After both sides have verified
+//! the peer's `AuthOk`, every frame travels as one AEAD *record*:
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  length   bytes that follow (ciphertext + tag), little-endian
+//!      4     …  ciphertext of one whole frame (header and payload, frame.rs)
+//!    end-16 16  tag      AES-256-GCM tag over the ciphertext, with the
+//!                        4 length bytes as associated data
+//! ```
+//!
+//! Why the *whole* frame is encrypted (rather than the payload with the frame
+//! header as associated data): the header would show every message's type
+//! on the wire (acks, barriers, pings: a map of the guest's I/O pattern), and
+//! a separate plaintext header would be a second thing to authenticate. The
+//! only plaintext is the record length, which a reader needs to find the end
+//! of the record; it is associated data, so changing it fails the tag.
+//!
+//! Keys and nonces:
+//!
+//! * One key per direction, derived by [`crate::Handshake::session_keys`] with
+//!   BLAKE3 in key-derivation mode from the shared secret and the handshake
+//!   transcript (protocol version, channel, resource, both node ids, both
+//!   fresh nonces), sender first. Every connection therefore has keys of its
+//!   own, and the two directions of one connection never share a key: a
+//!   record reflected back to its sender fails authentication.
+//! * The 96-bit GCM nonce is 32 zero bits followed by a per-direction 64-bit
+//!   record counter (big-endian) that both sides keep in step, starting at 0.
+//!   It is never sent: a record that is replayed, dropped, reordered or
+//!   injected is opened under the wrong counter and fails authentication,
+//!   and so does every record after it. A key never sees a nonce twice; a
+//!   direction that would run out of counter values (2^64 records) refuses
+//!   to seal or open more and the connection is closed.
+//!
+//! Any failure is final: the caller closes the connection (the link layer
+//! reconnects and resyncs from its bitmaps).
+
+use std::fmt;
+
+use bytes::{BufMut, BytesMut};
+use ring::aead::{Aad, LessSafeKey, Nonce as AeadNonce, UnboundKey, AES_256_GCM};
+
+use crate::error::ProtocolError;
+use crate::frame::{self, HEADER_LEN, MAX_PAYLOAD};
+use crate::message::Message;
+
+/// Bytes of the plaintext record length in front of every record.
+pub const RECORD_LEN_BYTES: usize = 4;
+
+/// Bytes of the authentication tag at the end of every record.
+pub const TAG_LEN: usize = 16;
+
+/// Largest record length (the field's value): one maximum-sized frame plus
+/// its tag. Checked before any memory is reserved for a record.
+pub const MAX_RECORD_LEN: usize = HEADER_LEN + MAX_PAYLOAD + TAG_LEN;
+
+/// Smallest record length: an empty-payload frame plus its tag.
+const MIN_RECORD_LEN: usize = HEADER_LEN + TAG_LEN;
+
+/// The two keys of one connection, as seen from one end.
+#[derive(Clone)]
+pub struct SessionKeys {
+    /// Seals what we send.
+    pub send: [u8; 32],
+    /// Opens what the peer sends.
+    pub recv: [u8; 32],
+}
+
+impl fmt::Debug for SessionKeys {
+    /// Leaves the keys out, so that logging cannot leak them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionKeys").finish_non_exhaustive()
+    }
+}
+
+impl SessionKeys {
+    /// The sealing and opening halves.
+    pub fn split(&self) -> (Sealer, Opener) {
+        (
+            Sealer {
+                state: Direction::new(&self.send),
+            },
+            Opener {
+                state: Direction::new(&self.recv),
+            },
+        )
+    }
+}
+
+/// One direction's cipher and record counter.
+///
+/// The AEAD is `ring`'s AES-256-GCM (BoringSSL's assembly: AES-NI, CLMUL,
+/// VAES/AVX-512 where the CPU has them, chosen at run time). The RustCrypto
+/// `aes-gcm` crate was measured first on the reference machine: 0.4 GB/s
+/// (0.9 GB/s with `-C target-cpu=native`), against 5+ GB/s here, and 1 MiB
+/// replication runs at about 1 GB/s, so only the latter stays within the
+/// 10 % budget. `LessSafeKey` because the nonce sequence is ours (the
+/// counter below), not because anything is bypassed.
+struct Direction {
+    key: LessSafeKey,
+    /// The counter of the next record; `u64::MAX` is never used, so reaching
+    /// it means the direction is exhausted.
+    next: u64,
+}
+
+impl Direction {
+    fn new(key: &[u8; 32]) -> Self {
+        let key = UnboundKey::new(&AES_256_GCM, key)
+            .expect("AES-256-GCM takes any 32-byte key; the length is fixed by the type");
+        Self {
+            key: LessSafeKey::new(key),
+            next: 0,
+        }
+    }
+
+    /// The nonce for the next record, without consuming it.
+    fn nonce(&self) -> Result<AeadNonce, ProtocolError> {
+        if self.next == u64::MAX {
+            return Err(ProtocolError::CounterExhausted);
+        }
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&self.next.to_be_bytes());
+        Ok(AeadNonce::assume_unique_for_key(nonce))
+    }
+}
+
+/// Seals frames for one direction of a connection.
+pub struct Sealer {
+    state: Direction,
+}
+
+impl Sealer {
+    /// Appends `msg` as one sealed record to `out`.
+    ///
+    /// The frame is encoded straight into `out` and encrypted there in place:
+    /// the payload is copied once (into `out`), which the ciphertext needs
+    /// room for anyway. On error `out` is unchanged and no counter value is
+    /// used up.
+    pub fn seal(&mut self, msg: &Message, out: &mut BytesMut) -> Result<(), ProtocolError> {
+        let nonce = self.state.nonce()?;
+        let start = out.len();
+        out.put_u32_le(0); // record length, patched once the frame is in
+        if let Err(e) = frame::encode(msg, out) {
+            out.truncate(start);
+            return Err(e);
+        }
+        // `encode` caps a frame at HEADER_LEN + MAX_PAYLOAD, so this fits.
+        let record_len = (out.len() - start - RECORD_LEN_BYTES + TAG_LEN) as u32;
+        out[start..start + RECORD_LEN_BYTES].copy_from_slice(&record_len.to_le_bytes());
+        let (aad, body) = out[start..].split_at_mut(RECORD_LEN_BYTES);
+        let aad = Aad::from(&*aad);
+        let tag = match self.state.key.seal_in_place_separate_tag(nonce, aad, body) {
+            Ok(tag) => tag,
+            Err(_) => {
+                // Only for inputs beyond GCM's 64 GiB limit, which a frame
+                // never reaches; kept as an error rather than a panic.
+                out.truncate(start);
+                return Err(ProtocolError::Unauthenticated);
+            }
+        };
+        out.extend_from_slice(tag.as_ref());
+        self.state.next += 1;
+        Ok(())
+    }
+}
+
+/// Opens the records of one direction of a connection.
+pub struct Opener {
+    state: Direction,
+}
+
+impl Opener {
+    /// Opens one record from the front of a receive buffer, like
+    /// [`crate::decode`] does for plain frames:
+    ///
+    /// * `Ok(Some(msg))`: one record was consumed, authenticated, and held
+    ///   exactly one valid frame;
+    /// * `Ok(None)`: only part of a record is buffered; nothing consumed
+    ///   (capacity for the whole record is reserved once its length is in);
+    /// * `Err(_)`: a bad length, a record that fails authentication
+    ///   (tampered, injected, replayed, reordered, a plaintext frame, the
+    ///   wrong key) or a malformed frame inside: close the connection.
+    ///
+    /// Decryption happens in place in `buf`; decoded `Bytes` fields share
+    /// its memory. Never panics and never reserves more than one record of
+    /// [`RECORD_LEN_BYTES`]` + `[`MAX_RECORD_LEN`] bytes.
+    pub fn open(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
+        let Some(raw_len) = buf.first_chunk::<RECORD_LEN_BYTES>() else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes(*raw_len) as usize;
+        if !(MIN_RECORD_LEN..=MAX_RECORD_LEN).contains(&len) {
+            return Err(ProtocolError::BadRecordLength { len: len as u64 });
+        }
+        let total = RECORD_LEN_BYTES + len;
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        let nonce = self.state.nonce()?;
+        let mut body = buf.split_to(total);
+        let aad = body.split_to(RECORD_LEN_BYTES);
+        let aad = Aad::from(&aad[..]);
+        // Ciphertext and tag, opened in place; the tag is then cut off.
+        self.state
+            .key
+            .open_in_place(nonce, aad, &mut body)
+            .map_err(|_| ProtocolError::Unauthenticated)?;
+        body.truncate(len - TAG_LEN);
+        self.state.next += 1;
+        // Authentic, so written by the peer's encoder; still checked as
+        // strictly as any frame (one whole frame, nothing after it).
+        match frame::decode(&mut body)? {
+            Some(msg) if body.is_empty() => Ok(Some(msg)),
+            _ => Err(ProtocolError::RecordNotOneFrame),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn pair() -> (SessionKeys, SessionKeys) {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        (
+            SessionKeys { send: a, recv: b },
+            SessionKeys { send: b, recv: a },
+        )
+    }
+
+    fn write(seq: u64, len: usize) -> Message {
+        Message::Write {
+            term: 1,
+            epoch: 1,
+            seq,
+            offset: 4096 * seq,
+            fua: false,
+            data: Bytes::from(vec![seq as u8; len]),
+        }
+    }
+
+    /// Seals each message into a record of its own.
+    fn seal_all(sealer: &mut Sealer, msgs: &[Message]) -> Vec<BytesMut> {
+        msgs.iter()
+            .map(|m| {
+                let mut out = BytesMut::new();
+                sealer.seal(m, &mut out).unwrap();
+                out
+            })
+            .collect()
+    }
+
+    fn open_one(opener: &mut Opener, bytes: &[u8]) -> Result<Option<Message>, ProtocolError> {
+        opener.open(&mut BytesMut::from(bytes))
+    }
+
+    #[test]
+    fn records_round_trip_in_order_and_hide_the_frame() {
+        let (a, b) = pair();
+        let (mut seal, _) = a.split();
+        let (_, mut open) = b.split();
+        let msgs = [
+            Message::Ping,
+            write(1, 4096),
+            write(2, 1 << 20),
+            Message::PingAck,
+        ];
+        let mut stream = BytesMut::new();
+        for m in &msgs {
+            seal.seal(m, &mut stream).unwrap();
+        }
+        // No frame magic and no payload byte pattern shows on the wire.
+        assert!(!stream.windows(4).any(|w| w == b"VMSY"));
+        assert!(!stream.windows(64).any(|w| w.iter().all(|&x| x == 2)));
+        for m in &msgs {
+            assert_eq!(open.open(&mut stream).unwrap().as_ref(), Some(m));
+        }
+        assert!(stream.is_empty());
+        assert_eq!(open.open(&mut stream), Ok(None));
+    }
+
+    #[test]
+    fn partial_records_consume_nothing() {
+        let (a, b) = pair();
+        let (mut seal, _) = a.split();
+        let (_, mut open) = b.split();
+        let mut out = BytesMut::new();
+        seal.seal(&Message::WriteAck { seq: 9 }, &mut out).unwrap();
+        for cut in 0..out.len() {
+            let mut part = BytesMut::from(&out[..cut]);
+            assert_eq!(open.open(&mut part), Ok(None), "cut at {cut}");
+            assert_eq!(part.len(), cut);
+        }
+        assert_eq!(
+            open_one(&mut open, &out),
+            Ok(Some(Message::WriteAck { seq: 9 }))
+        );
+    }
+
+    #[test]
+    fn any_flipped_bit_fails_authentication() {
+        let (a, _) = pair();
+        let (mut seal, _) = a.split();
+        let mut out = BytesMut::new();
+        seal.seal(&write(3, 100), &mut out).unwrap();
+        for i in 0..out.len() {
+            let (_, b) = pair();
+            let (_, mut open) = b.split();
+            let mut bad = out.clone();
+            bad[i] ^= 0x01;
+            assert!(
+                !matches!(open.open(&mut bad), Ok(Some(_))),
+                "flip at byte {i} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn replayed_records_fail() {
+        let (a, b) = pair();
+        let (mut seal, _) = a.split();
+        let (_, mut open) = b.split();
+        let recs = seal_all(&mut seal, &[write(1, 10), write(2, 10)]);
+        assert!(open_one(&mut open, &recs[0]).unwrap().is_some());
+        assert_eq!(
+            open_one(&mut open, &recs[0]),
+            Err(ProtocolError::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn reordered_records_fail() {
+        let (a, b) = pair();
+        let (mut seal, _) = a.split();
+        let (_, mut open) = b.split();
+        let recs = seal_all(&mut seal, &[write(1, 10), write(2, 10)]);
+        assert_eq!(
+            open_one(&mut open, &recs[1]),
+            Err(ProtocolError::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn dropped_records_fail_the_next_one() {
+        let (a, b) = pair();
+        let (mut seal, _) = a.split();
+        let (_, mut open) = b.split();
+        let recs = seal_all(&mut seal, &[Message::Ping, Message::Ping]);
+        assert_eq!(
+            open_one(&mut open, &recs[1]),
+            Err(ProtocolError::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn the_wrong_direction_key_fails() {
+        let (a, _) = pair();
+        let (mut seal, mut own_open) = a.split();
+        let mut out = BytesMut::new();
+        seal.seal(&Message::Ping, &mut out).unwrap();
+        // Our own record reflected back to us.
+        assert_eq!(
+            open_one(&mut own_open, &out),
+            Err(ProtocolError::Unauthenticated)
+        );
+        // Another connection's keys.
+        let other = SessionKeys {
+            send: [3; 32],
+            recv: [7; 32],
+        };
+        let (_, mut open) = other.split();
+        assert_eq!(
+            open_one(&mut open, &out),
+            Err(ProtocolError::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn plaintext_and_injected_records_are_refused() {
+        let (_, b) = pair();
+        let (_, mut open) = b.split();
+        // A plain frame: its magic read as a length is far too large.
+        let plain = crate::encode_to_bytes(&Message::Ping).unwrap();
+        assert!(matches!(
+            open_one(&mut open, &plain),
+            Err(ProtocolError::BadRecordLength { .. })
+        ));
+        // A record of plausible length but made up.
+        let mut fake = BytesMut::new();
+        fake.put_u32_le(40);
+        fake.put_slice(&[0x55; 40]);
+        assert_eq!(
+            open_one(&mut open, &fake),
+            Err(ProtocolError::Unauthenticated)
+        );
+        // Too short to hold a tag, and oversized: refused from the length.
+        for len in [0u32, 27, MAX_RECORD_LEN as u32 + 1, u32::MAX] {
+            let mut bad = BytesMut::new();
+            bad.put_u32_le(len);
+            let cap = bad.capacity();
+            assert!(matches!(
+                open.open(&mut bad),
+                Err(ProtocolError::BadRecordLength { .. })
+            ));
+            assert_eq!(bad.capacity(), cap, "reserved for a rejected record");
+        }
+    }
+
+    #[test]
+    fn an_exhausted_counter_refuses_to_seal_or_open() {
+        let (a, b) = pair();
+        let (mut seal, _) = a.split();
+        let (_, mut open) = b.split();
+        seal.state.next = u64::MAX - 1;
+        open.state.next = u64::MAX - 1;
+        let mut out = BytesMut::new();
+        seal.seal(&Message::Ping, &mut out).unwrap();
+        assert_eq!(open.open(&mut out.clone()), Ok(Some(Message::Ping)));
+        let before = out.len();
+        assert_eq!(
+            seal.seal(&Message::Ping, &mut out),
+            Err(ProtocolError::CounterExhausted)
+        );
+        assert_eq!(out.len(), before);
+        assert_eq!(
+            open_one(&mut open, &out),
+            Err(ProtocolError::CounterExhausted)
+        );
+    }
+
+    #[test]
+    fn an_invalid_message_leaves_the_buffer_and_counter_alone() {
+        let (a, b) = pair();
+        let (mut seal, _) = a.split();
+        let (_, mut open) = b.split();
+        let mut out = BytesMut::from(&b"kept"[..]);
+        let bad = Message::ReadReply {
+            id: 1,
+            offset: 0,
+            data: Bytes::from(vec![0; crate::MAX_DATA_LEN + 1]),
+        };
+        assert!(seal.seal(&bad, &mut out).is_err());
+        assert_eq!(&out[..], b"kept");
+        let mut out = BytesMut::new();
+        seal.seal(&Message::Ping, &mut out).unwrap();
+        assert_eq!(open.open(&mut out), Ok(Some(Message::Ping)));
+    }
+
+    #[test]
+    fn the_largest_frame_fits_in_a_record() {
+        let (a, b) = pair();
+        let (mut seal, _) = a.split();
+        let (_, mut open) = b.split();
+        let msg = write(7, crate::MAX_DATA_LEN);
+        let mut out = BytesMut::new();
+        seal.seal(&msg, &mut out).unwrap();
+        assert!(out.len() - RECORD_LEN_BYTES <= MAX_RECORD_LEN);
+        assert_eq!(open.open(&mut out), Ok(Some(msg)));
+    }
+
+    /// Throughput of sealing and opening 1 MiB writes (run with
+    /// `cargo test --release -p protocol -- --ignored --nocapture seal_speed`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn seal_speed() {
+        let (a, b) = pair();
+        let (mut seal, _) = a.split();
+        let (_, mut open) = b.split();
+        let msg = write(1, 1 << 20);
+        let rounds = 512;
+        let mut wire = BytesMut::with_capacity(2 << 20);
+        let (mut sealing, mut opening) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        for _ in 0..rounds {
+            let t = std::time::Instant::now();
+            seal.seal(&msg, &mut wire).unwrap();
+            sealing += t.elapsed();
+            let t = std::time::Instant::now();
+            assert!(open.open(&mut wire).unwrap().is_some());
+            opening += t.elapsed();
+        }
+        let mib = rounds as f64;
+        eprintln!(
+            "seal {:.0} MiB/s, open {:.0} MiB/s",
+            mib / sealing.as_secs_f64(),
+            mib / opening.as_secs_f64()
+        );
+    }
+}
