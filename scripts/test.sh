@@ -17,6 +17,9 @@ cargo fmt --all -- --check || status=1
 cargo clippy --release --workspace --all-targets -- -D warnings || status=1
 
 echo "== host tests (cargo test)"
+# The integration tests run the binaries (vmsync-directory too, which
+# `cargo test` does not build as a binary): build them all first.
+cargo build --release --workspace --bins || status=1
 cargo test --release --workspace 2>&1 | tee "$log_dir/cargo-test.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 host_passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log_dir/cargo-test.log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
