@@ -39,6 +39,11 @@ pub enum Request {
     Demote {
         force: bool,
     },
+    /// Compare every block with every up-to-date peer; with `repair`,
+    /// resync what differs from the primary's copy.
+    Verify {
+        repair: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

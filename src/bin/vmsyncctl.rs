@@ -42,6 +42,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Compare every block with every up-to-date peer by hash (on the
+    /// primary, while the guest runs); prints the ranges that differ.
+    Verify {
+        /// Resync the differing ranges from this node's copy.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Stop the daemon cleanly (refused while the device is open, unless forced).
     Shutdown {
         #[arg(long)]
@@ -93,6 +100,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Command::Promote { force } => Request::Promote { force },
         Command::Demote { force } => Request::Demote { force },
         Command::Shutdown { force } => Request::Shutdown { force },
+        Command::Verify { repair } => Request::Verify { repair },
     };
     let socket = match (&args.socket, &config) {
         (Some(s), _) => s.clone(),

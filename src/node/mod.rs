@@ -181,6 +181,41 @@ impl Node {
         Ok(message)
     }
 
+    /// Online verify (see `replication::verify`); the answer names every
+    /// differing range.
+    async fn verify(&self, repair: bool) -> Result<String, String> {
+        let Some(repl) = &self.replication else {
+            return Err("this node has no peers: nothing to verify against".into());
+        };
+        let results = repl.verify(repair).await?;
+        let lines: Vec<String> = results
+            .iter()
+            .map(|peer| {
+                let mut line = if peer.differing.is_empty() {
+                    format!("{}: identical", peer.name)
+                } else {
+                    let ranges: Vec<String> = peer
+                        .differing
+                        .iter()
+                        .map(|(offset, len)| format!("{offset}+{len}"))
+                        .collect();
+                    format!(
+                        "{}: {} bytes differ{}: {}",
+                        peer.name,
+                        peer.differing_bytes(),
+                        if repair { " (resyncing from here)" } else { "" },
+                        ranges.join(", ")
+                    )
+                };
+                if let Some(e) = &peer.error {
+                    line.push_str(&format!(" (not compared: {e})"));
+                }
+                line
+            })
+            .collect();
+        Ok(lines.join("\n"))
+    }
+
     /// Stops cleanly: device removed, data flushed, metadata marked clean.
     async fn stop(&self, force: bool) -> Result<(), String> {
         let mut slot = self.frontend.lock().await;
@@ -209,6 +244,7 @@ impl Node {
             Request::Shutdown { force } => self.stop(force).await.map(|()| "stopped".to_string()),
             Request::Promote { force } => self.promote(force).await,
             Request::Demote { force } => self.demote(force).await,
+            Request::Verify { repair } => self.verify(repair).await,
         };
         match result {
             Ok(message) => Response::ok(message),

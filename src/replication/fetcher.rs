@@ -168,6 +168,21 @@ impl Fetcher {
         }
     }
 
+    /// Online verify: `None` when `peer`'s copy of the range hashes to
+    /// `hash`, else its data.
+    pub async fn compare_with(
+        &self,
+        peer: &PeerReplica,
+        offset: u64,
+        len: u64,
+        hash: [u8; 32],
+    ) -> Result<Option<bytes::Bytes>, String> {
+        match self.ask(peer, offset, len, Some(hash)).await? {
+            Fetched::Same => Ok(None),
+            Fetched::Data(data) => Ok(Some(data)),
+        }
+    }
+
     /// The live session to `peer`, connecting if there is none.
     async fn session(&self, peer: u32, address: SocketAddr) -> Result<Arc<Session>, String> {
         if let Some(session) = self.lock_sessions().get(&peer) {

@@ -20,6 +20,7 @@ pub mod peer;
 mod source;
 mod target;
 pub mod transport;
+mod verify;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,7 @@ use epochs::{EpochCounter, RangeLock};
 pub use handover::{Handover, Inherited, PrevPrimary};
 pub use link::IncomingConnections;
 use peer::PeerReplica;
+pub use verify::PeerVerify;
 
 /// The local replica as the replication layer sees it: the backing store
 /// under the on-demand fetch layer, which after a machine switch fetches
