@@ -131,6 +131,33 @@ impl Site {
         }
     }
 
+    /// Node 1, primary, writes `count` ops of `gen` with the running
+    /// `mirrors` holding them too, then stops cleanly (its final report
+    /// goes to the directory). Returns what the device holds.
+    fn first_primary_writes(&mut self, mirrors: &[u32], gen: &mut Workload, count: usize) -> Model {
+        self.start(1);
+        for &id in mirrors {
+            self.start(id);
+        }
+        self.promote(1);
+        self.wait_up_to_date(1, mirrors);
+        let client = self.client(1);
+        let model = self.write(&client, gen, count, Model::zeroed(self.dir.spec.size));
+        self.wait_up_to_date(1, mirrors);
+        drop(client);
+        self.stop(1);
+        model
+    }
+
+    /// Restarts node 1 (as a holder) and switches to node 2, which never
+    /// held a byte; returns a guest's client on node 2.
+    fn switch_to_empty_node_2(&mut self) -> BlockClient {
+        self.start(1);
+        self.start(2);
+        self.promote(2);
+        self.client(2)
+    }
+
     fn stale_bytes(&self, id: u32) -> u64 {
         self.status(id)["sync"]["stale_bytes"].as_u64().unwrap()
     }
@@ -216,16 +243,8 @@ fn a_switch_to_an_empty_node_serves_everything_at_once_and_converges() {
     // A slow background sync keeps node 2 half synced long enough.
     let mut site = Site::new(3, &[], "[replication]\nsync_rate = \"4MiB\"\n");
     let size = site.dir.spec.size;
-    site.start(1);
-    site.start(3);
-    site.promote(1);
-    site.wait_up_to_date(1, &[3]);
     let mut gen = Workload::new(7, size);
-    let client = site.client(1);
-    let model = site.write(&client, &mut gen, 3000, Model::zeroed(size));
-    site.wait_up_to_date(1, &[3]);
-    drop(client);
-    site.stop(1);
+    let model = site.first_primary_writes(&[3], &mut gen, 3000);
 
     site.start(2);
     let started = Instant::now();
@@ -279,17 +298,9 @@ fn a_switch_to_an_empty_node_serves_everything_at_once_and_converges() {
 fn guest_writes_racing_the_background_sync_are_never_overwritten() {
     let mut site = Site::new(2, &[], "[replication]\nsync_rate = \"16MiB\"\n");
     let size = site.dir.spec.size;
-    site.start(1);
-    site.promote(1);
-    let client = site.client(1);
     let mut gen = Workload::new(11, size);
-    let model = site.write(&client, &mut gen, 2000, Model::zeroed(size));
-    drop(client);
-    site.stop(1);
-    site.start(1);
-    site.start(2);
-    site.promote(2);
-    let client = site.client(2);
+    let model = site.first_primary_writes(&[], &mut gen, 2000);
+    let client = site.switch_to_empty_node_2();
     // Small writes all over the device, many partial blocks, at QD16,
     // while the sync pulls in ascending order under them.
     let mut model = model;
@@ -313,19 +324,9 @@ fn reads_go_to_another_holder_and_fail_only_when_none_answers() {
         "[replication]\nsync_rate = \"1MiB\"\nfetch_timeout_ms = 2000\n",
     );
     let size = site.dir.spec.size;
-    site.start(1);
-    site.start(3);
-    site.promote(1);
-    let client = site.client(1);
     let mut gen = Workload::new(23, size);
-    let model = site.write(&client, &mut gen, 2000, Model::zeroed(size));
-    site.wait_up_to_date(1, &[3]);
-    drop(client);
-    site.stop(1);
-    site.start(1);
-    site.start(2);
-    site.promote(2);
-    let client = site.client(2);
+    let model = site.first_primary_writes(&[3], &mut gen, 2000);
+    let client = site.switch_to_empty_node_2();
     site.assert_reads(&client, &model, 0..8 << 20);
     site.kill(3);
     site.assert_reads(&client, &model, 8 << 20..24 << 20);
@@ -439,17 +440,9 @@ fn a_frozen_primary_overridden_by_force_is_fenced_when_it_wakes() {
 fn a_new_primary_killed_mid_sync_resumes_without_losing_writes() {
     let mut site = Site::new(2, &[], "[replication]\nsync_rate = \"2MiB\"\n");
     let size = site.dir.spec.size;
-    site.start(1);
-    site.promote(1);
-    let client = site.client(1);
     let mut gen = Workload::new(53, size);
-    let model = site.write(&client, &mut gen, 2000, Model::zeroed(size));
-    drop(client);
-    site.stop(1);
-    site.start(1);
-    site.start(2);
-    site.promote(2);
-    let client = site.client(2);
+    let model = site.first_primary_writes(&[], &mut gen, 2000);
+    let client = site.switch_to_empty_node_2();
     // Fetch the first quarter, then overwrite pieces of it.
     site.assert_reads(&client, &model, 0..size / 4);
     let mut over = Workload::new(59, size / 4);

@@ -83,6 +83,17 @@ pub struct Grant {
     pub prev: Option<PrevReport>,
 }
 
+impl Grant {
+    /// The previous primary, another node than `me`, demoted cleanly after
+    /// its last report and was not overridden: the bitmaps are exact (no
+    /// write is missing from them).
+    pub fn is_clean_handover_to(&self, me: u32) -> bool {
+        self.prev
+            .as_ref()
+            .is_some_and(|p| p.primary != me && p.last && !self.overridden)
+    }
+}
+
 /// The last report of the resource, handed to a new primary.
 #[derive(Debug)]
 pub struct PrevReport {

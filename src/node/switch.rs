@@ -15,7 +15,7 @@ use protocol::Role;
 
 use super::Node;
 use crate::directory::client::{DirError, Grant, Report};
-use crate::replication::{Handover, PrevPrimary, Replication};
+use crate::replication::Replication;
 
 impl Node {
     /// Promotion through the directory. Returns the message for the user.
@@ -41,7 +41,7 @@ impl Node {
             .as_ref()
             .map(|p| p.hot_extents.clone())
             .unwrap_or_default();
-        let (state, missing) = repl.promote_granted(handover_of(grant))?;
+        let (state, missing) = repl.promote_granted(&grant)?;
         if let Err(e) = repl.start_fetching(hot_extents) {
             tracing::error!(error = %e, "cannot start fetching the blocks this node lacks");
         }
@@ -215,26 +215,11 @@ pub(super) fn build_report(repl: &Replication, last: bool, restarted: bool) -> R
     }
 }
 
-fn handover_of(grant: Grant) -> Handover {
-    Handover {
-        term: grant.term,
-        overridden: grant.overridden,
-        prev: grant.prev.map(|p| PrevPrimary {
-            node: p.primary,
-            term: p.term,
-            generation: p.generation,
-            last: p.last,
-            hot_extents: p.hot_extents,
-            bitmaps: p.bitmaps,
-        }),
-    }
-}
-
 /// What the user must know about a grant: a forced promotion may lose the
 /// previous primary's last writes.
 fn describe_grant(grant: &Grant, me: u32) -> Option<String> {
     let prev = grant.prev.as_ref()?;
-    if prev.primary == me || (prev.last && !grant.overridden) {
+    if prev.primary == me || grant.is_clean_handover_to(me) {
         return None;
     }
     Some(format!(

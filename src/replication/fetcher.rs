@@ -209,10 +209,9 @@ impl Fetcher {
     /// Names the nodes that hold the range, for the error log.
     fn describe_holders(&self, offset: u64, len: u64) -> String {
         let names: Vec<String> = self
-            .peers
+            .holders(offset, len)
             .iter()
-            .filter(|(_, lacks)| !lacks.any_in_bytes(offset, len))
-            .map(|(p, _)| format!("{} ({})", p.config.name, p.config.address))
+            .map(|p| format!("{} ({})", p.config.name, p.config.address))
             .collect();
         if names.is_empty() {
             "none".into()

@@ -21,34 +21,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use blockdev::meta::{Bitmap, GenerationIds as MetaIds};
+
+use crate::directory::{Grant, PrevReport};
 use protocol::{GenerationIds, Role};
 
 use super::source::{lineage, Lineage};
 use super::{from_wire, Replication, RoleState};
-
-/// The directory's grant, as the replication layer needs it.
-#[derive(Debug)]
-pub struct Handover {
-    /// The term the directory handed out for this promotion.
-    pub term: u64,
-    /// The resource's last report, if any primary ever reported.
-    pub prev: Option<PrevPrimary>,
-    /// The previous primary did not hand over (forced promotion).
-    pub overridden: bool,
-}
-
-/// The last report of the previous primary.
-#[derive(Debug)]
-pub struct PrevPrimary {
-    pub node: u32,
-    pub term: u64,
-    pub generation: GenerationIds,
-    /// It demoted cleanly after this report and wrote nothing since.
-    pub last: bool,
-    pub hot_extents: Vec<u64>,
-    /// Blocks each node lacked, by node id.
-    pub bitmaps: BTreeMap<u32, Bitmap>,
-}
 
 /// What a promoted node took over from the previous primary, for linking
 /// up with the other nodes afterwards.
@@ -77,7 +55,7 @@ impl Replication {
     /// Becomes primary of the term the directory granted, taking over the
     /// previous primary's view of who lacks what (see the module docs).
     /// Returns the new role and the blocks this node must fetch.
-    pub fn promote_granted(&self, grant: Handover) -> Result<(RoleState, u64), String> {
+    pub fn promote_granted(&self, grant: &Grant) -> Result<(RoleState, u64), String> {
         if self.role().role == Role::Primary {
             return Err("already primary".into());
         }
@@ -100,13 +78,13 @@ impl Replication {
         let generation = match &grant.prev {
             // Our own report (we were primary, then crashed or restarted):
             // our metadata is at least as new as the report.
-            Some(prev) if prev.node == me => self.next_generation(grant.term),
+            Some(prev) if prev.primary == me => self.next_generation(grant.term),
             Some(prev) => {
                 self.take_over_bitmaps(prev);
                 *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = Some(Inherited {
-                    tenure: (prev.term, prev.node),
+                    tenure: (prev.term, prev.primary),
                     generation: prev.generation.current,
-                    exact: prev.last && !grant.overridden,
+                    exact: grant.is_clean_handover_to(me),
                 });
                 let ours = self.generation();
                 GenerationIds {
@@ -121,11 +99,7 @@ impl Replication {
         // primary that died before reporting them, which reached us and
         // not it): resync it, so every replica ends with ours. After a clean
         // handover the bitmaps we took over are exact: nothing to add.
-        let exact = grant
-            .prev
-            .as_ref()
-            .is_some_and(|p| p.node != me && p.last && !grant.overridden);
-        if !exact {
+        if !grant.is_clean_handover_to(me) {
             for peer in &self.peers {
                 self.metadata.mark_active_extents(&peer.bitmap);
             }
@@ -163,7 +137,7 @@ impl Replication {
 
     /// Installs the previous primary's bitmaps: ours (what we must fetch)
     /// and each peer's (what it will be resynced).
-    fn take_over_bitmaps(&self, prev: &PrevPrimary) {
+    fn take_over_bitmaps(&self, prev: &PrevReport) {
         let me = self.config.node.id;
         let own = self.local.stale_bitmap();
         own.clear_all();
@@ -172,7 +146,7 @@ impl Replication {
         // not described by it: fetch everything.
         let ours = self.generation();
         let described =
-            lineage(prev.generation, ours, (prev.term, prev.node)) == Lineage::FromBitmap;
+            lineage(prev.generation, ours, (prev.term, prev.primary)) == Lineage::FromBitmap;
         match prev.bitmaps.get(&me) {
             Some(bitmap) if described => {
                 let _ = own.merge_from(bitmap);
@@ -209,7 +183,7 @@ impl Replication {
         }
         *self.holders.lock().unwrap_or_else(|e| e.into_inner()) = Some(holds);
         tracing::info!(
-            previous_primary = prev.node,
+            previous_primary = prev.primary,
             previous_term = prev.term,
             final_report = prev.last,
             missing_here = own.count_ones(),

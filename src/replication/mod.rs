@@ -36,7 +36,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::{Config, Protocol};
 use epochs::{EpochCounter, RangeLock};
-pub use handover::{Handover, Inherited, PrevPrimary};
+pub use handover::Inherited;
 pub use link::IncomingConnections;
 use peer::PeerReplica;
 pub use verify::PeerVerify;
