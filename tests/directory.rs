@@ -2,14 +2,13 @@
 //! client for it, over real sockets.
 //!
 //! The server binary is the one cargo builds next to this test's executable
-//! (`target/<profile>/vmsync-directory`); `cargo test --workspace` builds it.
-//! Running only this package's tests needs it built first
-//! (`cargo build [--release] -p directory-server`), or its path in
-//! `VMSYNC_DIRECTORY_BIN`.
+//! (see `support::directory::directory_binary`).
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,23 +25,7 @@ const NBITS: u64 = 1 << 16;
 const SIZE: u64 = NBITS * BLOCK as u64;
 
 fn server_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("VMSYNC_DIRECTORY_BIN") {
-        return path.into();
-    }
-    // target/<profile>/deps/directory-<hash> → target/<profile>/vmsync-directory
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("vmsync-directory");
-    assert!(
-        path.exists(),
-        "{} is missing: build it first (cargo build [--release] -p directory-server, \
-         or run cargo test --workspace), or set VMSYNC_DIRECTORY_BIN",
-        path.display()
-    );
-    path
+    support::directory::directory_binary()
 }
 
 fn free_addr() -> SocketAddr {

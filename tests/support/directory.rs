@@ -9,10 +9,15 @@ use std::time::Duration;
 
 use super::testdir::free_ports;
 
-/// The directory server binary: built by the same `cargo test --workspace`
-/// run into the target directory the test executable lives in
-/// (`target/<profile>/deps/<test>`).
+/// The directory server binary: `VMSYNC_DIRECTORY_BIN` if set, else the
+/// one in the target directory the test executable lives in
+/// (`target/<profile>/deps/<test>` → `target/<profile>/vmsync-directory`).
+/// `cargo test` does not build another package's binary: `scripts/test.sh`
+/// runs `cargo build --workspace --bins` first.
 pub fn directory_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("VMSYNC_DIRECTORY_BIN") {
+        return path.into();
+    }
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
         .parent()
@@ -21,7 +26,8 @@ pub fn directory_binary() -> PathBuf {
     let binary = profile_dir.join("vmsync-directory");
     assert!(
         binary.exists(),
-        "{} is missing: build the workspace (cargo build --workspace --bins) first",
+        "{} is missing: build it first (cargo build [--release] --workspace --bins), \
+         or set VMSYNC_DIRECTORY_BIN",
         binary.display()
     );
     binary
