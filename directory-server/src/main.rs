@@ -9,35 +9,70 @@ mod config;
 mod server;
 mod store;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, ValueEnum};
 
 #[derive(Parser)]
-#[command(version, about = "vmsync directory server")]
+#[command(name = "vmsync-directory", version, about = "vmsync directory server")]
 struct Args {
     /// Path to the directory server's TOML configuration.
-    #[arg(long)]
-    config: std::path::PathBuf,
+    #[arg(long, required_unless_present = "man")]
+    config: Option<std::path::PathBuf>,
+    /// How log lines are written to stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Print this program's man page (roff) to stdout and exit.
+    #[arg(long, hide = true)]
+    man: bool,
+}
+
+/// As vmsyncd's `--log-format` (the directory links none of vmsync's crates
+/// but the protocol).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines; colour only when stderr is a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, not in log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(e) = run(&args) {
+    if args.man {
+        if let Err(e) = clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout()) {
+            eprintln!("vmsync-directory: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    init_logging(args.log_format);
+    let Some(config) = &args.config else {
+        eprintln!("vmsync-directory: --config FILE is required");
+        std::process::exit(2);
+    };
+    if let Err(e) = run(config) {
         eprintln!("vmsync-directory: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(args: &Args) -> anyhow::Result<()> {
-    let config = config::Config::load(&args.config)?;
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr);
+    match format {
+        // Colour codes only for a person at a terminal, not in log files.
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
+}
+
+fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
+    let config = config::Config::load(config_path)?;
     let store = store::Store::open(&config.state_dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot open the state in {}: {e}",
@@ -58,6 +93,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
             state_dir = %config.state_dir.display(),
             "directory serving"
         );
+        // Type=notify: ready once nodes can reach it (a no-op outside systemd).
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("serving on {}", config.listen)),
+        ]);
         tokio::select! {
             _ = directory.serve(listener) => {}
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, exiting"),

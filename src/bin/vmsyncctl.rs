@@ -3,11 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use vmsync::control::{self, Request, Status};
 
 #[derive(Parser)]
-#[command(version, about = "Control a vmsync node")]
+#[command(name = "vmsyncctl", version, about = "Control a vmsync node")]
 struct Args {
     /// The daemon's control socket.
     #[arg(long, global = true, conflicts_with = "config")]
@@ -64,6 +64,18 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a shell completion script for vmsyncctl to stdout
+    /// (e.g. `vmsyncctl completions bash > /usr/share/bash-completion/completions/vmsyncctl`).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages of vmsyncctl and each of its verbs
+    /// (vmsyncctl.1, vmsyncctl-status.1, ...) into DIR.
+    Man {
+        /// An existing directory.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,6 +106,17 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Command::GenSecret { file, force } => {
             write_secret(&file, force)?;
             println!("secret written: {}", file.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Completions { shell } => {
+            let mut command = Args::command();
+            clap_complete::generate(shell, &mut command, "vmsyncctl", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man { dir } => {
+            clap_mangen::generate_to(Args::command(), &dir)
+                .map_err(|e| format!("cannot write man pages into {}: {e}", dir.display()))?;
+            println!("man pages written: {}", dir.display());
             return Ok(ExitCode::SUCCESS);
         }
         Command::Status { .. } => Request::Status,

@@ -3,23 +3,44 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
+use vmsync::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(
+    name = "vmsyncd",
     version,
     about = "vmsync node daemon: serves and replicates one resource"
 )]
 struct Args {
     /// The node's TOML configuration.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "man")]
+    config: Option<PathBuf>,
+    /// How log lines are written to stderr.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: LogFormat,
+    /// Print this program's man page (roff) to stdout and exit.
+    #[arg(long, hide = true)]
+    man: bool,
 }
 
 fn main() -> ExitCode {
-    vmsync::logging::init();
     let args = Args::parse();
-    let config = match vmsync::config::load(&args.config) {
+    if args.man {
+        return match clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmsyncd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    vmsync::logging::init(args.log_format);
+    let Some(config_path) = args.config else {
+        eprintln!("vmsyncd: --config FILE is required");
+        return ExitCode::from(2);
+    };
+    let config = match vmsync::config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmsyncd: {e}");

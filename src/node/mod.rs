@@ -9,6 +9,7 @@
 //! with `vmsyncctl promote`.
 
 mod frontend;
+mod service;
 mod status;
 mod switch;
 
@@ -314,6 +315,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     tracing::info!(socket = %socket_path.display(), primary = node.is_primary(), "vmsyncd ready");
+    if service::is_managed() {
+        tokio::spawn(service::report_readiness(Arc::clone(&node)).in_current_span());
+    }
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

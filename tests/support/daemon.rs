@@ -43,6 +43,18 @@ impl Daemon {
     /// Benchmarks use this to give the primary and its peers CPUs of their
     /// own, as on separate machines.
     pub fn start_on(node: &NodeFiles, cpus: Option<&[usize]>) -> Daemon {
+        Daemon::start_with(node, cpus, &[], &[])
+    }
+
+    /// Like [`Daemon::start_on`], with more command-line arguments and
+    /// environment variables for the daemon (e.g. `--log-format json`,
+    /// `NOTIFY_SOCKET`). An environment value of `None` removes the variable.
+    pub fn start_with(
+        node: &NodeFiles,
+        cpus: Option<&[usize]>,
+        args: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> Daemon {
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -66,7 +78,7 @@ impl Daemon {
                 });
             }
         }
-        let child = command
+        command
             .arg("--config")
             .arg(&node.config)
             .env(
@@ -74,7 +86,15 @@ impl Daemon {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
             )
             // Plain text: the log is a file read by people and by `print_log_tail`.
-            .env("NO_COLOR", "1")
+            .env("NO_COLOR", "1");
+        command.args(args);
+        for (key, value) in env {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr)
