@@ -19,4 +19,4 @@ target/release/vmsyncctl completions bash >"$out/completions/vmsyncctl"
 target/release/vmsyncctl completions zsh >"$out/completions/_vmsyncctl"
 target/release/vmsyncctl completions fish >"$out/completions/vmsyncctl.fish"
 
-cargo deb --no-build "$@"
+cargo deb --no-build --strip "$@"

@@ -17,7 +17,8 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # linux-source-6.1: /usr/src/linux-source-6.1.tar.xz, the file tree of benches/switch.sh.
-PKGS=(libclang-dev clang pkg-config qemu-system-x86 busybox-static e2fsprogs fio xz-utils cpio gzip iproute2 util-linux kmod linux-source-6.1)
+# python3: the systemd stand-in of the package_install VM scenario; dpkg-dev: cargo-deb's dpkg-shlibdeps.
+PKGS=(libclang-dev clang pkg-config qemu-system-x86 busybox-static e2fsprogs fio xz-utils cpio gzip iproute2 util-linux kmod linux-source-6.1 python3 dpkg-dev)
 
 need_pkgs=()
 for p in "${PKGS[@]}"; do
@@ -49,6 +50,11 @@ fi
 # Toolchain components the test command uses.
 if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
+fi
+
+# cargo-deb builds the Debian package (scripts/package.sh).
+if ! command -v cargo-deb >/dev/null 2>&1; then
+  cargo install cargo-deb --locked --version '^3'
 fi
 
 cargo build --release --workspace --bins

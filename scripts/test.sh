@@ -30,6 +30,8 @@ vm_failed=0
 if [ "${VMSYNC_SKIP_VM:-0}" != 1 ]; then
   echo "== VM tests (real ublk in a qemu guest)"
   cargo build --release --workspace --bins
+  # The package_install scenario installs the Debian package built here.
+  scripts/package.sh >"$log_dir/package.log" 2>&1 || { echo "scripts/package.sh failed: see $log_dir/package.log"; status=1; }
   VM_CONSOLE_LOG="$log_dir/vm-console.log" tests/vm/run.sh all 2>&1 | tee "$log_dir/vm-tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   # run.sh ends with one summary line per scenario: "  PASS  name  time".

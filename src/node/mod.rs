@@ -333,6 +333,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = stopped.changed() => break,
         }
     }
+    service::report_stopping();
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("vmsyncd stopped cleanly");
     Ok(())

@@ -52,7 +52,14 @@ pub(super) async fn report_readiness(node: Arc<Node>) {
             _ = stopped.changed() => break,
         }
     }
-    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+}
+
+/// Tells the service manager the daemon is going down (sent from the main
+/// task: spawned tasks die with the runtime before they could).
+pub(super) fn report_stopping() {
+    if is_managed() {
+        let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    }
 }
 
 /// Whether the resource is there for its users: the device is exposed, or
