@@ -32,6 +32,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print this node's role: primary, secondary or standalone (as
+    /// `drbdadm role`; for scripts and resource agents).
+    Role,
+    /// Print this node's disk state: up-to-date, consistent, outdated,
+    /// inconsistent, diskless (as `drbdadm dstate`).
+    Dstate,
     /// Make this node primary and expose its device.
     Promote {
         #[arg(long)]
@@ -119,7 +125,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
             println!("man pages written: {}", dir.display());
             return Ok(ExitCode::SUCCESS);
         }
-        Command::Status { .. } => Request::Status,
+        Command::Status { .. } | Command::Role | Command::Dstate => Request::Status,
         Command::Promote { force } => Request::Promote { force },
         Command::Demote { force } => Request::Demote { force },
         Command::Shutdown { force } => Request::Shutdown { force },
@@ -142,6 +148,8 @@ fn run(args: Args) -> Result<ExitCode, String> {
             );
         }
         (Command::Status { json: false }, Some(status)) => print_status(&status),
+        (Command::Role, Some(status)) => println!("{}", status.role),
+        (Command::Dstate, Some(status)) => println!("{}", status.disk),
         _ => println!("{}", response.message.unwrap_or_else(|| "ok".into())),
     }
     Ok(ExitCode::SUCCESS)

@@ -28,7 +28,7 @@ out=$(dpkg --root="$R" --force-depends -i "$DEB" 2>&1) || fail "dpkg -i failed: 
 for f in usr/bin/vmsyncd usr/bin/vmsyncctl usr/bin/vmsync-directory \
          lib/systemd/system/vmsyncd@.service lib/systemd/system/vmsync-directory.service \
          usr/share/man/man1/vmsyncd.1.gz usr/share/man/man1/vmsyncctl-promote.1.gz \
-         usr/share/bash-completion/completions/vmsyncctl \
+         usr/share/bash-completion/completions/vmsyncctl usr/lib/ocf/resource.d/vmsync/vmsync \
          usr/share/doc/vmsync/examples/r0.toml.example; do
   [ -e "$R/$f" ] || fail "the package did not install /$f"
 done
