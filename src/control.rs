@@ -44,6 +44,10 @@ pub enum Request {
     Verify {
         repair: bool,
     },
+    /// Full resync from the primary (this node's data is not trusted).
+    Invalidate,
+    /// The split-brain victim: drop this node's own changes and resync.
+    DiscardMyData,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -232,7 +232,9 @@ enum Missing {
 /// is promoted and writes too. Both hold acknowledged writes the other
 /// lacks: when they meet, the link is refused as a split brain and neither
 /// replica is touched, so the operator can choose (DRBD does the same).
-fn primary_and_promoted_peer_wrote_alone(missing: Missing) {
+/// With `discard_on_node1`, the operator then picks node 2's data: node 1
+/// runs `discard-my-data` and must end up byte-identical to node 2.
+fn primary_and_promoted_peer_wrote_alone(missing: Missing, discard_on_node1: bool) {
     let rt = runtime();
     let (mut cluster, proxy) = support::cluster::proxied_pair(
         &rt,
@@ -298,18 +300,54 @@ fn primary_and_promoted_peer_wrote_alone(missing: Missing) {
         "status must say why the peer is not mirrored: {peer}"
     );
     assert_eq!(cluster.status(1)["role"], "secondary");
+    if !discard_on_node1 {
+        return;
+    }
+
+    // Refused on the survivor: it is primary and serves that data.
+    let out = cluster.daemon(2).ctl(&["discard-my-data"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("this node is primary"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cluster.hash(2), node2_alone.blake3());
+
+    let out = cluster.daemon(1).ctl(&["discard-my-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cluster.status(1)["disk"], "inconsistent");
+    assert!(
+        cluster.wait_identical(Some(node2_alone.blake3())).is_ok(),
+        "node 1 did not converge to the survivor's data"
+    );
+    assert!(cluster.wait_peers_up_to_date(2));
+    assert_eq!(cluster.status(1)["disk"], "up-to-date");
+    // And it mirrors again: a new write reaches it.
+    let after = write_flushed(&rt, &c2, &Workload::new(103, size).ops(50), node2_alone);
+    assert!(cluster.wait_identical(Some(after.blake3())).is_ok());
 }
 
 #[test]
 fn a_primary_that_wrote_alone_and_a_peer_promoted_meanwhile_are_a_split_brain() {
-    primary_and_promoted_peer_wrote_alone(Missing::Cut);
+    primary_and_promoted_peer_wrote_alone(Missing::Cut, false);
+}
+
+/// DRBD's manual split-brain recovery: `discard-my-data` on the victim.
+#[test]
+fn discard_my_data_on_the_split_brain_victim_resyncs_it_from_the_survivor() {
+    primary_and_promoted_peer_wrote_alone(Missing::Cut, true);
 }
 
 /// The same when node 2 stayed connected but fell behind: it missed
 /// acknowledged writes just as surely.
 #[test]
 fn a_primary_and_its_promoted_peer_that_had_fallen_behind_are_a_split_brain() {
-    primary_and_promoted_peer_wrote_alone(Missing::Stall);
+    primary_and_promoted_peer_wrote_alone(Missing::Stall, false);
 }
 
 /// Node 3 fell behind and its resync from node 1 was cut short when node 1

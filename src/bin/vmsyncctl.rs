@@ -55,6 +55,13 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Give up this replica's data: full resync from the primary (on a
+    /// secondary; as `drbdadm invalidate`).
+    Invalidate,
+    /// After a split brain, on the node whose changes are to be dropped:
+    /// it keeps nothing of its own and is resynced from the primary (on a
+    /// secondary; as `drbdadm connect --discard-my-data`).
+    DiscardMyData,
     /// Stop the daemon cleanly (refused while the device is open, unless forced).
     Shutdown {
         #[arg(long)]
@@ -130,6 +137,8 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Command::Demote { force } => Request::Demote { force },
         Command::Shutdown { force } => Request::Shutdown { force },
         Command::Verify { repair } => Request::Verify { repair },
+        Command::Invalidate => Request::Invalidate,
+        Command::DiscardMyData => Request::DiscardMyData,
     };
     let socket = match (&args.socket, &config) {
         (Some(s), _) => s.clone(),

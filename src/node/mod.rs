@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::control::{self, Request, Response};
 use crate::directory::client::{DirectoryClient, Member};
+use crate::replication::invalidate::GiveUp;
 use crate::replication::{ReplicatedDevice, Replication};
 use frontend::Frontend;
 
@@ -217,6 +218,14 @@ impl Node {
         Ok(lines.join("\n"))
     }
 
+    /// `invalidate` / `discard-my-data` (see `replication::invalidate`).
+    fn give_up_data(&self, what: GiveUp) -> Result<String, String> {
+        match &self.replication {
+            Some(repl) => repl.give_up_data(what),
+            None => Err("this node has no peers: there is no other copy to resync from".into()),
+        }
+    }
+
     /// Stops cleanly: device removed, data flushed, metadata marked clean.
     async fn stop(&self, force: bool) -> Result<(), String> {
         let mut slot = self.frontend.lock().await;
@@ -246,6 +255,8 @@ impl Node {
             Request::Promote { force } => self.promote(force).await,
             Request::Demote { force } => self.demote(force).await,
             Request::Verify { repair } => self.verify(repair).await,
+            Request::Invalidate => self.give_up_data(GiveUp::Invalidate),
+            Request::DiscardMyData => self.give_up_data(GiveUp::DiscardMyData),
         };
         match result {
             Ok(message) => Response::ok(message),

@@ -14,6 +14,7 @@ mod fetcher;
 mod handover;
 mod holder;
 mod holders;
+pub mod invalidate;
 mod link;
 mod liveness;
 pub mod peer;
