@@ -48,6 +48,16 @@ pub enum Request {
     Invalidate,
     /// The split-brain victim: drop this node's own changes and resync.
     DiscardMyData,
+    /// Take one peer's link down and keep it down (by name or id).
+    Disconnect {
+        peer: String,
+    },
+    /// Let a peer's link come up again.
+    Connect {
+        peer: String,
+    },
+    /// Re-read the configuration file and apply what changed.
+    Adjust,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +159,9 @@ pub struct PeerStatus {
     /// "lan" or "wan".
     pub link: String,
     pub connected: bool,
+    /// The operator took this link down (`vmsyncctl disconnect`).
+    #[serde(default)]
+    pub disconnected_by_operator: bool,
     /// "up-to-date", "resyncing", "behind", "outdated" or "unknown".
     pub state: String,
     pub protocol: String,

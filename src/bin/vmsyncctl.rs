@@ -62,6 +62,21 @@ enum Command {
     /// it keeps nothing of its own and is resynced from the primary (on a
     /// secondary; as `drbdadm connect --discard-my-data`).
     DiscardMyData,
+    /// Take the link to one peer down and keep it down until `connect`
+    /// (as `drbdadm disconnect`); not kept across a daemon restart.
+    Disconnect {
+        /// The peer's name or id.
+        peer: String,
+    },
+    /// Let the link to a peer come up again (after `disconnect`).
+    Connect {
+        /// The peer's name or id.
+        peer: String,
+    },
+    /// Re-read the daemon's configuration file and apply what changed
+    /// ([replication] tunables) without a restart (as `drbdadm adjust`);
+    /// refused, applying nothing, when other keys changed.
+    Adjust,
     /// Stop the daemon cleanly (refused while the device is open, unless forced).
     Shutdown {
         #[arg(long)]
@@ -109,36 +124,39 @@ fn run(args: Args) -> Result<ExitCode, String> {
         .map(vmsync::config::load)
         .transpose()
         .map_err(|e| e.to_string())?;
-    let request = match args.command {
-        Command::CreateMd { force } => {
+    let request = match &args.command {
+        &Command::CreateMd { force } => {
             let config = config.ok_or("create-md needs --config FILE")?;
             vmsync::node::create_metadata(&config, force).map_err(|e| e.to_string())?;
             println!("metadata created: {}", config.node.metadata.display());
             return Ok(ExitCode::SUCCESS);
         }
         Command::GenSecret { file, force } => {
-            write_secret(&file, force)?;
+            write_secret(file, *force)?;
             println!("secret written: {}", file.display());
             return Ok(ExitCode::SUCCESS);
         }
-        Command::Completions { shell } => {
+        &Command::Completions { shell } => {
             let mut command = Args::command();
             clap_complete::generate(shell, &mut command, "vmsyncctl", &mut std::io::stdout());
             return Ok(ExitCode::SUCCESS);
         }
         Command::Man { dir } => {
-            clap_mangen::generate_to(Args::command(), &dir)
+            clap_mangen::generate_to(Args::command(), dir)
                 .map_err(|e| format!("cannot write man pages into {}: {e}", dir.display()))?;
             println!("man pages written: {}", dir.display());
             return Ok(ExitCode::SUCCESS);
         }
         Command::Status { .. } | Command::Role | Command::Dstate => Request::Status,
-        Command::Promote { force } => Request::Promote { force },
-        Command::Demote { force } => Request::Demote { force },
-        Command::Shutdown { force } => Request::Shutdown { force },
-        Command::Verify { repair } => Request::Verify { repair },
+        &Command::Promote { force } => Request::Promote { force },
+        &Command::Demote { force } => Request::Demote { force },
+        &Command::Shutdown { force } => Request::Shutdown { force },
+        &Command::Verify { repair } => Request::Verify { repair },
         Command::Invalidate => Request::Invalidate,
+        Command::Adjust => Request::Adjust,
         Command::DiscardMyData => Request::DiscardMyData,
+        Command::Disconnect { peer } => Request::Disconnect { peer: peer.clone() },
+        Command::Connect { peer } => Request::Connect { peer: peer.clone() },
     };
     let socket = match (&args.socket, &config) {
         (Some(s), _) => s.clone(),
@@ -263,6 +281,8 @@ fn print_status(s: &Status) {
             p.link,
             if p.connected {
                 "connected"
+            } else if p.disconnected_by_operator {
+                "disconnected (by the operator)"
             } else {
                 "disconnected"
             },

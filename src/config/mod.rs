@@ -35,14 +35,14 @@ pub struct Config {
     pub replication: Replication,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
     pub name: String,
     pub size: u64,
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     pub id: u32,
     pub name: String,
@@ -68,7 +68,7 @@ pub struct ControlGroup {
     pub gid: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Peer {
     pub id: u32,
     pub name: String,
@@ -76,8 +76,9 @@ pub struct Peer {
     pub lan_group: String,
 }
 
-/// Tunables of the replication engine.
-#[derive(Debug, Clone)]
+/// Tunables of the replication engine (`vmsyncctl adjust` changes them in
+/// a running daemon).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Replication {
     /// Writes after which the primary closes an epoch even without a flush.
     pub max_epoch_writes: u32,

@@ -8,6 +8,7 @@
 //! A node with peers starts as secondary (no device) and is made primary
 //! with `vmsyncctl promote`.
 
+mod adjust;
 mod frontend;
 mod service;
 mod status;
@@ -226,6 +227,28 @@ impl Node {
         }
     }
 
+    /// `connect` / `disconnect` of one peer (see `replication::admin`).
+    fn set_link(&self, name_or_id: &str, up: bool) -> Result<String, String> {
+        let Some(repl) = &self.replication else {
+            return Err("this node has no peers".into());
+        };
+        let peer = repl.peer_named(name_or_id)?;
+        let name = &peer.config.name;
+        Ok(match (peer.admin.set(up), up) {
+            (true, true) => format!("link to {name} allowed up; connecting"),
+            (true, false) => format!(
+                "link to {name} taken down{}",
+                if repl.role().role == Role::Primary {
+                    "; its missed writes are tracked for a resync on connect"
+                } else {
+                    ""
+                }
+            ),
+            (false, true) => format!("link to {name} was not taken down"),
+            (false, false) => format!("link to {name} is already down"),
+        })
+    }
+
     /// Stops cleanly: device removed, data flushed, metadata marked clean.
     async fn stop(&self, force: bool) -> Result<(), String> {
         let mut slot = self.frontend.lock().await;
@@ -257,6 +280,9 @@ impl Node {
             Request::Verify { repair } => self.verify(repair).await,
             Request::Invalidate => self.give_up_data(GiveUp::Invalidate),
             Request::DiscardMyData => self.give_up_data(GiveUp::DiscardMyData),
+            Request::Disconnect { peer } => self.set_link(&peer, false),
+            Request::Connect { peer } => self.set_link(&peer, true),
+            Request::Adjust => self.adjust(),
         };
         match result {
             Ok(message) => Response::ok(message),

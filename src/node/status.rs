@@ -90,6 +90,7 @@ fn peer_status(repl: &Replication, peer: &PeerReplica) -> PeerStatus {
         address: peer.config.address.to_string(),
         link: if peer.is_lan { "lan" } else { "wan" }.to_string(),
         connected: peer.is_connected(),
+        disconnected_by_operator: !peer.admin.is_up(),
         state: if repl.role().role == Role::Primary || mode == PeerMode::Disconnected {
             mode.name().to_string()
         } else if peer.is_peer_primary() {

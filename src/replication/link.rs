@@ -23,6 +23,8 @@ use super::Replication;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A session that lasted this long was a working link: reconnect quickly.
+const SESSION_SETTLED: Duration = Duration::from_secs(2);
 
 /// What the peer announced when the link came up.
 #[derive(Debug, Clone, Copy)]
@@ -51,7 +53,7 @@ pub type IncomingConnections = mpsc::Receiver<Connection>;
 pub async fn start(repl: Arc<Replication>) -> anyhow::Result<IncomingConnections> {
     // The kernel's own dead-peer detection on every socket to a peer
     // follows the same timeout as the pings (see `liveness`).
-    transport::set_dead_peer_timeout(liveness::ping_timeout(&repl.config.replication));
+    transport::set_dead_peer_timeout(liveness::ping_timeout(&repl.tunables()));
     let identity = LocalIdentity {
         resource: repl.config.resource.name.clone(),
         node_id: repl.config.node.id,
@@ -165,16 +167,25 @@ async fn maintain(
     let dials = repl.config.node.id < peer.id();
     let mut backoff = BACKOFF_START;
     loop {
-        let link = if dials {
-            dial(&identity, &peer).await
-        } else {
-            wait_for_dialer(&mut incoming).await
+        if !peer.admin.is_up() {
+            stay_disconnected(&peer, &mut incoming).await;
+            backoff = BACKOFF_START;
+        }
+        let link = tokio::select! {
+            link = async {
+                if dials {
+                    dial(&identity, &peer).await
+                } else {
+                    wait_for_dialer(&mut incoming).await
+                }
+            } => link,
+            _ = peer.admin.down() => continue,
         };
         match link {
             Ok(link) => {
-                backoff = BACKOFF_START;
                 tracing::info!("link up");
                 peer.set_last_error(None);
+                let started = tokio::time::Instant::now();
                 let result = run_session(&repl, &peer, link).await;
                 peer.disconnected();
                 // The folded-in bits may lie in extents the activity log no
@@ -182,14 +193,24 @@ async fn maintain(
                 if let Err(e) = repl.metadata.flush_bitmaps() {
                     tracing::error!(error = %e, "cannot persist the staleness bitmaps");
                 }
-                match result {
+                match &result {
                     Ok(()) => tracing::info!("link closed; reconnecting"),
                     Err(e) => {
                         tracing::warn!(error = %e, "link lost; reconnecting");
                         peer.set_last_error(Some(e.to_string()));
                     }
                 }
-                tokio::time::sleep(BACKOFF_START).await;
+                // A link that keeps failing at once (the peer refuses us,
+                // e.g. its operator took it down, or a split brain) is
+                // retried with growing backoff, not ten times a second.
+                let failed_at_once = result.is_err() && started.elapsed() < SESSION_SETTLED;
+                if !failed_at_once {
+                    backoff = BACKOFF_START;
+                }
+                tokio::time::sleep(backoff).await;
+                if failed_at_once {
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
             }
             Err(e) => {
                 tracing::debug!(error = %e, ?backoff, "cannot reach peer");
@@ -198,6 +219,22 @@ async fn maintain(
             }
         }
     }
+}
+
+/// While the operator keeps the link down: connections the peer opens are
+/// closed at once (it sees them refused and keeps retrying with backoff).
+async fn stay_disconnected(peer: &PeerReplica, incoming: &mut mpsc::Receiver<Connection>) {
+    tracing::info!("link taken down by the operator");
+    loop {
+        tokio::select! {
+            _ = peer.admin.up() => break,
+            conn = incoming.recv() => match conn {
+                Some(conn) => drop(conn),
+                None => std::future::pending().await,
+            },
+        }
+    }
+    tracing::info!("link allowed up again by the operator");
 }
 
 async fn dial(identity: &LocalIdentity, peer: &PeerReplica) -> Result<Link, LinkError> {
@@ -255,7 +292,7 @@ async fn run_session(
     let mut role_changes = repl.subscribe_role();
     let me = *role_changes.borrow_and_update();
     link.meta_writer.send(&our_state(repl)).await?;
-    let timeout = liveness::ping_timeout(&repl.config.replication);
+    let timeout = liveness::ping_timeout(&repl.tunables());
     let theirs = match tokio::time::timeout(timeout, link.meta_reader.next()).await {
         Ok(Ok(Message::State {
             role,
@@ -320,7 +357,9 @@ async fn idle(
     mut link: Link,
     role_changes: &mut tokio::sync::watch::Receiver<super::RoleState>,
 ) -> Result<(), LinkError> {
-    let mut live = Liveness::new(&repl.config.replication, peer);
+    let mut live = Liveness::new(&repl.tunables(), peer);
+    let operator_disconnect = peer.admin.down();
+    tokio::pin!(operator_disconnect);
     loop {
         tokio::select! {
             biased;
@@ -341,6 +380,7 @@ async fn idle(
             // Our role changed: drop the link; both sides reconnect and the
             // right session starts.
             _ = role_changes.changed() => return Ok(()),
+            _ = &mut operator_disconnect => return Ok(()),
             due = live.due() => match due {
                 Due::Ping => link.meta_writer.send(&Message::Ping).await?,
                 Due::Dead(e) => return Err(e),

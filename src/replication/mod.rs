@@ -8,6 +8,7 @@
 //! * [`link`]: keeping a link to every peer up, and what runs on it:
 //!   [`source`] when we are primary, [`target`] when the peer is.
 
+pub mod admin;
 mod bitmap_exchange;
 mod epochs;
 mod fetcher;
@@ -99,6 +100,9 @@ pub struct Replication {
     holders: Mutex<Option<std::collections::BTreeMap<u32, Arc<blockdev::meta::Bitmap>>>>,
     /// Writes are refused: the directory handed out a newer term.
     fenced: AtomicBool,
+    /// `[replication]` as last loaded: `vmsyncctl adjust` replaces it in a
+    /// running daemon; each use reads the current value.
+    tunables: std::sync::RwLock<crate::config::Replication>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +157,7 @@ impl Replication {
             DiskState::UpToDate
         };
         Arc::new(Replication {
+            tunables: std::sync::RwLock::new(config.replication),
             config,
             metadata,
             local,
@@ -169,6 +174,18 @@ impl Replication {
             holders: Mutex::new(None),
             fenced: AtomicBool::new(false),
         })
+    }
+
+    /// The replication tunables in force (see [`Replication::set_tunables`]).
+    pub fn tunables(&self) -> crate::config::Replication {
+        *self.tunables.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the tunables (`vmsyncctl adjust`). Each takes effect at its
+    /// next use: rates and limits at once, ping settings on the next link,
+    /// the background sync's rate on the next sync.
+    pub fn set_tunables(&self, tunables: crate::config::Replication) {
+        *self.tunables.write().unwrap_or_else(|e| e.into_inner()) = tunables;
     }
 
     /// Starts the listener and one link task per peer; returns the
@@ -303,13 +320,13 @@ impl Replication {
             identity,
             self.config.node.lan_group.clone(),
             holders,
-            Duration::from_millis(self.config.replication.fetch_timeout_ms),
+            Duration::from_millis(self.tunables().fetch_timeout_ms),
         );
         self.local
             .activate(Arc::new(fetcher::NetSource(Arc::new(fetcher))));
         self.local
             .start_background_sync(blockdev::lazy::SyncOptions {
-                rate: self.config.replication.sync_rate,
+                rate: self.tunables().sync_rate,
                 hot_extents,
                 chunk: 1 << 20,
                 concurrency: 4,
@@ -382,7 +399,7 @@ impl Replication {
     }
 
     fn max_peer_wait(&self) -> Duration {
-        Duration::from_millis(self.config.replication.max_peer_wait_ms)
+        Duration::from_millis(self.tunables().max_peer_wait_ms)
     }
 
     /// Becomes primary: refuses if a connected peer is primary, or if this
@@ -397,7 +414,7 @@ impl Replication {
         if self.role().role == Role::Primary {
             return Err("already primary".into());
         }
-        let ping_interval = Duration::from_millis(self.config.replication.ping_interval_ms);
+        let ping_interval = Duration::from_millis(self.tunables().ping_interval_ms);
         for p in self.peers.iter().filter(|p| p.is_peer_primary()) {
             let silent = p.silent_for().is_none_or(|t| t > ping_interval);
             if force && silent {
@@ -597,7 +614,7 @@ impl Replication {
         // One slow peer may hold this write up for `max_peer_wait` in all,
         // whether by its backlog (below) or by its acks (protocol C).
         let deadline = tokio::time::Instant::now() + self.max_peer_wait();
-        let congestion = self.config.replication.congestion_bytes;
+        let congestion = self.tunables().congestion_bytes;
         for peer in self.lan_peers() {
             if peer.is_congested(congestion) {
                 peer.wait_for_backlog(congestion, deadline).await;
@@ -617,7 +634,7 @@ impl Replication {
         let mut acks = Vec::new();
         {
             let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
-            if epochs.writes >= self.config.replication.max_epoch_writes {
+            if epochs.writes >= self.tunables().max_epoch_writes {
                 let epoch = epochs.close();
                 for p in self.lan_peers() {
                     p.barrier(term, epoch, false);

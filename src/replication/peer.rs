@@ -119,6 +119,8 @@ pub struct PeerReplica {
     /// `liveness`): lets `promote --force` tell a silent primary peer from
     /// one that is answering.
     last_heard: Mutex<Option<Instant>>,
+    /// The operator's switch on this link (`vmsyncctl connect`/`disconnect`).
+    pub admin: super::admin::AdminSwitch,
 }
 
 impl PeerReplica {
@@ -149,6 +151,7 @@ impl PeerReplica {
             fork_pending,
             last_error: Mutex::new(None),
             last_heard: Mutex::new(None),
+            admin: super::admin::AdminSwitch::default(),
         }
     }
 

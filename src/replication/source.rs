@@ -123,7 +123,7 @@ pub async fn run(
         &mut meta_reader,
         repl.config.node.id,
         &peer.bitmap,
-        super::liveness::ping_timeout(&repl.config.replication),
+        super::liveness::ping_timeout(&repl.tunables()),
     )
     .await?;
     if taken_over && inherited.is_some_and(|i| i.exact) {
@@ -147,7 +147,7 @@ pub async fn run(
             "peer reported blocks that may differ from ours; they will be resynced"
         );
     }
-    let congestion = repl.config.replication.congestion_bytes;
+    let congestion = repl.tunables().congestion_bytes;
     let (data_tx, data_rx) = mpsc::unbounded_channel();
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
     let mut sender = tokio::spawn(send_data(
@@ -167,7 +167,9 @@ pub async fn run(
         "mirroring to peer"
     );
 
-    let mut live = Liveness::new(&repl.config.replication, peer);
+    let mut live = Liveness::new(&repl.tunables(), peer);
+    let operator_disconnect = peer.admin.down();
+    tokio::pin!(operator_disconnect);
     let result = loop {
         tokio::select! {
             // Frames first: one that is waiting proves the peer alive even
@@ -201,6 +203,7 @@ pub async fn run(
                 }
             }
             _ = role_changes.changed() => break Ok(()),
+            _ = &mut operator_disconnect => break Ok(()),
             sent = &mut sender => break match sent {
                 Ok(Err(e)) => Err(e),
                 _ => Err(LinkError::Closed),
@@ -323,8 +326,8 @@ async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::i
         .unwrap_or_else(|e| e.into_inner()) = Some(started);
     peer.stats.run_bytes.store(0, Ordering::Release);
     tracing::info!(stale_bytes = total, "resync starting");
-    let rate_limit = repl.config.replication.resync_rate;
-    let throttle_at = repl.config.replication.congestion_bytes / 4;
+    let rate_limit = repl.tunables().resync_rate;
+    let throttle_at = repl.tunables().congestion_bytes / 4;
     let mut cursor = 0;
     let mut chunks = 0;
     let mut last_report = Instant::now();

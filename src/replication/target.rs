@@ -161,7 +161,9 @@ pub async fn run(
         ack_writes: repl.config.resource.protocol == Protocol::C,
         in_flight: VecDeque::new(),
     };
-    let mut live = Liveness::new(&repl.config.replication, peer);
+    let mut live = Liveness::new(&repl.tunables(), peer);
+    let operator_disconnect = peer.admin.down();
+    tokio::pin!(operator_disconnect);
     let result = loop {
         tokio::select! {
             // Frames first: one that is waiting proves the primary alive
@@ -210,6 +212,7 @@ pub async fn run(
                 }
             }
             _ = role_changes.changed() => break Ok(()),
+            _ = &mut operator_disconnect => break Ok(()),
             due = live.due() => match due {
                 Due::Ping => { let _ = meta_tx.send(Message::Ping); }
                 Due::Dead(e) => break Err(e),

@@ -165,7 +165,7 @@ impl Replication {
     /// Keeps verify within `resync_rate` (it reads the whole device here and
     /// on every peer), when one is set.
     async fn pace(&self, done: u64, started: Instant) {
-        let rate = self.config.replication.resync_rate;
+        let rate = self.tunables().resync_rate;
         if rate > 0 {
             let due = Duration::from_secs_f64(done as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {

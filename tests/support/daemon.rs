@@ -208,6 +208,17 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs `vmsyncctl --socket <socket> <args>`: the daemon without its
+/// config file (which vmsyncctl would read first).
+pub fn ctl_socket(socket: &str, args: &[&str]) -> Output {
+    Command::new(VMSYNCCTL)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {VMSYNCCTL}: {e}"))
+}
+
 /// Runs `vmsyncctl --config <config> <args>` (for commands that need no
 /// daemon, such as `create-md`, or for a node whose daemon is down).
 pub fn ctl(config: &Path, args: &[&str]) -> Output {

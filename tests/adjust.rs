@@ -1,0 +1,159 @@
+//! `vmsyncctl adjust`: a changed `[replication]` applies to the running
+//! daemon (here: the resync rate, observed on a live resync); an invalid
+//! file, or a change that needs a restart, is refused and applies nothing.
+
+mod support;
+
+use std::time::Duration;
+
+use support::cluster::client;
+use support::{runtime, wait_for, Cluster, ClusterSpec, Model};
+
+const MIB: u64 = 1 << 20;
+
+fn with_resync_rate(toml: &str, rate: &str) -> String {
+    toml.replace("resync_rate = 0", &format!("resync_rate = {rate}"))
+}
+
+#[test]
+fn adjust_changes_the_resync_rate_of_a_running_resync() {
+    let rt = runtime();
+    let mut cluster = Cluster::start(ClusterSpec {
+        protocol: "C",
+        extra_toml: "[replication]\nresync_rate = 0\n".into(),
+        ..ClusterSpec::default()
+    });
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+    let original = cluster.dir.config_toml(1);
+
+    // Node 2 misses 16 MiB of writes while its link is down.
+    assert!(cluster
+        .daemon(1)
+        .ctl(&["disconnect", "n2"])
+        .status
+        .success());
+    assert!(wait_for(
+        || cluster.peer(1, 2)["connected"] == false,
+        Duration::from_secs(20)
+    ));
+    let size = cluster.dir.spec.size;
+    let c1 = client(&rt, &cluster, 1);
+    let data = vec![0x5au8; (16 * MIB) as usize];
+    for (i, chunk) in data.chunks((4 * MIB) as usize).enumerate() {
+        rt.block_on(c1.write(i as u64 * 4 * MIB, chunk.to_vec(), false))
+            .unwrap();
+    }
+    rt.block_on(c1.flush()).unwrap();
+
+    cluster
+        .dir
+        .write_config(1, &with_resync_rate(&original, "\"1MiB\""));
+    let out = cluster.daemon(1).ctl(&["adjust"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("resync_rate 0 → 1048576"), "{said}");
+
+    assert!(cluster.daemon(1).ctl(&["connect", "n2"]).status.success());
+    // The resync runs at the new cap: after a while most is still stale.
+    assert!(wait_for(
+        || cluster.peer(1, 2)["connected"] == true,
+        Duration::from_secs(20)
+    ));
+    std::thread::sleep(Duration::from_secs(3));
+    let stale = cluster.peer(1, 2)["stale_bytes"].as_u64().unwrap();
+    assert!(
+        stale >= 8 * MIB,
+        "16 MiB at 1 MiB/s: after 3 s at least 8 MiB must be left, {stale} are"
+    );
+
+    // Back to unlimited: it finishes.
+    cluster.dir.write_config(1, &original);
+    let out = cluster.daemon(1).ctl(&["adjust"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut image = vec![0u8; size as usize];
+    image[..data.len()].copy_from_slice(&data);
+    assert!(
+        cluster
+            .wait_identical(Some(Model::from_image(image).blake3()))
+            .is_ok(),
+        "resync did not finish after the rate was lifted"
+    );
+}
+
+#[test]
+fn adjust_refuses_invalid_files_and_changes_that_need_a_restart() {
+    let cluster = Cluster::start(ClusterSpec {
+        extra_toml: "[replication]\nresync_rate = 0\n".into(),
+        ..ClusterSpec::default()
+    });
+    let original = cluster.dir.config_toml(1);
+
+    // Unchanged file: nothing to do.
+    let out = cluster.daemons[0].ctl(&["adjust"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no change"));
+
+    // A syntax error: refused with the file's problem.
+    cluster
+        .dir
+        .write_config(1, &format!("{original}\n[replication\n"));
+    // vmsyncctl reads the file first (for the socket) and says so ...
+    let out = cluster.daemons[0].ctl(&["adjust"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TOML parse error"));
+    // ... and the daemon, reached by its socket, refuses it too.
+    let socket = cluster
+        .dir
+        .node(1)
+        .control_socket
+        .to_str()
+        .unwrap()
+        .to_string();
+    let out = support::daemon::ctl_socket(&socket, &["adjust"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TOML parse error") && err.contains("nothing changed"),
+        "{err}"
+    );
+
+    // A tunable together with a new node name and a moved peer: refused,
+    // naming both, applying not even the tunable.
+    let moved = with_resync_rate(&original, "12345")
+        .replace("name = \"n1\"", "name = \"renamed\"")
+        .replace(&cluster.dir.node(2).listen.to_string(), "127.0.0.1:1");
+    cluster.dir.write_config(1, &moved);
+    let out = cluster.daemons[0].ctl(&["adjust"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[node]") && err.contains("peer n2") && err.contains("nothing was applied"),
+        "{err}"
+    );
+    assert_eq!(cluster.peer(1, 2)["connected"], true);
+
+    // The same tunable alone applies, counted from the original value.
+    cluster
+        .dir
+        .write_config(1, &with_resync_rate(&original, "12345"));
+    let out = cluster.daemons[0].ctl(&["adjust"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resync_rate 0 → 12345"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
