@@ -228,18 +228,36 @@ enum Missing {
     Stall,
 }
 
+/// What happens after the split brain is found.
+#[derive(PartialEq, Eq)]
+enum Resolution {
+    /// Nothing: the link stays refused.
+    Refuse,
+    /// The operator runs `discard-my-data` on node 1.
+    DiscardMyData,
+    /// Node 2 is configured to discard a diverged secondary's changes.
+    Policy,
+}
+
 /// Node 1 keeps writing while node 2 misses the writes; node 1 dies; node 2
 /// is promoted and writes too. Both hold acknowledged writes the other
 /// lacks: when they meet, the link is refused as a split brain and neither
 /// replica is touched, so the operator can choose (DRBD does the same).
-/// With `discard_on_node1`, the operator then picks node 2's data: node 1
-/// runs `discard-my-data` and must end up byte-identical to node 2.
-fn primary_and_promoted_peer_wrote_alone(missing: Missing, discard_on_node1: bool) {
+/// With `Resolution::DiscardMyData`, the operator then picks node 2's data:
+/// node 1 runs `discard-my-data` and must end up byte-identical to node 2.
+/// With `Resolution::Policy`, node 2 is configured with `after_split_brain =
+/// "discard-secondary"` and does that by itself.
+fn primary_and_promoted_peer_wrote_alone(missing: Missing, resolution: Resolution) {
     let rt = runtime();
+    let policy = if resolution == Resolution::Policy {
+        "after_split_brain = \"discard-secondary\"\n"
+    } else {
+        ""
+    };
     let (mut cluster, proxy) = support::cluster::proxied_pair(
         &rt,
         "C",
-        "[replication]\ncongestion_limit = \"1MiB\"\nmax_peer_wait_ms = 300\n",
+        &format!("[replication]\ncongestion_limit = \"1MiB\"\nmax_peer_wait_ms = 300\n{policy}"),
     );
     let size = cluster.dir.spec.size;
     let mut gen = Workload::new(101, size);
@@ -283,6 +301,19 @@ fn primary_and_promoted_peer_wrote_alone(missing: Missing, discard_on_node1: boo
         ),
         "node 2 did not report a split brain"
     );
+    if resolution == Resolution::Policy {
+        assert!(
+            !support::rawpeer::log_lines_with(&log, "the secondary's changes are discarded")
+                .is_empty(),
+            "node 2 did not apply its after_split_brain policy"
+        );
+        assert!(
+            cluster.wait_identical(Some(node2_alone.blake3())).is_ok(),
+            "node 1 did not converge to the primary's data"
+        );
+        assert!(cluster.wait_peers_up_to_date(2));
+        return;
+    }
     // Give a wrong resync time to happen, then check that none did.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
@@ -300,7 +331,7 @@ fn primary_and_promoted_peer_wrote_alone(missing: Missing, discard_on_node1: boo
         "status must say why the peer is not mirrored: {peer}"
     );
     assert_eq!(cluster.status(1)["role"], "secondary");
-    if !discard_on_node1 {
+    if resolution == Resolution::Refuse {
         return;
     }
 
@@ -334,20 +365,26 @@ fn primary_and_promoted_peer_wrote_alone(missing: Missing, discard_on_node1: boo
 
 #[test]
 fn a_primary_that_wrote_alone_and_a_peer_promoted_meanwhile_are_a_split_brain() {
-    primary_and_promoted_peer_wrote_alone(Missing::Cut, false);
+    primary_and_promoted_peer_wrote_alone(Missing::Cut, Resolution::Refuse);
 }
 
 /// DRBD's manual split-brain recovery: `discard-my-data` on the victim.
 #[test]
 fn discard_my_data_on_the_split_brain_victim_resyncs_it_from_the_survivor() {
-    primary_and_promoted_peer_wrote_alone(Missing::Cut, true);
+    primary_and_promoted_peer_wrote_alone(Missing::Cut, Resolution::DiscardMyData);
+}
+
+/// DRBD's `after-sb-1pri discard-secondary`, configured on the primary.
+#[test]
+fn with_discard_secondary_the_primary_resyncs_a_diverged_secondary_by_itself() {
+    primary_and_promoted_peer_wrote_alone(Missing::Cut, Resolution::Policy);
 }
 
 /// The same when node 2 stayed connected but fell behind: it missed
 /// acknowledged writes just as surely.
 #[test]
 fn a_primary_and_its_promoted_peer_that_had_fallen_behind_are_a_split_brain() {
-    primary_and_promoted_peer_wrote_alone(Missing::Stall, false);
+    primary_and_promoted_peer_wrote_alone(Missing::Stall, Resolution::Refuse);
 }
 
 /// Node 3 fell behind and its resync from node 1 was cut short when node 1

@@ -102,6 +102,22 @@ pub struct Replication {
     /// A peer from which no frame at all arrived for this long is dead: the
     /// link is dropped (milliseconds). Also the sockets' `TCP_USER_TIMEOUT`.
     pub ping_timeout_ms: u64,
+    /// What a primary does when it meets a secondary whose data diverged
+    /// from its own (a split brain), as DRBD's `after-sb-1pri`.
+    pub after_split_brain: AfterSplitBrain,
+}
+
+/// DRBD's `after-sb-1pri` for the case vmsync meets a split brain in: a
+/// primary and a diverged secondary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterSplitBrain {
+    /// Refuse the link; the operator decides (`vmsyncctl discard-my-data`
+    /// on the node whose changes go). DRBD's default.
+    #[default]
+    Disconnect,
+    /// The secondary's own changes are discarded: it is resynced completely
+    /// from the primary (`discard-secondary`).
+    DiscardSecondary,
 }
 
 impl Default for Replication {
@@ -115,6 +131,7 @@ impl Default for Replication {
             fetch_timeout_ms: 30_000,
             ping_interval_ms: 1000,
             ping_timeout_ms: 5000,
+            after_split_brain: AfterSplitBrain::Disconnect,
         }
     }
 }
@@ -260,6 +277,7 @@ struct RawReplication {
     fetch_timeout_ms: Option<i64>,
     ping_interval_ms: Option<i64>,
     ping_timeout_ms: Option<i64>,
+    after_split_brain: Option<String>,
 }
 
 /// A size: an integer number of bytes or a string with a suffix.
@@ -496,6 +514,18 @@ impl Validator<'_> {
             }
             if let Some(ms) = r.ping_timeout_ms {
                 replication.ping_timeout_ms = self.count("replication.ping_timeout_ms", ms)?;
+            }
+            if let Some(policy) = r.after_split_brain {
+                replication.after_split_brain = match policy.as_str() {
+                    "disconnect" => AfterSplitBrain::Disconnect,
+                    "discard-secondary" => AfterSplitBrain::DiscardSecondary,
+                    other => {
+                        return Err(self.err(
+                            "replication.after_split_brain",
+                            format!("'{other}' is not one of: disconnect, discard-secondary"),
+                        ))
+                    }
+                };
             }
             // A timeout of less than two ping intervals drops healthy links
             // whenever one ping is a little late.

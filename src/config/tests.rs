@@ -237,3 +237,22 @@ fn weak_secrets_are_refused_naming_the_file() {
     std::fs::write(&file, protocol::generate_secret()).unwrap();
     assert_eq!(config.read_secret().unwrap().len(), 64);
 }
+
+#[test]
+fn the_split_brain_policy_defaults_to_disconnect_and_is_validated() {
+    use super::AfterSplitBrain;
+    let c = parse_str(GOOD).unwrap();
+    assert_eq!(c.replication.after_split_brain, AfterSplitBrain::Disconnect);
+    let with = |value: &str| format!("{GOOD}\n[replication]\nafter_split_brain = \"{value}\"\n");
+    let c = parse_str(&with("discard-secondary")).unwrap();
+    assert_eq!(
+        c.replication.after_split_brain,
+        AfterSplitBrain::DiscardSecondary
+    );
+    let e = error_of(&with("discard-everything"));
+    assert!(
+        e.contains("`replication.after_split_brain`")
+            && e.contains("'discard-everything' is not one of: disconnect, discard-secondary"),
+        "{e}"
+    );
+}

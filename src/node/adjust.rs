@@ -102,5 +102,11 @@ fn tunable_changes(old: &config::Replication, new: &config::Replication) -> Vec<
         new.ping_interval_ms,
     );
     compare("ping_timeout_ms", old.ping_timeout_ms, new.ping_timeout_ms);
+    if old.after_split_brain != new.after_split_brain {
+        changes.push(format!(
+            "after_split_brain {:?} → {:?}",
+            old.after_split_brain, new.after_split_brain
+        ));
+    }
     changes
 }

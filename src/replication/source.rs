@@ -18,6 +18,7 @@ use super::liveness::{Due, Liveness};
 use super::peer::{Outgoing, PeerMode, PeerReplica};
 use super::transport::{FrameWriter, LinkError};
 use super::{Replication, RoleState};
+use crate::config::AfterSplitBrain;
 
 /// Largest resync chunk (contiguous stale blocks sent in one message).
 const MAX_RESYNC_CHUNK: u64 = 256 * 1024;
@@ -104,13 +105,23 @@ pub async fn run(
                 theirs.generation.current
             )))
         }
-        Lineage::Diverged => {
-            return Err(LinkError::Violation(format!(
-                "split brain: peer's data (generation {:016x}) and ours ({:016x}) diverged; recreate one side's metadata to discard its changes",
-                theirs.generation.current,
-                repl.generation().current
-            )))
-        }
+        Lineage::Diverged => match repl.tunables().after_split_brain {
+            AfterSplitBrain::Disconnect => {
+                return Err(LinkError::Violation(format!(
+                    "split brain: peer's data (generation {:016x}) and ours ({:016x}) diverged; run `vmsyncctl discard-my-data` on the node whose changes are to go",
+                    theirs.generation.current,
+                    repl.generation().current
+                )))
+            }
+            AfterSplitBrain::DiscardSecondary => {
+                let blocks = peer.bitmap.set_all();
+                tracing::warn!(
+                    blocks,
+                    peer_generation = format!("{:016x}", theirs.generation.current),
+                    "split brain: the secondary's changes are discarded (after_split_brain = discard-secondary): full sync"
+                );
+            }
+        },
     }
     let Link {
         data_reader: _data_reader,
