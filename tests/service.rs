@@ -327,3 +327,42 @@ fn the_daemon_without_config_says_so() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
 }
+
+#[test]
+fn every_log_line_of_a_replicating_node_names_its_resource_and_node() {
+    let dir = TestDir::with_spec(ClusterSpec::default());
+    create_md(&dir);
+    let mut n1 = Daemon::start_with(dir.node(1), None, &["--log-format", "json"], &[]);
+    let mut n2 = Daemon::start(dir.node(2));
+    n1.wait_ready(START);
+    n2.wait_ready(START);
+    assert!(support::wait_for(
+        || n1.status_json()["peers"][0]["connected"] == true,
+        START
+    ));
+    let out = n1.ctl(&["promote"]);
+    assert!(out.status.success());
+    assert!(support::wait_for(
+        || n1.status_json()["peers"][0]["state"] == "up-to-date",
+        START
+    ));
+    n1.sigterm_and_wait(START);
+    let lines = log_since_start(&dir.node(1).log);
+    let mut link_lines = 0;
+    for line in &lines {
+        let entry: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        let spans = entry["spans"].as_array().cloned().unwrap_or_default();
+        let in_node = spans
+            .iter()
+            .any(|s| s["resource"] == "r0" && s["node"] == "n1");
+        assert!(in_node, "a log line without the node's span: {line}");
+        if spans
+            .iter()
+            .any(|s| s["name"] == "link" && s["peer"] == "n2")
+        {
+            link_lines += 1;
+        }
+    }
+    assert!(link_lines > 0, "no line names the link to n2: {lines:?}");
+}

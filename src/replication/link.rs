@@ -73,12 +73,11 @@ pub async fn start(repl: Arc<Replication>) -> anyhow::Result<IncomingConnections
     for peer in &repl.peers {
         let (tx, rx) = mpsc::channel(8);
         routes.push((peer.id(), tx));
-        tokio::spawn(maintain(
-            Arc::clone(&repl),
-            Arc::clone(peer),
-            identity.clone(),
-            rx,
-        ));
+        // Inside the node's span (resource, node), naming the peer.
+        let span = tracing::info_span!("link", peer = %peer.config.name);
+        tokio::spawn(
+            maintain(Arc::clone(&repl), Arc::clone(peer), identity.clone(), rx).instrument(span),
+        );
     }
     let (directory_tx, directory_rx) = mpsc::channel(4);
     let router = Router {
