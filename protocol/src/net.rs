@@ -136,6 +136,22 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// [`FrameWriter::pump`] for a bounded channel: senders wait while the
+    /// peer does not read, instead of queueing without limit.
+    pub async fn pump_bounded(
+        mut self,
+        mut rx: tokio::sync::mpsc::Receiver<Message>,
+    ) -> Result<(), LinkError> {
+        while let Some(msg) = rx.recv().await {
+            self.queue(&msg)?;
+            while let Ok(more) = rx.try_recv() {
+                self.queue(&more)?;
+            }
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         if self.chunks.is_empty() {
             if !self.buf.is_empty() {
