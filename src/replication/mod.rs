@@ -98,6 +98,8 @@ pub struct Replication {
     holders: Mutex<Option<std::collections::BTreeMap<u32, Arc<blockdev::meta::Bitmap>>>>,
     /// Writes are refused: the directory handed out a newer term.
     fenced: AtomicBool,
+    /// The current or last online verify (see `verify`).
+    verify_progress: Mutex<verify::VerifyProgress>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +169,7 @@ impl Replication {
             inherited: Mutex::new(None),
             holders: Mutex::new(None),
             fenced: AtomicBool::new(false),
+            verify_progress: Mutex::new(verify::VerifyProgress::default()),
         })
     }
 
