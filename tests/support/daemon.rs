@@ -43,6 +43,11 @@ impl Daemon {
     /// Benchmarks use this to give the primary and its peers CPUs of their
     /// own, as on separate machines.
     pub fn start_on(node: &NodeFiles, cpus: Option<&[usize]>) -> Daemon {
+        Daemon::start_with(node, cpus, &[])
+    }
+
+    /// Like [`Daemon::start_on`], with extra environment variables.
+    pub fn start_with(node: &NodeFiles, cpus: Option<&[usize]>, env: &[(&str, &str)]) -> Daemon {
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -75,6 +80,7 @@ impl Daemon {
             )
             // Plain text: the log is a file read by people and by `print_log_tail`.
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr)
