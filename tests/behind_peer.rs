@@ -141,3 +141,60 @@ fn a_stalled_behind_peer_costs_bounded_memory_and_no_flush_time_then_converges()
     let result = cluster.wait_identical(Some(expected));
     assert!(result.is_ok(), "{result:?}");
 }
+
+/// The same for a node answering block reads (`Channel::Fetch`): a
+/// requester that sends many reads and takes none of the replies makes the
+/// holder stop reading its requests once a few replies wait, instead of
+/// reading every requested block into memory.
+#[test]
+fn a_fetch_requester_that_reads_no_replies_costs_the_holder_bounded_memory() {
+    use protocol::{Channel, Message};
+    use support::rawpeer;
+    let cluster = support::Cluster::start(support::ClusterSpec {
+        nodes: 2,
+        ..support::ClusterSpec::default()
+    });
+    let size = cluster.dir.spec.size;
+    let pid = cluster.daemons[0].pid();
+    let before = rss(pid);
+    let secret = rawpeer::read_secret(&cluster.dir.secret);
+    // Node 2's identity asks node 1 for blocks.
+    let mut conn = rawpeer::handshake(
+        cluster.dir.node(1).listen,
+        rawpeer::params("r0", 2, 1, Channel::Fetch),
+        &secret,
+    )
+    .unwrap_or_else(|f| panic!("fetch handshake: {f:?}"));
+    const REQUESTS: u64 = 600;
+    let sender = std::thread::spawn(move || {
+        for id in 0..REQUESTS {
+            let request = Message::ReadRequest {
+                id,
+                offset: (id * MIB) % size,
+                len: MIB as u32,
+                hash: None,
+            };
+            // Small: they all fit in the socket buffers whether or not
+            // the holder reads them.
+            if conn.send(&request).is_err() {
+                break;
+            }
+        }
+        conn
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let grown = rss(pid).saturating_sub(before);
+    eprintln!(
+        "holder RSS grew {} MiB with {REQUESTS} MiB of replies requested and none read",
+        grown / MIB
+    );
+    assert!(
+        grown < 64 * MIB,
+        "the holder buffered {} MiB of replies nobody reads",
+        grown / MIB
+    );
+    // The node still works for everyone else.
+    assert_eq!(cluster.status(1)["node_id"], 1);
+    // The connection (kept by the sender's result) closes only now.
+    drop(sender.join());
+}
