@@ -18,7 +18,9 @@
 //! not really mirrored to, so its row is flagged). A markdown table ends it.
 //!
 //! `cargo bench --bench replication [-- FILTER...]`, where a FILTER picks
-//! configurations by key (`local`, `1A`, `2A`, `1C`, `2C`). Environment:
+//! configurations by key (`local`, `1A-plain`, `1A`, `2A`, `1C-plain`, `1C`,
+//! `2C`; `-plain`: links not protected after the handshake, the baseline of
+//! what protection costs, compared in a table of its own). Environment:
 //! `VMSYNC_BENCH_SECS` (measured seconds per workload, 5),
 //! `VMSYNC_BENCH_WARMUP_SECS` (1), `VMSYNC_BENCH_SIZE_MIB` (device size, 128),
 //! `VMSYNC_BENCH_DIRECT_IO=1` (O_DIRECT backings), `VMSYNC_BENCH_KEEP_CACHE=1`
@@ -54,44 +56,51 @@ struct Setup {
     key: &'static str,
     peers: u32,
     protocol: &'static str,
+    /// Links sealed after the handshake (the product); false runs the
+    /// daemons with `VMSYNC_BENCH_UNPROTECTED_LINKS=1`, the baseline of
+    /// what protection costs.
+    protected: bool,
 }
 
 impl Setup {
     fn label(&self) -> String {
+        let plain = if self.protected {
+            ""
+        } else {
+            ", links NOT protected (baseline)"
+        };
         match self.peers {
             0 => "local (0 peers)".into(),
-            1 => format!("1 peer, protocol {}", self.protocol),
-            n => format!("{n} peers, protocol {}", self.protocol),
+            1 => format!("1 peer, protocol {}{plain}", self.protocol),
+            n => format!("{n} peers, protocol {}{plain}", self.protocol),
         }
+    }
+
+    /// The unprotected twin of a protected setup, by key.
+    fn plain_key(&self) -> String {
+        format!("{}-plain", self.key)
     }
 }
 
-const SETUPS: [Setup; 5] = [
+const fn setup(key: &'static str, peers: u32, protocol: &'static str, protected: bool) -> Setup {
     Setup {
-        key: "local",
-        peers: 0,
-        protocol: "A",
-    },
-    Setup {
-        key: "1A",
-        peers: 1,
-        protocol: "A",
-    },
-    Setup {
-        key: "2A",
-        peers: 2,
-        protocol: "A",
-    },
-    Setup {
-        key: "1C",
-        peers: 1,
-        protocol: "C",
-    },
-    Setup {
-        key: "2C",
-        peers: 2,
-        protocol: "C",
-    },
+        key,
+        peers,
+        protocol,
+        protected,
+    }
+}
+
+/// Each unprotected baseline runs right before its protected twin, so
+/// the two see the same machine state.
+const SETUPS: [Setup; 7] = [
+    setup("local", 0, "A", true),
+    setup("1A-plain", 1, "A", false),
+    setup("1A", 1, "A", true),
+    setup("2A", 2, "A", true),
+    setup("1C-plain", 1, "C", false),
+    setup("1C", 1, "C", true),
+    setup("2C", 2, "C", true),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -347,7 +356,46 @@ fn main() {
         "\n(vs local: IOPS ratio to the 0-peer run above, equal to the MB/s ratio; \
          targets: protocol A, 2 peers >= 0.90; protocol C >= 0.60)"
     );
+    print_protection_cost(&results);
     println!("total run time {:.0}s", started.elapsed().as_secs_f64());
+}
+
+/// What link protection costs: each protected setup against its
+/// unprotected twin of the same run (throughput ratio, and the primary's
+/// CPU time per request — utime + stime from /proc, what getrusage reports
+/// inside the process — protected over unprotected).
+fn print_protection_cost(results: &[(Setup, Vec<(Workload, Measurement)>)]) {
+    let pairs: Vec<_> = results
+        .iter()
+        .filter(|(s, _)| s.protected && s.peers > 0)
+        .filter_map(|(s, rows)| {
+            let plain = results.iter().find(|(p, _)| p.key == s.plain_key())?;
+            Some((s, rows, &plain.1))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    println!("\n## What link protection costs (protected vs unprotected, same run)\n");
+    println!("| configuration | workload | MB/s unprotected | MB/s protected | throughput ratio | n1 CPU µs/op unprotected | protected | CPU ratio |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for (setup, rows, plain) in pairs {
+        for ((w, m), (_, p)) in rows.iter().zip(plain.iter()) {
+            println!(
+                "| {} peer(s), protocol {} | {} | {:.1} | {:.1} | **{:.2}** | {:.1} | {:.1} | {:.2} |",
+                setup.peers,
+                setup.protocol,
+                w.name,
+                p.mbps(),
+                m.mbps(),
+                m.mbps() / p.mbps(),
+                p.n1_cpu_us_per_op(),
+                m.n1_cpu_us_per_op(),
+                m.n1_cpu_us_per_op() / p.n1_cpu_us_per_op().max(0.001),
+            );
+        }
+    }
+    println!("\n(target: throughput ratio >= 0.90 for 1 MiB writes)");
 }
 
 /// Starts the cluster for `setup`, syncs it and runs every workload.
@@ -443,7 +491,12 @@ fn start_cluster(setup: Setup, params: &Params) -> Cluster {
                     peers.as_slice()
                 }
             });
-            Daemon::start_on(node, cpus)
+            let env: &[(&str, Option<&str>)] = if setup.protected {
+                &[]
+            } else {
+                &[("VMSYNC_BENCH_UNPROTECTED_LINKS", Some("1"))]
+            };
+            Daemon::start_with(node, cpus, &[], env)
         })
         .collect();
     let mut cluster = Cluster { dir, daemons };

@@ -130,6 +130,31 @@ pub struct Status {
     /// sync (all zero when it holds every block).
     #[serde(default)]
     pub sync: SyncStatus,
+    /// The last (or running) online verify since the daemon started.
+    #[serde(default)]
+    pub verify: VerifyStatus,
+}
+
+/// Progress of `vmsyncctl verify` (on the primary).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct VerifyStatus {
+    /// "none" (never ran), "running", "done" or "failed".
+    pub state: String,
+    /// Whether differing blocks are resynced from the primary.
+    pub repair: bool,
+    /// Bytes compared so far, over every peer compared with.
+    pub bytes_done: u64,
+    /// Bytes to compare: the device size times the peers compared with.
+    pub total_bytes: u64,
+    pub rate_bytes_per_sec: u64,
+    pub eta_seconds: Option<u64>,
+    /// Blocks found differing so far (while running: candidates still to be
+    /// checked again after a barrier; when done: confirmed).
+    pub differing_blocks: u64,
+    /// Unix time (seconds) the run started and finished.
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub last_error: Option<String>,
 }
 
 /// The local replica's missing blocks and the background sync pulling them.

@@ -722,3 +722,85 @@ fn verify_finds_blocks_corrupted_behind_a_peers_back_and_repair_fixes_them() {
     );
     assert!(verify(&["verify"]).contains("n2: identical"));
 }
+
+/// `status --json` follows a verify while it runs: at `verify_rate` (low
+/// here) the bytes compared grow sample by sample, the run ends `done`, and
+/// it counts exactly the blocks corrupted behind the peer's back.
+#[test]
+fn verify_progress_shows_in_status_at_the_configured_rate() {
+    use std::os::unix::fs::FileExt;
+    const RATE: u64 = 16 * MIB;
+    let cluster = Cluster::start(ClusterSpec {
+        size: 64 * MIB,
+        extra_toml: format!("[replication]\nverify_rate = {RATE}\n"),
+        ..spec(2, "C")
+    });
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    let rt = runtime();
+    let c = client(&rt, &cluster, 1);
+    rt.block_on(c.write(0, vec![0x5a; 4 * MIB as usize], false))
+        .unwrap();
+    rt.block_on(c.flush()).unwrap();
+    assert!(cluster.wait_identical(None).is_ok());
+    assert_eq!(cluster.status(1)["verify"]["state"], "none");
+    // Three blocks: two neighbours and one far away (one of them in the
+    // last MiB, so the whole device must be compared to find it).
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cluster.dir.node(2).backing)
+        .unwrap();
+    image.write_all_at(&[0xee; 8192], MIB).unwrap();
+    image.write_all_at(&[0x11; 100], 64 * MIB - 4096).unwrap();
+    drop(image);
+
+    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_vmsyncctl"))
+        .arg("--config")
+        .arg(&cluster.dir.node(1).config)
+        .arg("verify")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut samples = Vec::new();
+    let last = loop {
+        let v = cluster.status(1)["verify"].clone();
+        if v["state"] != "running" {
+            break v;
+        }
+        samples.push(v["bytes_done"].as_u64().unwrap());
+        assert_eq!(v["total_bytes"], 64 * MIB);
+        assert!(v["started_at"].as_u64().is_some(), "{v}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "verify still running: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let took = started.elapsed();
+    let out = verify.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    eprintln!("verify of 64 MiB at {RATE} B/s took {took:?}; bytes_done samples {samples:?}");
+    // 64 MiB at 16 MiB/s: about 4 s, so about a dozen samples that rise.
+    let rising = samples.windows(2).filter(|w| w[1] > w[0]).count();
+    assert!(rising >= 3, "progress did not move: {samples:?}");
+    assert!(samples.windows(2).all(|w| w[1] >= w[0]), "{samples:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "64 MiB at 16 MiB/s cannot take {took:?}: verify_rate ignored"
+    );
+    assert_eq!(last["state"], "done", "{last}");
+    assert_eq!(last["bytes_done"], 64 * MIB);
+    assert_eq!(last["differing_blocks"], 3, "{last}");
+    assert!(last["finished_at"].as_u64().is_some(), "{last}");
+    assert!(text.contains("12288 bytes differ"), "{text}");
+    // The text status says the same.
+    let out = cluster.daemons[0].ctl(&["status"]);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("verify done") && status.contains("differing blocks 3"),
+        "{status}"
+    );
+}

@@ -136,6 +136,22 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// [`FrameWriter::pump`] for a bounded channel: senders wait while the
+    /// peer does not read, instead of queueing without limit.
+    pub async fn pump_bounded(
+        mut self,
+        mut rx: tokio::sync::mpsc::Receiver<Message>,
+    ) -> Result<(), LinkError> {
+        while let Some(msg) = rx.recv().await {
+            self.queue(&msg)?;
+            while let Ok(more) = rx.try_recv() {
+                self.queue(&more)?;
+            }
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         if self.chunks.is_empty() {
             if !self.buf.is_empty() {
@@ -444,6 +460,21 @@ async fn respond(
     }
 }
 
+/// Whether connections switch to sealed records after the handshake; see
+/// [`disable_link_protection_for_benchmarks`]. Process-wide.
+static PROTECT_LINKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Leaves every connection made from now on unprotected after the
+/// handshake: authenticated once, then plain frames that anyone on the
+/// wire can read or change. Only for measuring what protection costs
+/// (`benches/replication.rs`, through `VMSYNC_BENCH_UNPROTECTED_LINKS` in
+/// `vmsyncd`). Both ends must agree: a protected end refuses the plain
+/// frames of an unprotected one (and the other way round), so a mismatch
+/// fails closed.
+pub fn disable_link_protection_for_benchmarks() {
+    PROTECT_LINKS.store(false, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Switches both halves to sealed records under the session keys of the
 /// finished handshake `machine`. Runs right after our `AuthOk` went out and
 /// the peer's came in: the peer seals only after it has seen ours, so
@@ -456,6 +487,9 @@ fn protect(
     let keys = machine
         .session_keys()
         .ok_or_else(|| LinkError::Violation("handshake finished without session keys".into()))?;
+    if !PROTECT_LINKS.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
     let (sealer, opener) = keys.split();
     reader.opener = Some(opener);
     writer.sealer = Some(sealer);

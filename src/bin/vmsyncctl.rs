@@ -268,6 +268,26 @@ fn print_status(s: &Status) {
             println!("    last sync error: {error}");
         }
     }
+    if s.verify.state != "none" && !s.verify.state.is_empty() {
+        let v = &s.verify;
+        let eta = v
+            .eta_seconds
+            .map(|e| format!("{e}s"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  verify {}{}  {} of {} bytes  rate {} B/s  eta {}  differing blocks {}",
+            v.state,
+            if v.repair { " (repair)" } else { "" },
+            v.bytes_done,
+            v.total_bytes,
+            v.rate_bytes_per_sec,
+            eta,
+            v.differing_blocks
+        );
+        if let Some(error) = &v.last_error {
+            println!("    verify error: {error}");
+        }
+    }
     for p in &s.peers {
         let eta = p
             .eta_seconds

@@ -47,6 +47,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if std::env::var_os("VMSYNC_BENCH_UNPROTECTED_LINKS").is_some_and(|v| v == "1") {
+        // For `benches/replication.rs` only: the baseline of what link
+        // protection costs. Every peer must run the same way.
+        tracing::warn!(
+            "VMSYNC_BENCH_UNPROTECTED_LINKS=1: links are NOT encrypted or authenticated after the handshake (benchmark baseline only)"
+        );
+        protocol::net::disable_link_protection_for_benchmarks();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -94,6 +94,9 @@ pub struct Replication {
     /// Background sync (pulling the blocks a new primary lacks) cap in bytes
     /// per second (0: unlimited; it always yields to guest reads).
     pub sync_rate: u64,
+    /// Online verify cap in bytes compared per second, over all peers
+    /// (0: unlimited). Every byte compared is read here and on the peer.
+    pub verify_rate: u64,
     /// Longest a guest I/O waits for a block this node lacks while no node
     /// holding it answers, before it fails with EIO (milliseconds).
     pub fetch_timeout_ms: u64,
@@ -128,6 +131,9 @@ impl Default for Replication {
             max_peer_wait_ms: 2000,
             resync_rate: 0,
             sync_rate: 0,
+            // DRBD's resync controller caps at 100 MiB/s by default
+            // (c-max-rate); verify reads the whole device on both sides.
+            verify_rate: 100 << 20,
             fetch_timeout_ms: 30_000,
             ping_interval_ms: 1000,
             ping_timeout_ms: 5000,
@@ -274,6 +280,7 @@ struct RawReplication {
     max_peer_wait_ms: Option<i64>,
     resync_rate: Option<RawSize>,
     sync_rate: Option<RawSize>,
+    verify_rate: Option<RawSize>,
     fetch_timeout_ms: Option<i64>,
     ping_interval_ms: Option<i64>,
     ping_timeout_ms: Option<i64>,
@@ -505,6 +512,9 @@ impl Validator<'_> {
             }
             if let Some(s) = r.sync_rate {
                 replication.sync_rate = self.size("replication.sync_rate", s)?;
+            }
+            if let Some(s) = r.verify_rate {
+                replication.verify_rate = self.size("replication.verify_rate", s)?;
             }
             if let Some(ms) = r.fetch_timeout_ms {
                 replication.fetch_timeout_ms = self.count("replication.fetch_timeout_ms", ms)?;

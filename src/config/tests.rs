@@ -256,3 +256,16 @@ fn the_split_brain_policy_defaults_to_disconnect_and_is_validated() {
         "{e}"
     );
 }
+
+#[test]
+fn verify_rate_defaults_to_100_mib_and_takes_sizes() {
+    assert_eq!(parse_str(GOOD).unwrap().replication.verify_rate, 100 << 20);
+    let c = parse_str(&format!("{GOOD}\n[replication]\nverify_rate = \"8MiB\"\n")).unwrap();
+    assert_eq!(c.replication.verify_rate, 8 << 20);
+    let c = parse_str(&format!("{GOOD}\n[replication]\nverify_rate = 0\n")).unwrap();
+    assert_eq!(c.replication.verify_rate, 0);
+    assert!(
+        error_of(&format!("{GOOD}\n[replication]\nverify_rate = \"fast\"\n"))
+            .contains("replication.verify_rate")
+    );
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use protocol::Role;
 
 use super::Node;
-use crate::control::{PeerStatus, Status, SyncStatus};
+use crate::control::{PeerStatus, Status, SyncStatus, VerifyStatus};
 use crate::replication::peer::{PeerMode, PeerReplica};
 use crate::replication::Replication;
 
@@ -59,6 +59,14 @@ impl Node {
                 .unwrap_or_else(|| SyncStatus {
                     state: "none".into(),
                     ..SyncStatus::default()
+                }),
+            verify: self
+                .replication
+                .as_ref()
+                .map(|r| r.verify_status())
+                .unwrap_or_else(|| VerifyStatus {
+                    state: "none".into(),
+                    ..VerifyStatus::default()
                 }),
         }
     }

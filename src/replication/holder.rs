@@ -19,6 +19,9 @@ use super::transport::{Connection, LinkError};
 use super::Replication;
 
 /// Requests answered at once per connection; the rest wait in the socket.
+/// A reply keeps its slot until it is in the (as small) reply queue, so a
+/// requester that stops reading its replies holds at most twice this many
+/// in memory here, then its requests wait in the socket too.
 const MAX_IN_FLIGHT: usize = 8;
 
 /// Answers read requests on `conn` until the requester hangs up. A bad
@@ -27,8 +30,8 @@ pub async fn serve(repl: Arc<Replication>, conn: Connection) {
     let Connection {
         mut reader, writer, ..
     } = conn;
-    let (replies, outgoing) = mpsc::unbounded_channel();
-    let pump = tokio::spawn(writer.pump(outgoing));
+    let (replies, outgoing) = mpsc::channel(MAX_IN_FLIGHT);
+    let pump = tokio::spawn(writer.pump_bounded(outgoing));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let request = match reader.next().await {
@@ -56,7 +59,9 @@ pub async fn serve(repl: Arc<Replication>, conn: Connection) {
         tokio::spawn(
             async move {
                 let (id, offset, len, hash) = request;
-                let _ = replies.send(answer(&repl, id, offset, len, hash).await);
+                let _ = replies
+                    .send(answer(&repl, id, offset, len, hash).await)
+                    .await;
                 drop(slot);
             }
             .in_current_span(),

@@ -103,6 +103,8 @@ pub struct Replication {
     /// `[replication]` as last loaded: `vmsyncctl adjust` replaces it in a
     /// running daemon; each use reads the current value.
     tunables: std::sync::RwLock<crate::config::Replication>,
+    /// The current or last online verify (see `verify`).
+    verify_progress: Mutex<verify::VerifyProgress>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +175,7 @@ impl Replication {
             inherited: Mutex::new(None),
             holders: Mutex::new(None),
             fenced: AtomicBool::new(false),
+            verify_progress: Mutex::new(verify::VerifyProgress::default()),
         })
     }
 

@@ -22,6 +22,15 @@ use crate::config::Peer;
 /// unacknowledged.
 const MAX_UNACKED_TO_RESUME: usize = 2;
 
+/// Epochs a peer may leave unacknowledged. Each is a record here and a
+/// barrier in the send queue; payload bytes are capped by
+/// `congestion_limit`, but empty epochs (a guest that flushes often, under
+/// protocol A where nobody waits for the peer) carry none. Beyond this a
+/// mirrored peer falls behind; a peer already behind, which gets nothing
+/// but barriers, has its link dropped: it reconnects and resyncs from its
+/// bitmap, as DRBD expels a peer that stops answering (`ko-count`).
+pub const MAX_UNACKED_EPOCHS: usize = 4096;
+
 /// Where a peer stands, from the primary's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerMode {
@@ -108,6 +117,10 @@ pub struct PeerReplica {
     pub resync_wanted: Notify,
     /// Wakes guest writes waiting for this peer's backlog to drain.
     pub drained: Notify,
+    /// Wakes the link session when the peer must be disconnected (see
+    /// [`MAX_UNACKED_EPOCHS`]); the reason is in `expel_reason`.
+    pub expel: Notify,
+    expel_reason: Mutex<Option<String>>,
     /// Shared with the replication layer: set when this peer stops getting
     /// our writes (its link drops, or it falls behind), so the next write
     /// starts a new data generation (see `Replication::fork_generation`).
@@ -148,6 +161,8 @@ impl PeerReplica {
             connected: AtomicBool::new(false),
             resync_wanted: Notify::new(),
             drained: Notify::new(),
+            expel: Notify::new(),
+            expel_reason: Mutex::new(None),
             fork_pending,
             last_error: Mutex::new(None),
             last_heard: Mutex::new(None),
@@ -215,6 +230,7 @@ impl PeerReplica {
     /// Starts mirroring to the peer through `tx`. Blocks written before this
     /// point are already in the bitmap.
     pub fn start_mirroring(&self, tx: mpsc::UnboundedSender<Outgoing>) {
+        *self.expel_reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut inner = self.lock();
         inner.tx = Some(tx);
         inner.mode = if self.bitmap.count_ones() > 0 {
@@ -344,6 +360,22 @@ impl PeerReplica {
         ) {
             return None;
         }
+        if inner.unacked.len() >= MAX_UNACKED_EPOCHS && !inner.unacked.contains_key(&epoch) {
+            if inner.mode.mirrors() {
+                let why = format!("{} epochs unacknowledged", inner.unacked.len());
+                self.fall_behind_locked(&mut inner, &why);
+            } else {
+                // Behind, and not even acking barriers: stop queueing to it
+                // and drop the link (its unacked epochs fold into the
+                // bitmap then).
+                let why = format!(
+                    "peer left {} epochs unacknowledged while behind; link dropped, it resyncs from the bitmap when it reconnects",
+                    inner.unacked.len()
+                );
+                self.expel_locked(&mut inner, why);
+                return None;
+            }
+        }
         if !self.send(&inner, Message::Barrier { term, epoch }, 0) {
             return None;
         }
@@ -472,6 +504,12 @@ impl PeerReplica {
     /// A guest write waited too long for this peer: stop waiting for it.
     pub fn fall_behind(&self, why: &str) {
         let mut inner = self.lock();
+        self.fall_behind_locked(&mut inner, why);
+        drop(inner);
+        self.drained.notify_waiters();
+    }
+
+    fn fall_behind_locked(&self, inner: &mut Inner, why: &str) {
         if inner.mode.mirrors() {
             tracing::warn!(peer = %self.config.name, "peer falls behind: {why}");
             inner.mode = PeerMode::Behind;
@@ -479,8 +517,27 @@ impl PeerReplica {
             self.fork_pending.store(true, Ordering::Release);
         }
         inner.write_waiters.clear();
-        drop(inner);
-        self.drained.notify_waiters();
+    }
+
+    /// Stops queueing anything to the peer and asks its link session to
+    /// drop the link (`expel_reason` says why). Its writes already go to
+    /// the bitmap; what it never acknowledged joins them on disconnect.
+    fn expel_locked(&self, inner: &mut Inner, why: String) {
+        if inner.tx.take().is_none() {
+            return; // already expelled (or never linked)
+        }
+        tracing::warn!(peer = %self.config.name, "{why}");
+        *self.expel_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        self.expel.notify_one();
+    }
+
+    /// Why the current link must be dropped, once `expel` fired (None: a
+    /// wake-up left over from an earlier link, to ignore).
+    pub fn expel_reason(&self) -> Option<String> {
+        self.expel_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Called as the backlog drains (by the sender, and when acks arrive):
@@ -589,5 +646,40 @@ mod tests {
         assert_eq!(p.mode(), PeerMode::Behind);
         assert!(p.barrier(1, 1, true).is_none(), "a flush would wait for it");
         assert_eq!(p.lock().unacked.len(), 1, "the barrier was not sent");
+    }
+
+    #[test]
+    fn unacked_epochs_are_capped_then_a_behind_peer_is_expelled() {
+        let p = peer();
+        // Empty epochs (flushes with nothing written) carry no payload bytes,
+        // so only the epoch cap stops them from piling up.
+        for epoch in 1..=MAX_UNACKED_EPOCHS as u64 {
+            p.barrier(1, epoch, false);
+        }
+        assert_eq!(p.mode(), PeerMode::UpToDate);
+        p.barrier(1, MAX_UNACKED_EPOCHS as u64 + 1, false);
+        assert_eq!(
+            p.mode(),
+            PeerMode::Behind,
+            "a mirrored peer falls behind first"
+        );
+        assert!(p.expel_reason().is_none());
+        // Behind: still barriers, up to the cap, then the link is dropped.
+        let next = MAX_UNACKED_EPOCHS as u64 + 2;
+        assert!(p.barrier(1, next, false).is_none());
+        let why = p.expel_reason().expect("expelled");
+        assert!(why.contains("unacknowledged while behind"), "{why}");
+        assert!(p.lock().tx.is_none(), "nothing more is queued to it");
+        let unacked = p.lock().unacked.len();
+        p.barrier(1, next + 1, false);
+        assert_eq!(p.lock().unacked.len(), unacked, "no growth once expelled");
+        // Its writes go to the bitmap meanwhile.
+        let write = Message::Barrier { term: 1, epoch: 0 };
+        assert!(p
+            .mirror(next + 1, 9, write, (8192, 4096), false, 1 << 20)
+            .is_none());
+        assert_eq!(p.bitmap.count_ones(), 1);
+        p.disconnected();
+        assert!(p.lock().unacked.is_empty());
     }
 }

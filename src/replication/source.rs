@@ -215,6 +215,11 @@ pub async fn run(
             }
             _ = role_changes.changed() => break Ok(()),
             _ = &mut operator_disconnect => break Ok(()),
+            () = peer.expel.notified() => {
+                if let Some(why) = peer.expel_reason() {
+                    break Err(LinkError::Violation(why));
+                }
+            }
             sent = &mut sender => break match sent {
                 Ok(Err(e)) => Err(e),
                 _ => Err(LinkError::Closed),

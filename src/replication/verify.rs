@@ -10,8 +10,8 @@
 //! acknowledged (all earlier writes applied), and only what still differs
 //! is reported.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use blockdev::buffer::AlignedBuf;
 use blockdev::BlockDevice;
@@ -20,6 +20,7 @@ use protocol::Role;
 use super::fetcher::Fetcher;
 use super::peer::{PeerMode, PeerReplica};
 use super::{transport, Replication};
+use crate::control::VerifyStatus;
 
 /// Bytes compared per request.
 const CHUNK: u64 = 1 << 20;
@@ -40,12 +41,99 @@ impl PeerVerify {
     }
 }
 
+/// Where the current (or last) verify run stands, for `status`.
+#[derive(Default)]
+pub struct VerifyProgress {
+    running: bool,
+    /// Set once a run ended (with its error, if it failed).
+    ended: Option<Result<(), String>>,
+    repair: bool,
+    bytes_done: u64,
+    total_bytes: u64,
+    /// Blocks of peers already finished (confirmed) plus the current peer's
+    /// candidates.
+    confirmed_blocks: u64,
+    candidate_blocks: u64,
+    started: Option<(Instant, SystemTime)>,
+    finished: Option<SystemTime>,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl VerifyProgress {
+    pub fn status(&self) -> VerifyStatus {
+        let state = match (&self.ended, self.running) {
+            (_, true) => "running",
+            (Some(Ok(())), _) => "done",
+            (Some(Err(_)), _) => "failed",
+            (None, false) => "none",
+        };
+        let rate = match (self.running, self.started) {
+            (true, Some((t, _))) => {
+                (self.bytes_done as f64 / t.elapsed().as_secs_f64().max(0.001)) as u64
+            }
+            _ => 0,
+        };
+        VerifyStatus {
+            state: state.into(),
+            repair: self.repair,
+            bytes_done: self.bytes_done,
+            total_bytes: self.total_bytes,
+            rate_bytes_per_sec: rate,
+            eta_seconds: (rate > 0)
+                .then(|| self.total_bytes.saturating_sub(self.bytes_done) / rate),
+            differing_blocks: self.confirmed_blocks + self.candidate_blocks,
+            started_at: self.started.map(|(_, t)| unix_secs(t)),
+            finished_at: self.finished.map(unix_secs),
+            last_error: self.ended.as_ref().and_then(|r| r.clone().err()),
+        }
+    }
+}
+
+/// Marks the run ended when dropped: a verify whose control client went
+/// away (its future dropped) must not show `running` forever.
+struct RunGuard<'a> {
+    progress: &'a Mutex<VerifyProgress>,
+    result: Option<Result<(), String>>,
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.running = false;
+        p.finished = Some(SystemTime::now());
+        p.ended = Some(
+            self.result
+                .take()
+                .unwrap_or_else(|| Err("interrupted".into())),
+        );
+    }
+}
+
 impl Replication {
+    fn verify_progress(&self) -> std::sync::MutexGuard<'_, VerifyProgress> {
+        self.verify_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Progress of the current or last verify, for `status`.
+    pub fn verify_status(&self) -> VerifyStatus {
+        self.verify_progress().status()
+    }
+
     /// Compares every block with every up-to-date peer (see the module
-    /// docs); with `repair`, resyncs what differs from our copy.
+    /// docs); with `repair`, resyncs what differs from our copy. One run at
+    /// a time; progress in [`Replication::verify_status`].
     pub async fn verify(self: &Arc<Self>, repair: bool) -> Result<Vec<PeerVerify>, String> {
         if self.role().role != Role::Primary {
             return Err("verify runs on the primary".into());
+        }
+        if self.verify_progress().running {
+            return Err("a verify is already running (see status)".into());
         }
         let peers: Vec<Arc<PeerReplica>> = self
             .peers
@@ -72,8 +160,26 @@ impl Replication {
         );
         let size = self.local_size();
         let started = Instant::now();
+        {
+            let mut p = self.verify_progress();
+            if p.running {
+                return Err("a verify is already running (see status)".into());
+            }
+            *p = VerifyProgress {
+                running: true,
+                repair,
+                total_bytes: size * peers.len() as u64,
+                started: Some((started, SystemTime::now())),
+                ..VerifyProgress::default()
+            };
+        }
+        let mut guard = RunGuard {
+            progress: &self.verify_progress,
+            result: None,
+        };
         tracing::info!(peers = peers.len(), bytes = size, repair, "verify starting");
         let mut results = Vec::new();
+        let mut compared = 0u64;
         for peer in &peers {
             let mut found = PeerVerify {
                 name: peer.config.name.clone(),
@@ -89,7 +195,13 @@ impl Replication {
                     Err(e) => found.error = Some(format!("{offset}+{len}: {e}")),
                 }
                 offset += len;
-                self.pace(offset, started).await;
+                compared += len;
+                {
+                    let mut p = self.verify_progress();
+                    p.bytes_done = compared;
+                    p.candidate_blocks = blocks_in(&suspects, block_size(peer));
+                }
+                self.pace(compared, started).await;
             }
             // Writes in flight looked like differences: once every earlier
             // write is applied on the peer, look again.
@@ -108,6 +220,11 @@ impl Replication {
                     peer.resync_range(offset, len);
                 }
             }
+            {
+                let mut p = self.verify_progress();
+                p.candidate_blocks = 0;
+                p.confirmed_blocks += blocks_in(&found.differing, block_size(peer));
+            }
             tracing::info!(
                 peer = %found.name,
                 differing_bytes = found.differing_bytes(),
@@ -118,6 +235,10 @@ impl Replication {
             );
             results.push(found);
         }
+        guard.result = Some(match results.iter().find_map(|r| r.error.as_ref()) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        });
         Ok(results)
     }
 
@@ -162,10 +283,10 @@ impl Replication {
         Ok(differing)
     }
 
-    /// Keeps verify within `resync_rate` (it reads the whole device here and
-    /// on every peer), when one is set.
+    /// Keeps verify within `verify_rate` (it reads the whole device here and
+    /// on every peer; `done` counts over all peers), when one is set.
     async fn pace(&self, done: u64, started: Instant) {
-        let rate = self.tunables().resync_rate;
+        let rate = self.tunables().verify_rate;
         if rate > 0 {
             let due = Duration::from_secs_f64(done as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -173,4 +294,13 @@ impl Replication {
             }
         }
     }
+}
+
+fn block_size(peer: &PeerReplica) -> u64 {
+    u64::from(peer.bitmap.block_size())
+}
+
+/// Blocks covered by byte ranges aligned to `block`.
+fn blocks_in(ranges: &[(u64, u64)], block: u64) -> u64 {
+    ranges.iter().map(|&(_, len)| len.div_ceil(block)).sum()
 }
