@@ -160,7 +160,7 @@ fn garbage_bytes_are_refused_and_the_daemon_serves_on() {
     header.extend_from_slice(&0u16.to_le_bytes());
     header.extend_from_slice(&u32::MAX.to_le_bytes());
     let from = send_garbage(&cluster, &header);
-    assert_refusal_logged(&cluster, from, "exceeds the maximum");
+    assert_refusal_logged(&cluster, from, "before authentication");
 
     // A frame of a message other than Hello is not a handshake.
     let from = send_garbage(
@@ -205,8 +205,14 @@ fn a_hello_for_another_resource_is_refused() {
     )
     .err()
     .expect("node 2 accepted a connection for another resource");
-    assert_refused(&failure, "resource");
-    assert_refusal_logged(&cluster, failure.local_addr, "peer is resource 'not-r0'");
+    // Told no more than a wrong secret would be: not node 2's resource.
+    assert_refused(&failure, "authentication failed");
+    assert!(!failure.refused.as_deref().unwrap_or("").contains(RESOURCE));
+    assert_refusal_logged(
+        &cluster,
+        failure.local_addr,
+        "claiming to be node 1 of resource \"not-r0\"",
+    );
     assert_cluster_serves_on(&mut cluster, &rt, 3);
 }
 
@@ -247,8 +253,13 @@ fn an_unknown_node_id_is_refused() {
     )
     .err()
     .expect("node 2 accepted node 9, which is not configured");
+    // It knows the secret, so after authentication it may be told why.
     assert_refused(&failure, "node 9 is not a configured peer");
-    assert_refusal_logged(&cluster, failure.local_addr, "unknown node 9");
+    assert_refusal_logged(
+        &cluster,
+        failure.local_addr,
+        "node 9 is not a configured peer",
+    );
     assert_cluster_serves_on(&mut cluster, &rt, 5);
 }
 
@@ -273,8 +284,10 @@ fn a_hello_claiming_to_be_node_2_itself_is_refused() {
     let failure = rawpeer::handshake_with(node2_addr(&cluster), machine, &hello)
         .err()
         .expect("node 2 accepted a Hello from node 2");
-    assert_refused(&failure, "node 2 is not a configured peer");
-    assert_refusal_logged(&cluster, failure.local_addr, "unknown node 2");
+    // It fails authentication like any wrong claim (the MACs name an id
+    // nobody has), telling nothing about node 2.
+    assert_refused(&failure, "authentication failed");
+    assert_refusal_logged(&cluster, failure.local_addr, "claiming to be node 2");
     assert_cluster_serves_on(&mut cluster, &rt, 6);
 }
 

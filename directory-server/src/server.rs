@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use protocol::gate::{HandshakeGate, LogRefusal, DEFAULT_MAX_PENDING_HANDSHAKES};
 use protocol::net::{self, Connection, FrameReader, LinkError, LocalIdentity};
 use protocol::{Channel, GenerationIds, Message, DIRECTORY_NODE_ID, NO_NODE};
 use tokio::net::{TcpListener, TcpStream};
@@ -100,20 +101,36 @@ impl Directory {
     }
 
     /// Accepts connections forever.
+    /// Accepts connections forever. Unauthenticated clients are bounded
+    /// as on the nodes (see `protocol::gate`): a fixed number of handshakes
+    /// at once, refusals logged within a rate limit.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let gate = Arc::new(HandshakeGate::new(DEFAULT_MAX_PENDING_HANDSHAKES));
         loop {
             let (stream, from) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    warn!("accept: {e}");
+                    if let LogRefusal::Yes { suppressed } = gate.refusal() {
+                        warn!(suppressed_since_last_window = suppressed, "accept: {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
+            let Some(slot) = gate.try_enter() else {
+                if let LogRefusal::Yes { suppressed } = gate.refusal() {
+                    warn!(%from, suppressed_since_last_window = suppressed,
+                        "too many handshakes in progress; connection closed at once");
+                }
+                continue;
+            };
             let directory = self.clone();
+            let gate = Arc::clone(&gate);
             tokio::spawn(async move {
-                if let Err(e) = directory.connection(stream, from).await {
-                    warn!(%from, "connection closed: {e}");
+                if let Err(e) = directory.connection(stream, from, slot).await {
+                    if let LogRefusal::Yes { suppressed } = gate.refusal() {
+                        warn!(%from, suppressed_since_last_window = suppressed, "connection closed: {e}");
+                    }
                 }
             });
         }
@@ -164,12 +181,14 @@ impl Directory {
         self: Arc<Self>,
         stream: TcpStream,
         from: SocketAddr,
+        handshake_slot: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<(), LinkError> {
         let (resource, conn) =
             net::accept_any_resource(DIRECTORY_NODE_ID, &self.secret, stream, |resource, node| {
                 node < MAX_NODES && !resource.is_empty()
             })
             .await?;
+        drop(handshake_slot);
         let span = tracing::info_span!("conn", resource = %resource, node = conn.peer_id);
         let res = self.resource(&resource);
         self.session(res, conn, from).instrument(span).await

@@ -229,6 +229,28 @@ impl Handshake {
         Self::with_nonce(params, secret, nonce)
     }
 
+    /// Like [`Handshake::new`], for the side that accepted the connection:
+    /// its Hello is *anonymous* (no resource, no node ids), so a client
+    /// that has not proven it knows the secret learns neither the resource
+    /// nor which node it reached. The dialer knows whom it dialed, and both
+    /// MACs cover resource and ids, so nothing is lost: a wrong peer fails
+    /// authentication.
+    pub fn new_acceptor(
+        params: HandshakeParams,
+        secret: &[u8],
+    ) -> Result<(Self, Message), HandshakeError> {
+        let (machine, _) = Self::new(params, secret)?;
+        let anonymous = Message::Hello {
+            version: PROTOCOL_VERSION,
+            resource: String::new(),
+            node_id: 0,
+            peer_node_id: 0,
+            channel: machine.params.channel,
+            nonce: machine.nonce,
+        };
+        Ok((machine, anonymous))
+    }
+
     /// Like [`Handshake::new`] with a given nonce, for tests and fuzzing.
     /// Production code must use [`Handshake::new`]: a repeated nonce allows
     /// replaying a recorded handshake.
@@ -343,16 +365,21 @@ impl Handshake {
         if *nonce == self.nonce {
             return Err(HandshakeError::ReflectedNonce);
         }
-        if resource != ours.resource {
-            return Err(HandshakeError::ResourceMismatch {
-                peer: resource,
-                ours: ours.resource.clone(),
-            });
-        }
         if channel != ours.channel {
             return Err(HandshakeError::ChannelMismatch {
                 peer: channel,
                 ours: ours.channel,
+            });
+        }
+        if resource.is_empty() {
+            // An acceptor's anonymous Hello (see `new_acceptor`): its
+            // identity is checked by its MAC instead.
+            return Ok(());
+        }
+        if resource != ours.resource {
+            return Err(HandshakeError::ResourceMismatch {
+                peer: resource,
+                ours: ours.resource.clone(),
             });
         }
         if node_id != ours.peer_node_id {

@@ -28,6 +28,8 @@
 mod codec;
 pub mod error;
 pub mod frame;
+#[cfg(feature = "net")]
+pub mod gate;
 pub mod handshake;
 pub mod message;
 #[cfg(feature = "net")]

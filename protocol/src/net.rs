@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::{
     Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, Opener,
-    ProtocolError, Sealer,
+    ProtocolError, Sealer, HEADER_LEN,
 };
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,12 +52,32 @@ pub struct FrameReader {
     /// Set once the handshake is done; from then on only sealed records
     /// are accepted.
     opener: Option<Opener>,
+    /// Until the peer is authenticated, the largest frame payload accepted
+    /// (the handshake's messages are small): an unauthenticated client
+    /// cannot make us buffer a data-sized frame. `None` once authenticated.
+    pre_auth_limit: Option<usize>,
 }
+
+/// Largest payload of a frame before the handshake is done: a Hello with
+/// a resource name of a few hundred bytes, with room to spare.
+pub const PRE_AUTH_MAX_PAYLOAD: usize = 1024;
 
 impl FrameReader {
     /// The next message; an error means the connection is unusable.
     pub async fn next(&mut self) -> Result<Message, LinkError> {
         loop {
+            if let (Some(limit), Some(header)) = (
+                self.pre_auth_limit,
+                self.buf.first_chunk::<{ HEADER_LEN }>(),
+            ) {
+                let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+                // (Not vmsync at all is reported as such by `decode`.)
+                if header[..4] == crate::MAGIC.to_le_bytes() && len as usize > limit {
+                    return Err(LinkError::Violation(format!(
+                        "a {len}-byte frame before authentication (at most {limit})"
+                    )));
+                }
+            }
             let next = match &mut self.opener {
                 Some(opener) => opener.open(&mut self.buf)?,
                 None => crate::decode(&mut self.buf)?,
@@ -262,6 +282,7 @@ fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
             read,
             buf: BytesMut::with_capacity(128 * 1024),
             opener: None,
+            pre_auth_limit: Some(PRE_AUTH_MAX_PAYLOAD),
         },
         FrameWriter {
             write,
@@ -324,7 +345,15 @@ pub async fn connect(
 }
 
 /// Authenticates an accepted connection. The peer says who it claims to be
-/// in its Hello; `is_known_peer` decides whether we talk to it at all.
+/// in its Hello; `is_known_peer` decides, once it has proven it knows the
+/// secret, whether we talk to it at all.
+///
+/// Before the client is authenticated it learns nothing about this node:
+/// our Hello is anonymous (see [`Handshake::new_acceptor`]), every refusal
+/// but a protocol-version mismatch says only [`GENERIC_REFUSAL`] (the
+/// details go to our log through the returned error), and a wrong
+/// resource, node id or secret all fail the same way, at the MAC, so
+/// nothing can be probed by trying names or ids.
 pub async fn accept(
     identity: &LocalIdentity,
     stream: TcpStream,
@@ -333,37 +362,22 @@ pub async fn accept(
     let (mut reader, mut writer) = split(stream);
     let work = async {
         let first = reader.next().await?;
-        let Message::Hello {
-            node_id, channel, ..
-        } = &first
-        else {
-            return Err(LinkError::Violation(format!(
-                "expected Hello, got {}",
-                first.message_type()
-            )));
-        };
-        let (peer_id, channel) = (*node_id, *channel);
-        if !is_known_peer(peer_id) {
-            let _ = writer
-                .send(&Message::Refused {
-                    reason: format!("node {peer_id} is not a configured peer"),
-                })
-                .await;
-            return Err(LinkError::UnknownPeer(peer_id));
-        }
-        let params = HandshakeParams {
-            resource: identity.resource.clone(),
-            node_id: identity.node_id,
-            peer_node_id: peer_id,
-            channel,
-        };
-        let (mut machine, hello) = Handshake::new(params, &identity.secret)?;
-        writer.send(&hello).await?;
-        let step = machine.on_message(first);
-        respond(step, &mut writer).await?;
-        drive(&mut machine, &mut reader, &mut writer).await?;
-        protect(&machine, &mut reader, &mut writer)?;
-        Ok((peer_id, channel))
+        let hello = ClaimedHello::of(&first)?;
+        let claimed = hello.node_id;
+        accept_handshake(
+            &mut reader,
+            &mut writer,
+            &identity.secret,
+            (identity.node_id, &identity.resource),
+            &hello,
+            || {
+                is_known_peer(claimed)
+                    .then_some(())
+                    .ok_or_else(|| format!("node {claimed} is not a configured peer"))
+            },
+        )
+        .await?;
+        Ok::<_, LinkError>((claimed, hello.channel))
     };
     let (peer_id, channel) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
         .await
@@ -379,9 +393,10 @@ pub async fn accept(
 /// Authenticates an accepted connection whose resource is not known in
 /// advance (the directory server, which serves many resources under one
 /// secret): the resource is the one the peer names in its Hello, and
-/// `is_known(resource, node)` decides whether we talk to it at all. We are
-/// node `node_id` (the directory: [`crate::DIRECTORY_NODE_ID`]). Returns the
-/// resource name and the connection.
+/// `is_known(resource, node)` decides, once the peer is authenticated,
+/// whether we talk to it at all. We are node `node_id` (the directory:
+/// [`crate::DIRECTORY_NODE_ID`]). Returns the resource name and the
+/// connection. Reveals nothing before authentication, as [`accept`].
 pub async fn accept_any_resource(
     node_id: u32,
     secret: &[u8],
@@ -391,40 +406,22 @@ pub async fn accept_any_resource(
     let (mut reader, mut writer) = split(stream);
     let work = async {
         let first = reader.next().await?;
-        let Message::Hello {
-            node_id: peer_id,
-            channel,
-            resource,
-            ..
-        } = &first
-        else {
-            return Err(LinkError::Violation(format!(
-                "expected Hello, got {}",
-                first.message_type()
-            )));
-        };
-        let (peer_id, channel, resource) = (*peer_id, *channel, resource.clone());
-        if !is_known(&resource, peer_id) {
-            let _ = writer
-                .send(&Message::Refused {
-                    reason: format!("node {peer_id} of resource '{resource}' is not accepted"),
+        let hello = ClaimedHello::of(&first)?;
+        let (claimed, resource) = (hello.node_id, hello.resource.clone());
+        accept_handshake(
+            &mut reader,
+            &mut writer,
+            secret,
+            (node_id, &resource),
+            &hello,
+            || {
+                is_known(&resource, claimed).then_some(()).ok_or_else(|| {
+                    format!("node {claimed} of resource '{resource}' is not accepted")
                 })
-                .await;
-            return Err(LinkError::UnknownPeer(peer_id));
-        }
-        let params = HandshakeParams {
-            resource: resource.clone(),
-            node_id,
-            peer_node_id: peer_id,
-            channel,
-        };
-        let (mut machine, hello) = Handshake::new(params, secret)?;
-        writer.send(&hello).await?;
-        let step = machine.on_message(first);
-        respond(step, &mut writer).await?;
-        drive(&mut machine, &mut reader, &mut writer).await?;
-        protect(&machine, &mut reader, &mut writer)?;
-        Ok((peer_id, channel, resource))
+            },
+        )
+        .await?;
+        Ok::<_, LinkError>((claimed, hello.channel, resource))
     };
     let (peer_id, channel, resource) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
         .await
@@ -440,7 +437,141 @@ pub async fn accept_any_resource(
     ))
 }
 
-/// Sends what a handshake step asks for; a refusal is sent before failing.
+/// What an unauthenticated client is told when its handshake fails for any
+/// reason but the protocol version: nothing that depends on our
+/// configuration.
+pub const GENERIC_REFUSAL: &str = "handshake refused: authentication failed";
+
+/// Longest piece of a peer-supplied string (a claimed resource name) that
+/// goes into our log.
+const MAX_LOGGED_CLAIM: usize = 64;
+
+/// The client's first message, which must be a Hello: who it claims to be.
+struct ClaimedHello {
+    version: u32,
+    resource: String,
+    node_id: u32,
+    channel: Channel,
+    nonce: crate::Nonce,
+}
+
+impl ClaimedHello {
+    fn of(first: &Message) -> Result<Self, LinkError> {
+        let Message::Hello {
+            version,
+            resource,
+            node_id,
+            channel,
+            nonce,
+            ..
+        } = first
+        else {
+            // Not a handshake at all: closed without an answer.
+            return Err(LinkError::Violation(format!(
+                "expected Hello, got {}",
+                first.message_type()
+            )));
+        };
+        Ok(ClaimedHello {
+            version: *version,
+            resource: resource.clone(),
+            node_id: *node_id,
+            channel: *channel,
+            nonce: *nonce,
+        })
+    }
+
+    /// The claim for our log: a peer-supplied name is cut short and escaped.
+    fn describe(&self) -> String {
+        let mut name: String = self.resource.chars().take(MAX_LOGGED_CLAIM).collect();
+        if name.len() < self.resource.len() {
+            name.push('…');
+        }
+        format!("node {} of resource {:?}", self.node_id, name)
+    }
+}
+
+/// The acceptor's side of the handshake after the client's Hello: we are
+/// `(our_id, resource)`. The client's claims are not checked one by one
+/// (that would tell a prober which one is wrong); the machine is set up
+/// for exactly the peer the client claims to be, so its MAC verifies only
+/// if the claims are right *and* it knows the secret. `authorize` runs once
+/// the client's MAC verified, before our `AuthOk`: its refusal reaches an
+/// authenticated client in the clear.
+async fn accept_handshake(
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    secret: &[u8],
+    (our_id, resource): (u32, &str),
+    hello: &ClaimedHello,
+    authorize: impl Fn() -> Result<(), String>,
+) -> Result<(), LinkError> {
+    // A client claiming our own id can never be a peer; the MACs then name
+    // an id no secret holder has a MAC for, so it fails like any other.
+    let peer_id = if hello.node_id == our_id {
+        our_id.wrapping_add(1)
+    } else {
+        hello.node_id
+    };
+    let params = HandshakeParams {
+        resource: resource.to_string(),
+        node_id: our_id,
+        peer_node_id: peer_id,
+        channel: hello.channel,
+    };
+    let (mut machine, our_hello) = Handshake::new_acceptor(params, secret)?;
+    writer.send(&our_hello).await?;
+    let as_expected = Message::Hello {
+        version: hello.version,
+        resource: resource.to_string(),
+        node_id: peer_id,
+        peer_node_id: our_id,
+        channel: hello.channel,
+        nonce: hello.nonce,
+    };
+    let claim = hello.describe();
+    let mut step = machine.on_message(as_expected);
+    loop {
+        match step {
+            Ok(HandshakeStep::Send(Message::AuthOk)) => {
+                // The client proved it knows the secret.
+                if let Err(reason) = authorize() {
+                    let _ = writer
+                        .send(&Message::Refused {
+                            reason: reason.clone(),
+                        })
+                        .await;
+                    return Err(LinkError::Violation(reason));
+                }
+                writer.send(&Message::AuthOk).await?;
+            }
+            Ok(HandshakeStep::Send(msg)) => writer.send(&msg).await?,
+            Ok(HandshakeStep::Done(_)) => break,
+            Err(e) => {
+                let refusal = match &e {
+                    HandshakeError::VersionMismatch { .. } => e.refusal(),
+                    HandshakeError::Refused(_) => None,
+                    _ => Some(Message::Refused {
+                        reason: GENERIC_REFUSAL.into(),
+                    }),
+                };
+                if let Some(refusal) = refusal {
+                    let _ = writer.send(&refusal).await;
+                }
+                return Err(LinkError::Violation(match e {
+                    HandshakeError::AuthFailed => format!(
+                        "authentication failed for the client claiming to be {claim}: wrong secret, resource or node id"
+                    ),
+                    other => format!("{other} (client claims to be {claim})"),
+                }));
+            }
+        }
+        let msg = reader.next().await?;
+        step = machine.on_message(msg);
+    }
+    protect(&machine, reader, writer)
+}
+
 async fn respond(
     step: Result<HandshakeStep, HandshakeError>,
     writer: &mut FrameWriter,
@@ -487,6 +618,8 @@ fn protect(
     let keys = machine
         .session_keys()
         .ok_or_else(|| LinkError::Violation("handshake finished without session keys".into()))?;
+    // Authenticated: frames of any permitted size from now on.
+    reader.pre_auth_limit = None;
     if !PROTECT_LINKS.load(std::sync::atomic::Ordering::Relaxed) {
         return Ok(());
     }
@@ -516,7 +649,10 @@ pub async fn loopback_pair() -> ((FrameReader, FrameWriter), (FrameReader, Frame
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    (split(client.unwrap()), split(server.unwrap().0))
+    let (mut client, mut server) = (split(client.unwrap()), split(server.unwrap().0));
+    client.0.pre_auth_limit = None;
+    server.0.pre_auth_limit = None;
+    (client, server)
 }
 
 #[cfg(test)]

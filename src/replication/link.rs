@@ -20,6 +20,7 @@ use super::liveness::{self, Due, Liveness};
 use super::peer::PeerReplica;
 use super::transport::{self, Connection, FrameReader, FrameWriter, LinkError, LocalIdentity};
 use super::Replication;
+use protocol::gate::{HandshakeGate, LogRefusal, DEFAULT_MAX_PENDING_HANDSHAKES};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -119,8 +120,22 @@ impl Router {
                     .await
             }
             (Channel::Data | Channel::Meta, false) => {
+                // The lower id dials: a link connection from a peer we dial
+                // ourselves is never read by its link task, so it is closed
+                // here rather than left to pile up.
+                if self.repl.config.node.id < conn.peer_id {
+                    tracing::warn!(
+                        peer = conn.peer_id,
+                        "link connection from a peer this node dials itself; closed"
+                    );
+                    return;
+                }
                 if let Some((_, link)) = self.links.iter().find(|(id, _)| *id == conn.peer_id) {
-                    let _ = link.send(conn).await;
+                    // Never wait on a link task that is busy (a full queue):
+                    // the newest connection wins, an excess one is closed.
+                    if let Err(e) = link.try_send(conn) {
+                        tracing::debug!(error = %e, "link connection not taken; closed");
+                    }
                 }
             }
             (channel, _) => tracing::warn!(
@@ -133,26 +148,56 @@ impl Router {
 }
 
 async fn accept_loop(listener: TcpListener, identity: LocalIdentity, router: Arc<Router>) {
+    let gate = Arc::new(HandshakeGate::new(DEFAULT_MAX_PENDING_HANDSHAKES));
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                // Out of descriptors (a flood), or the like: back off a
+                // little; logged within the same limit as refusals.
+                log_refusal(&gate, None, &format!("accept failed: {e}"));
                 tokio::time::sleep(BACKOFF_START).await;
                 continue;
             }
         };
+        let Some(slot) = gate.try_enter() else {
+            log_refusal(
+                &gate,
+                Some(from),
+                "too many handshakes in progress; closed at once",
+            );
+            continue;
+        };
         let identity = identity.clone();
         let router = Arc::clone(&router);
+        let gate = Arc::clone(&gate);
         tokio::spawn(
             async move {
-                match transport::accept(&identity, stream, |id| router.knows(id)).await {
+                let accepted = transport::accept(&identity, stream, |id| router.knows(id)).await;
+                drop(slot);
+                match accepted {
                     Ok(conn) => router.route(conn).await,
-                    Err(e) => tracing::warn!(%from, error = %e, "refused incoming connection"),
+                    Err(e) => log_refusal(&gate, Some(from), &e.to_string()),
                 }
             }
             .in_current_span(),
         );
+    }
+}
+
+/// "refused incoming connection", within the gate's rate limit.
+fn log_refusal(gate: &HandshakeGate, from: Option<std::net::SocketAddr>, error: &str) {
+    if let LogRefusal::Yes { suppressed } = gate.refusal() {
+        match from {
+            Some(from) => {
+                tracing::warn!(%from, error, suppressed_since_last_window = suppressed, "refused incoming connection")
+            }
+            None => tracing::warn!(
+                error,
+                suppressed_since_last_window = suppressed,
+                "refused incoming connection"
+            ),
+        }
     }
 }
 
