@@ -87,8 +87,11 @@ fn a_stalled_behind_peer_costs_bounded_memory_and_no_flush_time_then_converges()
         peak / MIB,
         WRITTEN / MIB
     );
+    // Unbounded, the primary would hold most of what it wrote; bounded,
+    // it holds a few MiB plus what the allocator keeps for reuse, which
+    // varies with load (seen 1–40 MiB).
     assert!(
-        peak.saturating_sub(before) < WRITTEN / 8,
+        peak.saturating_sub(before) < WRITTEN / 3,
         "the primary grew by {} MiB while 256 MiB went to a peer that reads nothing",
         (peak - before) / MIB
     );
@@ -188,8 +191,11 @@ fn a_fetch_requester_that_reads_no_replies_costs_the_holder_bounded_memory() {
         "holder RSS grew {} MiB with {REQUESTS} MiB of replies requested and none read",
         grown / MIB
     );
+    // Bounded, about 20 MiB of replies are held, plus what the allocator's
+    // per-thread arenas keep (seen up to 154 MiB under heavy load);
+    // unbounded it grew by the 600 MiB requested.
     assert!(
-        grown < 64 * MIB,
+        grown < 256 * MIB,
         "the holder buffered {} MiB of replies nobody reads",
         grown / MIB
     );
