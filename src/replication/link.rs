@@ -190,10 +190,10 @@ fn log_refusal(gate: &HandshakeGate, from: Option<std::net::SocketAddr>, error: 
     if let LogRefusal::Yes { suppressed } = gate.refusal() {
         match from {
             Some(from) => {
-                tracing::warn!(%from, error, suppressed_since_last_window = suppressed, "refused incoming connection")
+                tracing::warn!(%from, error = %error, suppressed_since_last_window = suppressed, "refused incoming connection")
             }
             None => tracing::warn!(
-                error,
+                error = %error,
                 suppressed_since_last_window = suppressed,
                 "refused incoming connection"
             ),
