@@ -227,10 +227,18 @@ impl Node {
                 self.report_demotion(repl).await;
             }
         }
-        self.backing
-            .flush()
-            .await
-            .map_err(|e| format!("flushing the backing store: {e}"))?;
+        // A failed disk is no longer used, not even flushed: the metadata
+        // already says this replica must be resynced.
+        let disk_failed = self
+            .replication
+            .as_ref()
+            .is_some_and(|r| r.disk_state() == protocol::DiskState::Failed);
+        if !disk_failed {
+            self.backing
+                .flush()
+                .await
+                .map_err(|e| format!("flushing the backing store: {e}"))?;
+        }
         self.metadata
             .mark_clean()
             .map_err(|e| format!("marking the metadata clean: {e}"))?;
