@@ -17,7 +17,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # linux-source-6.1: /usr/src/linux-source-6.1.tar.xz, the file tree of benches/switch.sh.
-PKGS=(libclang-dev clang pkg-config qemu-system-x86 busybox-static e2fsprogs fio xz-utils cpio gzip iproute2 util-linux kmod linux-source-6.1)
+PKGS=(libclang-dev clang pkg-config qemu-system-x86 busybox-static e2fsprogs fio xz-utils cpio gzip iproute2 util-linux kmod linux-source-6.1 dmsetup python3)
 
 need_pkgs=()
 for p in "${PKGS[@]}"; do
