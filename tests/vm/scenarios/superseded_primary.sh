@@ -57,7 +57,8 @@ ACK=$W/acked
 python3 "$RECORDS" write "$DEV" "$ACK" 0 "$SLOTS" "$W/stop" 2>"$W/writer.err" &
 WPID=$!
 echo "$WPID" >> "$VMTEST_PIDS_FILE"
-wait_until 60 "the writer made no progress" test "$(wc -l < "$ACK")" -ge 40
+acked_at_least() { [ "$(wc -l < "$ACK")" -ge "$1" ]; }
+wait_until 60 "the writer made no progress" acked_at_least 40
 log "+ kill -9 n1 (primary) with $(wc -l < "$ACK") records acknowledged"
 kill -KILL "${PIDS[1]}"; wait "${PIDS[1]}" 2>/dev/null
 sleep 1
