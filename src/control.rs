@@ -187,7 +187,9 @@ pub struct PeerStatus {
     /// The operator took this link down (`vmsyncctl disconnect`).
     #[serde(default)]
     pub disconnected_by_operator: bool,
-    /// "up-to-date", "resyncing", "behind", "outdated" or "unknown".
+    /// On a primary: "up-to-date", "resyncing", "behind", "failed" (its
+    /// backing device failed), "connected" or "disconnected"; on a
+    /// secondary: "primary", "secondary" or "disconnected".
     pub state: String,
     pub protocol: String,
     /// Bytes this peer lacks (set bits × block size).

@@ -586,39 +586,170 @@ impl Drop for Immutable<'_> {
     }
 }
 
-/// A write the primary's own disk refuses has already gone to the peers.
-/// The guest gets the error, and the peers must take the primary's version
-/// of the range back.
+/// Waits until node `id`'s status says its disk is `failed`.
+fn wait_disk_failed(cluster: &Cluster, id: u32) -> bool {
+    support::wait_for(
+        || {
+            cluster.daemons[id as usize - 1]
+                .try_status_json()
+                .is_some_and(|s| s["disk"] == "failed")
+        },
+        support::cluster::CONVERGE,
+    )
+}
+
+/// A peer's backing device starts refusing writes (DRBD: on-io-error
+/// detach): guest writes on the primary keep succeeding, the peer's disk
+/// state goes `failed` with a log line naming the device and the
+/// operation, the primary stops mirroring to it and collects the writes in
+/// its bitmap; the other peer loses nothing. Restarted once the device
+/// works again, the peer is resynced and ends identical.
 #[test]
-fn a_write_the_primarys_disk_refuses_is_undone_on_the_peers() {
+fn a_peer_whose_disk_fails_goes_failed_and_is_resynced_after_a_restart() {
+    let mut cluster = Cluster::start(spec(3, "C"));
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    let rt = runtime();
+    let c = client(&rt, &cluster, 1);
+    let size = cluster.dir.spec.size;
+    let mut gen = Workload::new(61, size);
+    let mut model = rt
+        .block_on(workload::run(&c, &gen.ops(300), 8, Model::zeroed(size)))
+        .unwrap();
+    rt.block_on(c.flush()).unwrap();
+    {
+        let _refusing = Immutable::set(&cluster.dir.node(2).backing);
+        // Every guest write succeeds, while and after n2's disk fails.
+        model = rt
+            .block_on(workload::run(&c, &gen.ops(400), 8, model))
+            .expect("guest writes on the primary while a peer's disk fails");
+        rt.block_on(c.flush()).unwrap();
+        assert!(
+            wait_disk_failed(&cluster, 2),
+            "n2's disk state did not go failed: {}",
+            cluster.status(2)
+        );
+        let failed = support::wait_for(
+            || cluster.peer(1, 2)["state"] == "failed",
+            support::cluster::CONVERGE,
+        );
+        assert!(
+            failed,
+            "the primary does not show n2 failed: {}",
+            cluster.peer(1, 2)
+        );
+        // Written while n2 is failed: only its bitmap gets it.
+        model = rt
+            .block_on(workload::run(&c, &gen.ops(200), 8, model))
+            .unwrap();
+        rt.block_on(c.flush()).unwrap();
+        let n2 = cluster.peer(1, 2);
+        assert!(
+            n2["stale_bytes"].as_u64().unwrap() > 0,
+            "nothing marked for n2: {n2}"
+        );
+        assert_eq!(cluster.peer(1, 3)["state"], "up-to-date");
+        assert_eq!(cluster.status(1)["disk"], "up-to-date");
+        assert_eq!(
+            cluster.hash(3),
+            model.blake3(),
+            "the healthy peer lacks acknowledged writes"
+        );
+        let log = std::fs::read_to_string(&cluster.dir.node(2).log).unwrap();
+        let backing = cluster.dir.node(2).backing.display().to_string();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("backing device failed: write")
+                    && l.contains(&backing)
+                    && l.contains("disk state failed")),
+            "no error line naming the device and the operation in n2's log"
+        );
+        // A failed disk is no place to promote.
+        let out = cluster.daemons[1].ctl(&["promote", "--force"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("backing device failed"));
+    }
+    // The device works again: restart the peer's daemon to re-attach it.
+    let status = cluster.daemon(2).sigterm_and_wait(support::cluster::START);
+    assert!(
+        status.success(),
+        "a failed secondary did not stop cleanly: {status}"
+    );
+    *cluster.daemon(2) = support::Daemon::start(cluster.dir.node(2));
+    cluster.daemon(2).wait_ready(support::cluster::START);
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "n2 was not resynced after its restart: {}",
+        cluster.peer(1, 2)
+    );
+    let result = cluster.wait_identical(Some(model.blake3()));
+    assert!(
+        result.is_ok(),
+        "replicas differ after the resync: {result:?}"
+    );
+    assert_eq!(cluster.status(2)["disk"], "up-to-date");
+}
+
+/// The primary's own backing device refuses a write (after it went to the
+/// peers): the guest gets EIO for it and for every request after, the disk
+/// state is `failed`, and a failover to a peer gives back every write the
+/// guest had been told was done.
+#[test]
+fn a_primary_whose_disk_fails_refuses_io_and_a_peer_takes_over_with_every_acknowledged_write() {
     let cluster = Cluster::start(spec(2, "C"));
     cluster.promote(1);
     assert!(cluster.wait_peers_up_to_date(1), "initial sync");
     let rt = runtime();
     let c = client(&rt, &cluster, 1);
     let size = cluster.dir.spec.size;
-    let good = vec![0x11u8; 8192];
-    rt.block_on(c.write(0, good.clone(), false)).unwrap();
+    let model = rt
+        .block_on(workload::run(
+            &c,
+            &Workload::new(67, size).ops(500),
+            8,
+            Model::zeroed(size),
+        ))
+        .unwrap();
     rt.block_on(c.flush()).unwrap();
     {
         let _refusing = Immutable::set(&cluster.dir.node(1).backing);
         let refused = rt.block_on(c.write(1 << 20, vec![0xeeu8; 4096], false));
-        assert!(
-            refused.is_err(),
-            "a write to an immutable backing succeeded"
-        );
+        let err = refused.expect_err("a write to an immutable backing succeeded");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     }
-    rt.block_on(c.flush()).unwrap();
-    let mut expected = vec![0u8; size as usize];
-    expected[..good.len()].copy_from_slice(&good);
+    // Detached: even with the device writable again, nothing is served.
+    assert_eq!(cluster.status(1)["disk"], "failed");
+    let read = rt.block_on(c.read(0, 4096));
+    assert_eq!(read.unwrap_err().raw_os_error(), Some(libc::EIO));
+    let write = rt.block_on(c.write(0, vec![1u8; 4096], false));
+    assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::EIO));
+    let log = std::fs::read_to_string(&cluster.dir.node(1).log).unwrap();
     assert!(
-        cluster.wait_peers_up_to_date(1),
-        "the refused range was not resynced"
+        log.lines()
+            .any(|l| l.contains("backing device failed: write")
+                && l.contains(&cluster.dir.node(1).backing.display().to_string())),
+        "no error line naming the device and the operation in n1's log"
     );
-    let result = cluster.wait_identical(Some(blake3::hash(&expected)));
+    drop(c);
+    // Failover: demote the failed primary (its peer confirms every write),
+    // promote the peer.
+    let out = cluster.daemons[0].ctl(&["demote"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demote of a failed primary: {text}");
+    assert!(text.contains("every peer holds every write"), "{text}");
+    cluster.promote(2);
+    let c2 = client(&rt, &cluster, 2);
+    let mut image = Vec::with_capacity(size as usize);
+    for offset in (0..size).step_by(MIB as usize) {
+        image.extend(rt.block_on(c2.read(offset, MIB as usize)).unwrap());
+    }
+    // The refused write may or may not be on the peer (the guest got an
+    // error for it); everything else is exactly what was acknowledged.
+    image[1 << 20..(1 << 20) + 4096].copy_from_slice(&model.image()[1 << 20..(1 << 20) + 4096]);
     assert!(
-        result.is_ok(),
-        "the peer kept a write the primary refused: {result:?}"
+        image == model.image(),
+        "the new primary lacks writes the failed primary acknowledged"
     );
 }
 

@@ -55,6 +55,10 @@ wire_enum! {
         Consistent = 3,
         /// Consistent and holds the newest data.
         UpToDate = 4,
+        /// The backing device returned an I/O error: the node stopped
+        /// using it (DRBD's `on-io-error detach`) until its daemon is
+        /// restarted. Last, so older values keep their tags.
+        Failed = 5,
     }
 }
 

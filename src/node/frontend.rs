@@ -80,3 +80,43 @@ impl Frontend {
         }
     }
 }
+
+/// Stands in for the device a killed primary left behind when another node
+/// was promoted meanwhile: every request the kernel held (and re-issues to
+/// it) fails with EIO, so the writes that were never acknowledged are not
+/// applied on a node that is no longer primary. It is removed right after.
+pub struct Superseded {
+    pub size: u64,
+}
+
+impl Superseded {
+    fn refuse() -> std::io::Error {
+        std::io::Error::other("another node was promoted while this one was down")
+    }
+}
+
+impl BlockDevice for Superseded {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, _offset: u64, _buf: &mut [u8]) -> std::io::Result<()> {
+        Err(Self::refuse())
+    }
+
+    async fn write(&self, _offset: u64, _data: bytes::Bytes, _fua: bool) -> std::io::Result<()> {
+        Err(Self::refuse())
+    }
+
+    async fn flush(&self) -> std::io::Result<()> {
+        Err(Self::refuse())
+    }
+
+    async fn discard(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Err(Self::refuse())
+    }
+
+    async fn write_zeroes(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Err(Self::refuse())
+    }
+}

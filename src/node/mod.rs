@@ -260,10 +260,18 @@ impl Node {
                 self.report_demotion(repl).await;
             }
         }
-        self.backing
-            .flush()
-            .await
-            .map_err(|e| format!("flushing the backing store: {e}"))?;
+        // A failed disk is no longer used, not even flushed: the metadata
+        // already says this replica must be resynced.
+        let disk_failed = self
+            .replication
+            .as_ref()
+            .is_some_and(|r| r.disk_state() == protocol::DiskState::Failed);
+        if !disk_failed {
+            self.backing
+                .flush()
+                .await
+                .map_err(|e| format!("flushing the backing store: {e}"))?;
+        }
         self.metadata
             .mark_clean()
             .map_err(|e| format!("marking the metadata clean: {e}"))?;
@@ -386,6 +394,8 @@ async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
             node.expose(&mut slot).await?;
         }
         Some(repl) => {
+            // Our term before any peer could tell us a newer one.
+            let our_term = repl.metadata.superblock().term;
             let from_directory = repl.start().await?;
             tokio::spawn(
                 Arc::clone(node)
@@ -397,6 +407,25 @@ async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
             if node.config.node.block_socket.is_none()
                 && blockdev::ublk::has_recoverable_device(resource)
             {
+                if node.directory.is_none() {
+                    if let Some(why) = superseded_while_down(repl, our_term).await {
+                        tracing::warn!(
+                            "a device of this resource is waiting for recovery, but {why}: failing the I/O the kernel held for it, removing it, staying secondary"
+                        );
+                        let stale = Frontend::start(
+                            Arc::new(frontend::Superseded {
+                                size: repl.local_size(),
+                            }),
+                            resource,
+                            None,
+                        )
+                        .await?;
+                        if let Err((_, e)) = stale.stop(true).await {
+                            tracing::error!(error = %e, "cannot remove the superseded device");
+                        }
+                        return Ok(());
+                    }
+                }
                 tracing::warn!(
                     "a device of this resource is waiting for recovery: resuming as primary"
                 );
@@ -406,6 +435,24 @@ async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A killed primary restarts with its device held by the kernel. Before it
+/// resumes serving it (on its own term, without a directory), it listens to
+/// its peers for up to a ping timeout: if one of them was promoted while
+/// this node was down (it is primary, or knows a newer term), resuming
+/// would make two writable primaries, so it must not. Returns why.
+async fn superseded_while_down(repl: &Arc<Replication>, ours: u64) -> Option<String> {
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(repl.tunables().ping_timeout_ms);
+    while tokio::time::Instant::now() < deadline && !repl.peers.iter().all(|p| p.is_connected()) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if let Some(p) = repl.peers.iter().find(|p| p.is_peer_primary()) {
+        return Some(format!("peer {} (id {}) is primary", p.config.name, p.id()));
+    }
+    let known = repl.known_term();
+    (known > ours).then(|| format!("a peer knows term {known}, newer than ours ({ours})"))
 }
 
 async fn request_stop(node: &Arc<Node>, why: &str) {

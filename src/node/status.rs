@@ -147,5 +147,6 @@ fn disk_state_name(state: protocol::DiskState) -> &'static str {
         Outdated => "outdated",
         Consistent => "consistent",
         UpToDate => "up-to-date",
+        Failed => "failed",
     }
 }

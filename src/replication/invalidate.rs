@@ -50,6 +50,11 @@ impl Replication {
                 what.verb()
             ));
         }
+        if self.disk_is_failed() {
+            return Err(
+                "this node's backing device failed: restart vmsyncd once it works again, and it resyncs".into(),
+            );
+        }
         let old = self.metadata.generations();
         self.set_disk_state(DiskState::Inconsistent)
             .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;

@@ -380,6 +380,18 @@ async fn run_session(
     repl.observe_term(theirs.term);
     peer.linked(theirs.role);
     tracing::info!(our_role = %me.role, peer_role = %theirs.role, peer_term = theirs.term, peer_disk = %theirs.disk_state, "peer state");
+    // A failed disk on either end: the link only carries pings and State
+    // (DRBD's detached disk). The primary marks everything in that peer's
+    // bitmap (`PeerMode::Failed`) and waits for a restart with a working
+    // device.
+    if theirs.disk_state == DiskState::Failed && me.role == Role::Primary {
+        peer.disk_failed();
+        tracing::warn!("peer's backing device failed: not mirroring to it; its bitmap collects every write until it is restarted");
+        return idle(repl, peer, link, &mut role_changes).await;
+    }
+    if repl.disk_state() == DiskState::Failed && me.role == Role::Secondary {
+        return idle(repl, peer, link, &mut role_changes).await;
+    }
     match (me.role, theirs.role) {
         (Role::Primary, Role::Secondary) => {
             super::source::run(repl, peer, link, theirs, &mut role_changes).await
@@ -394,7 +406,8 @@ async fn run_session(
     }
 }
 
-/// Two secondaries: keep the link alive until either side's role changes.
+/// Nothing to replicate (two secondaries, or a failed disk on one end):
+/// keep the link alive until either side's role or state changes.
 async fn idle(
     repl: &Replication,
     peer: &Arc<PeerReplica>,
@@ -418,7 +431,7 @@ async fn idle(
                         repl.check_peer_term(term, &peer.config.name)?;
                         return Ok(());
                     }
-                    other => return Err(LinkError::Violation(format!("unexpected {} between secondaries", other.message_type()))),
+                    other => return Err(LinkError::Violation(format!("unexpected {} on a link that replicates nothing", other.message_type()))),
                 }
             }
             // Our role changed: drop the link; both sides reconnect and the

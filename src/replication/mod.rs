@@ -122,6 +122,7 @@ impl Replication {
                 .expect("the node id is validated against node slots"),
         );
         let persist_meta = Arc::clone(&metadata);
+        let failing = Arc::clone(&backing);
         let local = Arc::new(LazyDevice::new(
             backing,
             own_stale,
@@ -158,7 +159,7 @@ impl Replication {
         } else {
             DiskState::UpToDate
         };
-        Arc::new(Replication {
+        let repl = Arc::new(Replication {
             tunables: std::sync::RwLock::new(config.replication),
             config,
             metadata,
@@ -176,7 +177,15 @@ impl Replication {
             holders: Mutex::new(None),
             fenced: AtomicBool::new(false),
             verify_progress: Mutex::new(verify::VerifyProgress::default()),
-        })
+        });
+        // Detach on the first I/O error, as DRBD's `on-io-error detach`.
+        let weak = Arc::downgrade(&repl);
+        failing.on_failure(Box::new(move |failure| {
+            if let Some(repl) = weak.upgrade() {
+                repl.disk_failed(failure);
+            }
+        }));
+        repl
     }
 
     /// The replication tunables in force (see [`Replication::set_tunables`]).
@@ -213,8 +222,14 @@ impl Replication {
         *self.disk_state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records a new disk state (persisting whether it is inconsistent). A
+    /// failed disk stays failed until the daemon restarts: see
+    /// [`Replication::disk_failed`].
     fn set_disk_state(&self, state: DiskState) -> io::Result<()> {
         let mut current = self.disk_state.lock().unwrap_or_else(|e| e.into_inner());
+        if *current == DiskState::Failed {
+            return Ok(());
+        }
         if *current != state {
             self.metadata
                 .set_inconsistent(state == DiskState::Inconsistent)
@@ -222,6 +237,64 @@ impl Replication {
             *current = state;
         }
         Ok(())
+    }
+
+    /// The backing device failed an operation: stop using it (DRBD's
+    /// `on-io-error detach`). The disk state goes `failed` for the life of
+    /// the daemon, and the metadata (a separate file) records the replica
+    /// as inconsistent, so that a restart, once the device works again,
+    /// resyncs it before it is trusted.
+    ///
+    /// A secondary ends its links: when they come back up, its `State`
+    /// says `failed` and the primary stops mirroring to it, marking in its
+    /// bitmap everything it did not acknowledge and everything written
+    /// since (`link::run_session`). A primary refuses every further read
+    /// and write with EIO; its peers keep what they acknowledged, so a
+    /// failover (demote here, promote a peer) loses nothing acknowledged.
+    pub fn disk_failed(&self, failure: &blockdev::backing::BackingFailure<'_>) {
+        {
+            let mut state = self.disk_state.lock().unwrap_or_else(|e| e.into_inner());
+            if *state == DiskState::Failed {
+                return;
+            }
+            *state = DiskState::Failed;
+        }
+        let role = self.role().role;
+        tracing::error!(
+            device = %failure.path.display(),
+            op = failure.op,
+            offset = failure.offset,
+            len = failure.len,
+            error = %failure.error,
+            "backing device failed: {} of {} bytes at offset {} on {}: {}; disk state failed, the device is no longer used ({})",
+            failure.op,
+            failure.len,
+            failure.offset,
+            failure.path.display(),
+            failure.error,
+            match role {
+                Role::Primary => "guest I/O gets EIO; demote this node and promote a peer, which holds every acknowledged write",
+                Role::Secondary => "the primary stops mirroring here; restart vmsyncd once the device works again to resync",
+            }
+        );
+        if let Err(e) = self.metadata.set_inconsistent(true) {
+            tracing::error!(error = %e, "cannot record the failed disk as inconsistent in the metadata");
+        }
+        if role == Role::Secondary {
+            self.restart_links();
+        }
+    }
+
+    /// Ends every link session; each link reconnects at once and exchanges
+    /// `State` again (so the peers learn our new disk state).
+    fn restart_links(&self) {
+        // The sessions watch the role for changes; an unchanged value still
+        // wakes them.
+        self.role.send_modify(|_| {});
+    }
+
+    fn disk_is_failed(&self) -> bool {
+        self.disk_state() == DiskState::Failed
     }
 
     /// A secondary that the primary reports in sync takes its generation.
@@ -417,6 +490,9 @@ impl Replication {
         if self.role().role == Role::Primary {
             return Err("already primary".into());
         }
+        if self.disk_is_failed() {
+            return Err("this node's backing device failed (disk state failed): promote a peer; restart vmsyncd here once the device works again, and it resyncs".into());
+        }
         let ping_interval = Duration::from_millis(self.tunables().ping_interval_ms);
         for p in self.peers.iter().filter(|p| p.is_peer_primary()) {
             let silent = p.silent_for().is_none_or(|t| t > ping_interval);
@@ -481,6 +557,8 @@ impl Replication {
         if self.role().role != Role::Primary {
             return Ok(Vec::new());
         }
+        // A failed disk is not flushed (it is no longer used): the peers
+        // hold every write this node acknowledged.
         self.flush_everywhere(true, tokio::time::Instant::now() + DEMOTE_WAIT)
             .await?;
         // Blocks still missing here stay marked in our own slot: they go
@@ -573,7 +651,20 @@ impl Replication {
                 "this node is not primary",
             ));
         }
-        blockdev::device::check_range(self.local_size(), offset, len)
+        blockdev::device::check_range(self.local_size(), offset, len)?;
+        if self.disk_is_failed() {
+            return Err(self.failed_disk_error());
+        }
+        Ok(())
+    }
+
+    /// What the guest gets once our disk failed: EIO (no raw errno, so
+    /// `errno_of` maps it to EIO whatever the device said).
+    fn failed_disk_error(&self) -> io::Error {
+        io::Error::other(format!(
+            "the backing device {} failed (disk state failed): I/O refused; promote a peer",
+            self.config.node.backing.display()
+        ))
     }
 
     /// Like [`Replication::check_primary`], and refuses writes once fenced.
@@ -664,7 +755,11 @@ impl Replication {
             }
         }
         let local = apply.await;
-        if let Err(e) = &local {
+        if local.is_err() && self.disk_is_failed() {
+            // Our disk failed: the peers keep this write (the guest gets the
+            // error, so either content of the range is right) and every
+            // write they acknowledged before; nothing is resynced from here.
+        } else if let Err(e) = &local {
             // The peers may have applied what our disk refused: make them
             // take our version of the range back, so replicas stay equal.
             tracing::error!(offset, len, error = %e, "local write failed; resyncing the range to the peers");
@@ -673,6 +768,9 @@ impl Replication {
             }
         }
         drop(ranges);
+        if local.is_err() && self.disk_is_failed() {
+            return Err(self.failed_disk_error());
+        }
         local?;
         if fua {
             // FUA is a flush point for the peers too.
@@ -701,7 +799,9 @@ impl Replication {
         deadline: tokio::time::Instant,
     ) -> io::Result<()> {
         let acks = self.close_epoch(want_ack);
-        self.local.flush().await?;
+        if !self.disk_is_failed() {
+            self.local.flush().await?;
+        }
         self.wait_for_peers(acks, deadline).await;
         Ok(())
     }

@@ -44,6 +44,9 @@ pub enum PeerMode {
     UpToDate,
     /// Congested: writes only set bits until the backlog drains.
     Behind,
+    /// Linked, but its backing device failed (its `State` said so): writes
+    /// only set bits, until it is restarted with a working device.
+    Failed,
 }
 
 impl PeerMode {
@@ -54,6 +57,7 @@ impl PeerMode {
             PeerMode::Resyncing => "resyncing",
             PeerMode::UpToDate => "up-to-date",
             PeerMode::Behind => "behind",
+            PeerMode::Failed => "failed",
         }
     }
 
@@ -225,6 +229,16 @@ impl PeerReplica {
         if inner.mode == PeerMode::Disconnected {
             inner.mode = PeerMode::Idle;
         }
+    }
+
+    /// The peer announced that its backing device failed: nothing is
+    /// mirrored to it on this link; every write marks its bitmap.
+    pub fn disk_failed(&self) {
+        let mut inner = self.lock();
+        if inner.mode.mirrors() {
+            self.fork_pending.store(true, Ordering::Release);
+        }
+        inner.mode = PeerMode::Failed;
     }
 
     /// Starts mirroring to the peer through `tx`. Blocks written before this

@@ -200,7 +200,7 @@ pub async fn run(
                     }
                     Message::WriteAck { seq } => peer.write_acked(seq),
                     Message::WriteNack { seq, errno } => {
-                        break Err(LinkError::Violation(format!("peer failed write {seq}: errno {errno}")));
+                        break Err(LinkError::Violation(format!("peer's disk failed write {seq} (errno {errno}); it is marked stale")));
                     }
                     Message::Ping => { let _ = meta_tx.send(Message::PingAck); }
                     Message::PingAck => {}

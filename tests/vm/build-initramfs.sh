@@ -36,7 +36,7 @@ file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' || ldd "$BUSYBOX" 2
 
 # Modules wanted, in load order. Dependencies from modules.dep are inserted
 # before each module; built-in ones are skipped.
-WANT=(crc32c_generic libcrc32c netfs 9pnet 9pnet_virtio 9p ublk_drv crc16 mbcache jbd2 ext4 loop virtio_blk)
+WANT=(crc32c_generic libcrc32c netfs 9pnet 9pnet_virtio 9p ublk_drv crc16 mbcache jbd2 ext4 loop virtio_blk dm_mod)
 
 INITRD=$BUILD/initramfs-$KVER.cpio.gz
 STAMP=$BUILD/initramfs-$KVER.stamp

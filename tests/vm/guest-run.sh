@@ -134,6 +134,11 @@ cleanup_after() { # leftovers of a scenario: mounts, loop devices, daemons
     echo "cleanup: SIGKILL leftover pid $p"
     kill -KILL "$p" 2>/dev/null
   done
+  # Device-mapper devices a scenario made (over loop devices).
+  if [ -e /dev/mapper/control ] && command -v dmsetup >/dev/null; then
+    DM_DISABLE_UDEV=1 dmsetup remove_all --force >/dev/null 2>&1
+    losetup -D 2>/dev/null
+  fi
   local left
   left=$(ls /dev/ublkb* /dev/ublkc* 2>/dev/null | tr '\n' ' ')
   [ -z "$left" ] || echo "cleanup: ublk devices still present: $left"

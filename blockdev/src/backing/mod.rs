@@ -57,6 +57,22 @@ enum BackingKind {
     BlockDevice,
 }
 
+/// An operation the backing device failed (the kernel returned an error
+/// for it): what the layer above needs to stop using the device and to say
+/// so clearly.
+#[derive(Debug)]
+pub struct BackingFailure<'a> {
+    pub path: &'a Path,
+    /// "read", "write", "flush", "discard" or "write-zeroes".
+    pub op: &'static str,
+    pub offset: u64,
+    pub len: u64,
+    pub error: &'a io::Error,
+}
+
+/// Called for every failed operation (see [`BackingStore::on_failure`]).
+pub type FailureHook = Box<dyn Fn(&BackingFailure<'_>) + Send + Sync>;
+
 /// A file or block device serving the first `size` bytes as a [`BlockDevice`].
 pub struct BackingStore {
     file: File,
@@ -65,6 +81,7 @@ pub struct BackingStore {
     size: u64,
     direct_io: bool,
     uring: Uring,
+    on_failure: std::sync::OnceLock<FailureHook>,
 }
 
 impl BackingStore {
@@ -112,11 +129,42 @@ impl BackingStore {
             size,
             direct_io: options.direct_io,
             uring,
+            on_failure: std::sync::OnceLock::new(),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Installs the hook told about every operation the device fails (an
+    /// I/O error, a write the file refuses...), after the error is final:
+    /// transient -EINTR/-EAGAIN are retried first, and requests refused
+    /// before reaching the device (out of range) are not reported. The
+    /// replication layer uses it to detach a failing disk. Only the first
+    /// call installs a hook.
+    pub fn on_failure(&self, hook: FailureHook) {
+        let _ = self.on_failure.set(hook);
+    }
+
+    /// Passes `result` through, telling the hook if it is a device error.
+    fn observe<T>(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        result: io::Result<T>,
+    ) -> io::Result<T> {
+        if let (Err(error), Some(hook)) = (&result, self.on_failure.get()) {
+            hook(&BackingFailure {
+                path: &self.path,
+                op,
+                offset,
+                len,
+                error,
+            });
+        }
+        result
     }
 
     fn fd(&self) -> types::Fd {
@@ -199,6 +247,15 @@ impl BackingStore {
         unsafe { self.run(entry) }.await.map(|_| ())
     }
 
+    /// Punches a hole, or writes zeroes where holes are not supported.
+    async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(offset, len, punch).await {
+            Err(e) if is_unsupported(&e) => self.zero_fill(offset, len).await,
+            other => other,
+        }
+    }
+
     /// Writes zero buffers: the fallback for backings that cannot zero a range.
     async fn zero_fill(&self, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
@@ -241,23 +298,31 @@ impl BlockDevice for BackingStore {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        check_range(self.size, offset, buf.len() as u64)?;
-        if self.direct_io && !is_aligned(buf.as_ptr()) {
+        let len = buf.len() as u64;
+        check_range(self.size, offset, len)?;
+        let result = if self.direct_io && !is_aligned(buf.as_ptr()) {
             let mut bounce = AlignedBuf::zeroed(buf.len());
-            self.read_exact_at(offset, bounce.as_mut_slice()).await?;
-            buf.copy_from_slice(bounce.as_slice());
-            return Ok(());
-        }
-        self.read_exact_at(offset, buf).await
+            let read = self.read_exact_at(offset, bounce.as_mut_slice()).await;
+            if read.is_ok() {
+                buf.copy_from_slice(bounce.as_slice());
+            }
+            read
+        } else {
+            self.read_exact_at(offset, buf).await
+        };
+        self.observe("read", offset, len, result)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
-        check_range(self.size, offset, data.len() as u64)?;
-        if self.direct_io && !is_aligned(data.as_ptr()) {
+        let len = data.len() as u64;
+        check_range(self.size, offset, len)?;
+        let result = if self.direct_io && !is_aligned(data.as_ptr()) {
             let bounce = AlignedBuf::copy_from(&data);
-            return self.write_all_at(offset, bounce.as_slice(), fua).await;
-        }
-        self.write_all_at(offset, &data, fua).await
+            self.write_all_at(offset, bounce.as_slice(), fua).await
+        } else {
+            self.write_all_at(offset, &data, fua).await
+        };
+        self.observe("write", offset, len, result)
     }
 
     async fn flush(&self) -> io::Result<()> {
@@ -265,7 +330,8 @@ impl BlockDevice for BackingStore {
             .flags(types::FsyncFlags::DATASYNC)
             .build();
         // SAFETY: fsync references no memory.
-        cqe_to_result(unsafe { self.uring.submit(entry) }.await).map(|_| ())
+        let result = cqe_to_result(unsafe { self.uring.submit(entry) }.await).map(|_| ());
+        self.observe("flush", 0, 0, result)
     }
 
     /// Punches a hole (files) or zeroes-with-unmap (block devices). Both
@@ -277,11 +343,8 @@ impl BlockDevice for BackingStore {
         if len == 0 {
             return Ok(());
         }
-        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        match self.fallocate(offset, len, punch).await {
-            Err(e) if is_unsupported(&e) => self.zero_fill(offset, len).await,
-            other => other,
-        }
+        let result = self.punch_hole(offset, len).await;
+        self.observe("discard", offset, len, result)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -290,14 +353,15 @@ impl BlockDevice for BackingStore {
             return Ok(());
         }
         let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-        match self.fallocate(offset, len, zero_range).await {
+        let result = match self.fallocate(offset, len, zero_range).await {
             Err(e) if is_unsupported(&e) => match self.kind {
                 // tmpfs and some file systems lack ZERO_RANGE; a hole reads as zeroes too.
-                BackingKind::File => self.discard(offset, len).await,
+                BackingKind::File => self.punch_hole(offset, len).await,
                 BackingKind::BlockDevice => self.zero_fill(offset, len).await,
             },
             other => other,
-        }
+        };
+        self.observe("write-zeroes", offset, len, result)
     }
 }
 
