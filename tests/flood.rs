@@ -196,3 +196,41 @@ fn an_unauthenticated_client_learns_neither_the_resource_nor_the_node_id() {
         .any(|m| matches!(m, Message::Refused { .. })));
     assert!(!received.iter().any(|m| matches!(m, Message::AuthOk)));
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Node 1 has the lower id: it dials node 2 and never waits for it. A
+/// node-2 data or meta connection to node 1 that authenticates must be
+/// closed, not queued for a link task that never reads it.
+#[test]
+fn the_dialing_node_closes_inbound_link_connections() {
+    let mut cluster = Cluster::start(ClusterSpec::default());
+    let secret = rawpeer::read_secret(&cluster.dir.secret);
+    let addr = cluster.dir.node(1).listen;
+    let pid = cluster.daemon(1).pid();
+    let fds_before = open_fds(pid);
+    for round in 0..20 {
+        let channel = if round % 2 == 0 {
+            Channel::Data
+        } else {
+            Channel::Meta
+        };
+        let Ok(mut conn) = rawpeer::handshake(addr, rawpeer::params("r0", 2, 1, channel), &secret)
+        else {
+            continue; // refused outright: closed, as it should be
+        };
+        conn.drain_until_closed(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("node 1 kept an inbound {channel:?} connection: {e}"));
+    }
+    let fds_after = open_fds(pid);
+    assert!(
+        fds_after <= fds_before + 4,
+        "node 1's descriptors grew from {fds_before} to {fds_after}"
+    );
+    cluster.wait_linked(1);
+    assert_eq!(cluster.peer(1, 2)["connected"], true);
+}

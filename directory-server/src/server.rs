@@ -17,6 +17,9 @@ use crate::store::{Member, ReportMeta, ResourceState, Store, StoredBitmap};
 
 /// Node ids a resource may have (the nodes' metadata has this many slots).
 pub const MAX_NODES: u32 = 32;
+/// Highest term the directory grants: the nodes' limit (32 bits of term in
+/// a generation id).
+pub const MAX_TERM: u64 = u32::MAX as u64;
 /// At most this many bitmaps in one report (one per node).
 pub const MAX_BITMAPS: u32 = MAX_NODES;
 /// A connection must send DirJoin this soon after the handshake.
@@ -117,7 +120,7 @@ impl Directory {
                     continue;
                 }
             };
-            let Some(slot) = gate.try_enter() else {
+            let Some(slot) = gate.try_enter(from.ip()) else {
                 if let LogRefusal::Yes { suppressed } = gate.refusal() {
                     warn!(%from, suppressed_since_last_window = suppressed,
                         "too many handshakes in progress; connection closed at once");
@@ -181,7 +184,7 @@ impl Directory {
         self: Arc<Self>,
         stream: TcpStream,
         from: SocketAddr,
-        handshake_slot: tokio::sync::OwnedSemaphorePermit,
+        handshake_slot: protocol::gate::HandshakeSlot,
     ) -> Result<(), LinkError> {
         let (resource, conn) =
             net::accept_any_resource(DIRECTORY_NODE_ID, &self.secret, stream, |resource, node| {
@@ -312,6 +315,13 @@ impl Directory {
             (state.primary, state.term, state.clone())
         };
         info!(force, term, primary = ?primary, "promote requested");
+        // Nodes take terms up to 2^32-1 (generation ids carry 32 bits of
+        // term): never grant one beyond, nor wrap.
+        if term >= MAX_TERM {
+            let reason = format!("term {MAX_TERM} reached: no further promotion possible");
+            warn!("promote refused: {reason}");
+            return conn.writer.send(&Message::DirRefused { reason }).await;
+        }
         let mut overridden = false;
         let mut demoted = None;
         if let Some(p) = primary.filter(|&p| p != node) {
@@ -361,7 +371,10 @@ impl Directory {
             bitmaps = Some(received.bitmaps);
             ack = Some(conn);
         }
-        new.term += 1;
+        // Nodes take terms up to 2^32-1 (generation ids carry 32 bits of
+        // term): never grant one beyond, nor wrap.
+        // (Checked before anything was asked of the old primary.)
+        new.term = new.term.min(MAX_TERM - 1) + 1;
         new.primary = Some(node);
         self.commit(&res.name, &new, bitmaps.clone()).await?;
         *state = new;

@@ -7,6 +7,8 @@
 //! lines per window, and the listener keeps accepting, so a real peer that
 //! retries gets in as soon as a slot frees.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +27,30 @@ const WINDOW: Duration = Duration::from_secs(10);
 /// log's rate limit.
 pub struct HandshakeGate {
     slots: Arc<Semaphore>,
+    /// Handshakes in progress per source address: one flooding host gets
+    /// at most a quarter of the slots, so peers elsewhere still get in.
+    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_source_max: usize,
     window: Mutex<Window>,
+}
+
+/// One handshake's slot; frees it (and its source's count) when dropped.
+pub struct HandshakeSlot {
+    _permit: OwnedSemaphorePermit,
+    source: IpAddr,
+    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut counts = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
 }
 
 struct Window {
@@ -48,6 +73,8 @@ impl HandshakeGate {
     pub fn new(max_pending: usize) -> Self {
         HandshakeGate {
             slots: Arc::new(Semaphore::new(max_pending.max(1))),
+            per_source: Arc::new(Mutex::new(HashMap::new())),
+            per_source_max: (max_pending / 4).max(1),
             window: Mutex::new(Window {
                 started: Instant::now(),
                 logged: 0,
@@ -56,10 +83,22 @@ impl HandshakeGate {
         }
     }
 
-    /// A slot for one handshake, held until it is dropped; `None` when all
-    /// are taken (close the connection at once).
-    pub fn try_enter(&self) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.slots).try_acquire_owned().ok()
+    /// A slot for a handshake with a client at `source`, held until it is
+    /// dropped; `None` when all are taken or that source has its share
+    /// (close the connection at once).
+    pub fn try_enter(&self, source: IpAddr) -> Option<HandshakeSlot> {
+        let mut counts = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(source).or_insert(0);
+        if *count >= self.per_source_max {
+            return None;
+        }
+        let permit = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        *count += 1;
+        Some(HandshakeSlot {
+            _permit: permit,
+            source,
+            per_source: Arc::clone(&self.per_source),
+        })
     }
 
     /// Handshakes in progress.
@@ -90,15 +129,32 @@ impl HandshakeGate {
 mod tests {
     use super::*;
 
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
     #[test]
     fn slots_are_bounded_and_freed_on_drop() {
         let gate = HandshakeGate::new(2);
-        let a = gate.try_enter().unwrap();
-        let _b = gate.try_enter().unwrap();
-        assert!(gate.try_enter().is_none());
+        let a = gate.try_enter(A).unwrap();
+        let _b = gate.try_enter(B).unwrap();
+        assert!(gate
+            .try_enter(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+            .is_none());
         assert_eq!(gate.pending(2), 2);
         drop(a);
-        assert!(gate.try_enter().is_some());
+        assert!(gate.try_enter(A).is_some());
+    }
+
+    #[test]
+    fn one_source_gets_a_quarter_of_the_slots_and_others_still_get_in() {
+        let gate = HandshakeGate::new(8);
+        let flood: Vec<_> = (0..2).map(|_| gate.try_enter(A).unwrap()).collect();
+        assert!(gate.try_enter(A).is_none(), "a third slot for one source");
+        let peer = gate.try_enter(B);
+        assert!(peer.is_some(), "another source was starved");
+        drop(flood);
+        assert!(gate.try_enter(A).is_some());
+        assert!(gate.per_source.lock().unwrap().len() <= 2);
     }
 
     #[test]

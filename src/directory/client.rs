@@ -341,6 +341,12 @@ fn decode_bitmap(msg: Message, nbits: u64, block_size: u32) -> Result<(u32, Bitm
     else {
         return Err(format!("expected DirBitmap, got {}", msg.message_type()));
     };
+    if node_id >= crate::config::MAX_NODES {
+        return Err(format!(
+            "a bitmap for node {node_id}, outside the node slots (0 to {})",
+            crate::config::MAX_NODES - 1
+        ));
+    }
     if their_block_size != block_size || their_nbits != nbits {
         return Err(format!(
             "the bitmap of node {node_id} covers {their_nbits} blocks of {their_block_size} bytes; \
@@ -446,5 +452,27 @@ where
             "the directory acknowledged the final report with {}",
             other.message_type()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A grant's bitmap for a node id beyond the metadata's slots (a
+    /// directory bug or a hostile directory) is refused, not indexed.
+    #[test]
+    fn a_bitmap_for_a_node_outside_the_slots_is_refused() {
+        for node_id in [crate::config::MAX_NODES, u32::MAX] {
+            let msg = Message::DirBitmap {
+                node_id,
+                block_size: 4096,
+                nbits: 16,
+                encoding: ENCODING_VMSYNC_RLE,
+                data: Bytes::new(),
+            };
+            let err = decode_bitmap(msg, 16, 4096).unwrap_err();
+            assert!(err.contains("outside the node slots"), "{err}");
+        }
     }
 }

@@ -160,7 +160,7 @@ async fn accept_loop(listener: TcpListener, identity: LocalIdentity, router: Arc
                 continue;
             }
         };
-        let Some(slot) = gate.try_enter() else {
+        let Some(slot) = gate.try_enter(from.ip()) else {
             log_refusal(
                 &gate,
                 Some(from),
