@@ -91,6 +91,7 @@ fn tunable_changes(old: &config::Replication, new: &config::Replication) -> Vec<
     );
     compare("resync_rate", old.resync_rate, new.resync_rate);
     compare("sync_rate", old.sync_rate, new.sync_rate);
+    compare("wan_rate", old.wan_rate, new.wan_rate);
     compare(
         "fetch_timeout_ms",
         old.fetch_timeout_ms,
