@@ -329,11 +329,16 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// 875000 bytes/s; `kbit`, `Mbit`, `Gbit`).
 pub fn parse_rate(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
-    for (unit, bits) in [("kbit", 1_000u64), ("Mbit", 1_000_000), ("Gbit", 1_000_000_000)] {
+    for (unit, bits) in [
+        ("kbit", 1_000u64),
+        ("Mbit", 1_000_000),
+        ("Gbit", 1_000_000_000),
+    ] {
         if let Some(number) = trimmed.strip_suffix(unit) {
-            let number: f64 = number.trim().parse().map_err(|_| {
-                format!("\"{text}\" is not a rate (expected e.g. 7Mbit or 1MiB)")
-            })?;
+            let number: f64 = number
+                .trim()
+                .parse()
+                .map_err(|_| format!("\"{text}\" is not a rate (expected e.g. 7Mbit or 1MiB)"))?;
             if !(number.is_finite() && number >= 0.0) {
                 return Err(format!("\"{text}\" is not a rate"));
             }
@@ -533,8 +538,9 @@ impl Validator<'_> {
             }
             if let Some(s) = r.wan_rate {
                 replication.wan_rate = match s {
-                    RawSize::Text(t) => parse_rate(&t)
-                        .map_err(|reason| self.err("replication.wan_rate", reason))?,
+                    RawSize::Text(t) => {
+                        parse_rate(&t).map_err(|reason| self.err("replication.wan_rate", reason))?
+                    }
                     bytes => self.size("replication.wan_rate", bytes)?,
                 };
             }

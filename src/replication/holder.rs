@@ -116,7 +116,13 @@ enum Request {
 }
 
 /// The answer to a hash request: our copy's hash per granule.
-async fn answer_hashes(repl: &Replication, id: u64, offset: u64, len: u64, granule: u64) -> Message {
+async fn answer_hashes(
+    repl: &Replication,
+    id: u64,
+    offset: u64,
+    len: u64,
+    granule: u64,
+) -> Message {
     let refuse = |errno: i32| Message::ReadError { id, errno };
     if check_range(repl.local_size(), offset, len).is_err() {
         return refuse(libc::EINVAL);

@@ -111,17 +111,11 @@ impl WanStats {
     fn start_pass(&self) {
         self.pass_wire.store(0, Ordering::Release);
         self.pass_done.store(0, Ordering::Release);
-        *self
-            .pass_started
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.pass_started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
     fn end_pass(&self) {
-        *self
-            .pass_started
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+        *self.pass_started.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn elapsed(&self) -> Option<f64> {
@@ -133,15 +127,17 @@ impl WanStats {
 
     /// Wire bytes per second of the current pass (0 between passes).
     pub fn push_rate(&self) -> u64 {
-        self.elapsed()
-            .map_or(0, |s| (self.pass_wire.load(Ordering::Acquire) as f64 / s) as u64)
+        self.elapsed().map_or(0, |s| {
+            (self.pass_wire.load(Ordering::Acquire) as f64 / s) as u64
+        })
     }
 
     /// Stale bytes brought up to date per second by the current pass
     /// (skipped ones included): what the ETA divides by.
     pub fn progress_rate(&self) -> u64 {
-        self.elapsed()
-            .map_or(0, |s| (self.pass_done.load(Ordering::Acquire) as f64 / s) as u64)
+        self.elapsed().map_or(0, |s| {
+            (self.pass_done.load(Ordering::Acquire) as f64 / s) as u64
+        })
     }
 
     fn wire(&self, bytes: u64) {
@@ -273,7 +269,10 @@ async fn push_pass(
         let mut end = first;
         let mut at = first;
         while let Some(set) = bitmap.find_next_set(at).filter(|&b| b < limit) {
-            end = bitmap.find_next_clear(set).unwrap_or(bitmap.nbits()).min(limit);
+            end = bitmap
+                .find_next_clear(set)
+                .unwrap_or(bitmap.nbits())
+                .min(limit);
             at = end;
         }
         cursor = end;
@@ -358,7 +357,9 @@ async fn push_window(
             stats
                 .saved_by_hash
                 .fetch_add(data.len() as u64, Ordering::AcqRel);
-            stats.pass_done.fetch_add(data.len() as u64, Ordering::AcqRel);
+            stats
+                .pass_done
+                .fetch_add(data.len() as u64, Ordering::AcqRel);
             continue;
         }
         match runs.last_mut() {
