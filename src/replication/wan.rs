@@ -284,7 +284,7 @@ async fn push_pass(
             return Ok(()); // the peer stopped being pushed to
         };
         windows += 1;
-        if windows % WINDOWS_PER_EPOCH == 0 {
+        if windows.is_multiple_of(WINDOWS_PER_EPOCH) {
             drop(repl.close_epoch_including(peer, false));
         }
         pacer.spend(wire, repl.tunables().wan_rate).await;
