@@ -367,3 +367,91 @@ fn over_a_shaped_8_mbit_link_the_burst_runs_at_lan_speed_and_the_remote_site_con
     );
     drop(cluster);
 }
+
+/// A compressed push frame is applied like plain resync data; one that
+/// does not decompress to its announced length drops that link (the
+/// secondary neither panics nor applies any of it) and the node carries on.
+#[test]
+fn a_corrupt_compressed_frame_drops_the_link_and_nothing_of_it_is_applied() {
+    use protocol::{DiskState, Message, Role};
+    use support::rawpeer::{self, RawLink};
+    let mut cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        ..ClusterSpec::default()
+    });
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    // Node 1 dies; a raw client takes its place as primary of its term.
+    cluster.daemon(1).sigkill();
+    assert!(
+        support::wait_for(
+            || cluster.peer(2, 1)["connected"] == false,
+            std::time::Duration::from_secs(20)
+        ),
+        "node 2 did not notice node 1's death"
+    );
+    let secret = rawpeer::read_secret(&cluster.dir.secret);
+    let mut link = RawLink::establish(cluster.dir.node(2).listen, "r0", 1, 2, &secret)
+        .unwrap_or_else(|f| panic!("node 2 refused node 1: {f:?}"));
+    let Message::State {
+        term, generation, ..
+    } = link.meta.recv().expect("node 2's State")
+    else {
+        panic!("node 2 did not open with its State")
+    };
+    link.meta
+        .send(&Message::State {
+            role: Role::Primary,
+            term,
+            generation,
+            disk_state: DiskState::UpToDate,
+            size: cluster.dir.spec.size,
+        })
+        .expect("send State");
+    let good = vec![0xabu8; 64 * KIB as usize];
+    let packed = protocol::compress::compress(&good).expect("compressible");
+    link.data
+        .send(&Message::ResyncPacked {
+            term,
+            offset: MIB,
+            len: good.len() as u32,
+            codec: protocol::compress::CODEC_LZ4,
+            data: packed.clone().into(),
+        })
+        .expect("send a good frame");
+    link.data
+        .send(&Message::Barrier { term, epoch: 1 })
+        .expect("send a barrier");
+    let acked = (0..50).any(|_| matches!(link.meta.recv(), Ok(Message::BarrierAck { epoch: 1 })));
+    assert!(
+        acked,
+        "node 2 did not acknowledge the good compressed frame"
+    );
+    // The same data announced one block longer than it decompresses to.
+    let _ = link.data.send(&Message::ResyncPacked {
+        term,
+        offset: 2 * MIB,
+        len: good.len() as u32 + 4096,
+        codec: protocol::compress::CODEC_LZ4,
+        data: packed.into(),
+    });
+    link.data
+        .drain_until_closed(std::time::Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("node 2 kept the link after a corrupt frame: {e}"));
+    let log = &cluster.dir.node(2).log;
+    assert!(
+        support::wait_for(
+            || !rawpeer::log_lines_with(log, "compressed resync data").is_empty(),
+            std::time::Duration::from_secs(10)
+        ),
+        "node 2's log does not say why it dropped the link"
+    );
+    assert!(cluster.daemon(2).is_running(), "node 2 exited");
+    let image = std::fs::read(&cluster.dir.node(2).backing).unwrap();
+    let at = |offset: u64| &image[offset as usize..(offset + 64 * KIB) as usize];
+    assert_eq!(at(MIB), &good[..], "the good frame was not applied");
+    assert!(
+        at(2 * MIB).iter().all(|&b| b == 0),
+        "part of the corrupt frame was applied"
+    );
+}
