@@ -204,6 +204,28 @@ pub struct PeerStatus {
     /// Why the last link to this peer failed (e.g. a split brain), if it did.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The lazy push, for a WAN peer (another LAN group); absent for LAN peers.
+    #[serde(default)]
+    pub wan: Option<WanPushStatus>,
+}
+
+/// The lazy push to one WAN peer (`replication::wan`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WanPushStatus {
+    /// Bytes the peer lacks (as the peer's `stale_bytes`).
+    pub stale_bytes: u64,
+    /// `[replication] wan_rate`, bytes per second on the wire (0: unlimited).
+    pub budget_bytes_per_sec: u64,
+    /// Bytes per second the current push pass puts on the wire (0 when idle).
+    pub push_rate_bytes_per_sec: u64,
+    /// Bytes the push put on the wire since the daemon started.
+    pub pushed_wire_bytes: u64,
+    /// Stale bytes found identical on the peer by hash, so not sent.
+    pub saved_by_hash_bytes: u64,
+    /// Bytes compression kept off the wire.
+    pub saved_by_compression_bytes: u64,
+    /// Seconds until the peer is current at the present pace, if pushing.
+    pub eta_seconds: Option<u64>,
 }
 
 /// Sends one request to the daemon listening at `socket`.

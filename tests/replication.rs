@@ -753,9 +753,10 @@ fn a_primary_whose_disk_fails_refuses_io_and_a_peer_takes_over_with_every_acknow
     );
 }
 
-/// A peer in another LAN group is not mirrored, but resynced after the
-/// writes, with barriers of its own: it converges, and the resync stops
-/// (it used to loop forever, its bits never clearing without a barrier ack).
+/// A peer in another LAN group is not mirrored, but pushed to after the
+/// writes (`wan.rs`), with barriers of its own: it converges, and the push
+/// stops (it used to loop forever, its bits never clearing without a
+/// barrier ack). `tests/wan.rs` tests the push itself.
 #[test]
 fn a_wan_peer_is_resynced_after_the_writes_and_the_resync_ends() {
     let cluster = Cluster::start(ClusterSpec {
@@ -789,8 +790,7 @@ fn a_wan_peer_is_resynced_after_the_writes_and_the_resync_ends() {
         resynced,
         "the resync of an up-to-date WAN peer keeps sending"
     );
-    // The initial full sync, then at most what the guest wrote (the lazy,
-    // budgeted WAN push that sends a rewritten block once is later work).
+    // The initial full sync, then at most what the guest wrote.
     let written: u64 = ops
         .iter()
         .filter_map(|op| op.range())

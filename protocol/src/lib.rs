@@ -21,11 +21,12 @@
 //! messages and their wire codes), [`handshake`], [`secure`] (the sealed
 //! records after the handshake), [`secret`] (secret strength checks and
 //! generation), [`types`] (enums and small structs inside messages), `codec`
-//! (field encoding), [`error`]; with the
+//! (field encoding), [`compress`] (compressed block data), [`error`]; with the
 //! `net` feature, `net`: framed, authenticated TCP connections over tokio
 //! (the one place this crate does I/O).
 
 mod codec;
+pub mod compress;
 pub mod error;
 pub mod frame;
 #[cfg(feature = "net")]
@@ -43,7 +44,7 @@ pub use frame::{
     decode, encode, encode_split, encode_to_bytes, HEADER_LEN, MAGIC, MAX_DATA_LEN, MAX_PAYLOAD,
 };
 pub use handshake::{Handshake, HandshakeError, HandshakeParams, HandshakeStep, PeerInfo};
-pub use message::{BlockHash, Mac, Message, MessageType, Nonce};
+pub use message::{BlockHash, Mac, Message, MessageType, Nonce, MIN_HASH_GRANULE};
 pub use secret::{check_secret, generate_secret, WeakSecret};
 pub use secure::{Opener, Sealer, SessionKeys};
 pub use types::{Channel, DiskState, GenerationIds, Role};
@@ -52,7 +53,8 @@ pub use types::{Channel, DiskState, GenerationIds, Role};
 /// same version; it is checked (and authenticated) in the handshake.
 ///
 /// 2: every frame after the handshake travels in an AEAD record ([`secure`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: the WAN push: `HashRequest`/`HashReply` and compressed `ResyncPacked`.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The node id the directory server uses in handshakes (never a node's).
 pub const DIRECTORY_NODE_ID: u32 = u32::MAX;

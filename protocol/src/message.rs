@@ -46,6 +46,10 @@ pub type Mac = [u8; 32];
 /// A 32-byte BLAKE3 hash of a block range's contents.
 pub type BlockHash = [u8; 32];
 
+/// Smallest granule of a [`Message::HashRequest`]: one 32-byte hash per
+/// 512 bytes at most, so the reply never outgrows the range.
+pub const MIN_HASH_GRANULE: u32 = 512;
+
 macro_rules! messages {
     ($(
         $(#[$meta:meta])*
@@ -351,6 +355,51 @@ messages! {
         len: u32,
     },
 
+    /// Asks a node for the BLAKE3 hash of each `granule`-byte piece of a
+    /// range of its copy (the primary, before pushing stale blocks to a WAN
+    /// peer, skips the pieces that already match). Travels on the fetch
+    /// connection; answered by [`Message::HashReply`] or
+    /// [`Message::ReadError`] with the same `id`.
+    HashRequest = 0x0207 {
+        /// Requester-chosen id, echoed in the answer.
+        id: u64,
+        /// Byte offset into the device.
+        offset: u64,
+        /// Length in bytes, at most [`MAX_DATA_LEN`].
+        len: u32,
+        /// Bytes per hash: a power of two, at least [`MIN_HASH_GRANULE`].
+        granule: u32,
+    },
+
+    /// The hashes asked for by a [`Message::HashRequest`]: 32 bytes per
+    /// granule, in order (the last granule may be short).
+    HashReply = 0x0208 {
+        /// Id of the [`Message::HashRequest`].
+        id: u64,
+        /// Byte offset of the range.
+        offset: u64,
+        /// The concatenated 32-byte hashes.
+        hashes: Bytes,
+    },
+
+    /// [`Message::ResyncData`] with its data compressed (see
+    /// [`crate::compress`]): sent instead when compression shrinks it.
+    /// Applied, acknowledged and ordered exactly like `ResyncData`. A frame
+    /// that does not decompress to exactly `len` bytes is a protocol
+    /// violation (the receiver drops the connection).
+    ResyncPacked = 0x0209 {
+        /// The sender's term.
+        term: u64,
+        /// Byte offset into the device.
+        offset: u64,
+        /// Length of the data once decompressed, at most [`MAX_DATA_LEN`].
+        len: u32,
+        /// How `data` is compressed: [`crate::compress::CODEC_LZ4`].
+        codec: u8,
+        /// The compressed contents, at most [`MAX_DATA_LEN`] bytes.
+        data: Bytes,
+    },
+
     // ---- node state ----------------------------------------------------------
 
     /// A node's view of itself, sent by both sides right after the handshake
@@ -527,6 +576,7 @@ impl Message {
             Self::Write { data, .. }
             | Self::ReadReply { data, .. }
             | Self::ResyncData { data, .. }
+            | Self::ResyncPacked { data, .. }
             | Self::Bitmap { data, .. }
             | Self::DirBitmap { data, .. } => Some(std::mem::take(data)),
             _ => None,
@@ -597,6 +647,42 @@ impl Message {
                 at_most_max("hot_extents", hot_extents.len() as u64).map(drop)
             }
             Self::ReadRequest { offset, len, .. } => {
+                range(*offset, at_most_max("len", u64::from(*len))?)
+            }
+            Self::HashRequest {
+                offset,
+                len,
+                granule,
+                ..
+            } => {
+                if !granule.is_power_of_two() || *granule < MIN_HASH_GRANULE {
+                    return Err(invalid(
+                        "granule",
+                        format!("{granule} is not a power of two of at least {MIN_HASH_GRANULE}"),
+                    ));
+                }
+                range(*offset, at_most_max("len", u64::from(*len))?)
+            }
+            Self::HashReply { hashes, .. } => {
+                if hashes.len() % 32 != 0 {
+                    return Err(invalid(
+                        "hashes",
+                        format!("{} bytes are not whole 32-byte hashes", hashes.len()),
+                    ));
+                }
+                at_most_max("hashes", hashes.len() as u64).map(drop)
+            }
+            Self::ResyncPacked {
+                offset,
+                len,
+                codec,
+                data,
+                ..
+            } => {
+                if !crate::compress::is_known(*codec) {
+                    return Err(invalid("codec", format!("unknown codec {codec}")));
+                }
+                at_most_max("data", data.len() as u64)?;
                 range(*offset, at_most_max("len", u64::from(*len))?)
             }
             Self::Discard { offset, len, .. } | Self::WriteZeroes { offset, len, .. } => {

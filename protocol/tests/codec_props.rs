@@ -133,6 +133,30 @@ fn message_of(ty: MessageType) -> BoxedStrategy<Message> {
         MessageType::ResyncAck => (offset(), any::<u32>())
             .prop_map(|(offset, len)| Message::ResyncAck { offset, len })
             .boxed(),
+        MessageType::HashRequest => (any::<u64>(), offset(), small_len(), 9u32..20)
+            .prop_map(|(id, offset, len, shift)| Message::HashRequest {
+                id,
+                offset,
+                len,
+                granule: 1 << shift,
+            })
+            .boxed(),
+        MessageType::HashReply => (any::<u64>(), offset(), 0usize..64)
+            .prop_map(|(id, offset, n)| Message::HashReply {
+                id,
+                offset,
+                hashes: bytes::Bytes::from(vec![0x5a; n * 32]),
+            })
+            .boxed(),
+        MessageType::ResyncPacked => (any::<u64>(), offset(), small_len(), data())
+            .prop_map(|(term, offset, len, data)| Message::ResyncPacked {
+                term,
+                offset,
+                len,
+                codec: protocol::compress::CODEC_LZ4,
+                data,
+            })
+            .boxed(),
         MessageType::State => (
             select(Role::ALL),
             any::<u64>(),

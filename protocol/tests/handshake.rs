@@ -132,15 +132,15 @@ fn wrong_version_fails() {
         nonce: [9; 32],
     };
     let err = a.on_message(hello).unwrap_err();
-    assert_eq!(err, HandshakeError::VersionMismatch { peer: 1, ours: 2 });
+    assert_eq!(err, HandshakeError::VersionMismatch { peer: 1, ours: 3 });
     assert_eq!(
         err.to_string(),
-        "peer speaks protocol version 1, we speak 2"
+        "peer speaks protocol version 1, we speak 3"
     );
     assert_eq!(
         err.refusal(),
         Some(Message::Refused {
-            reason: "peer speaks protocol version 1, we speak 2".into()
+            reason: "peer speaks protocol version 1, we speak 3".into()
         })
     );
 }

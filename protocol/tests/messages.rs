@@ -79,6 +79,24 @@ fn sample(ty: MessageType) -> Message {
             offset: 1 << 40,
             len: 4096,
         },
+        MessageType::HashRequest => Message::HashRequest {
+            id: 5,
+            offset: 1 << 20,
+            len: 1 << 20,
+            granule: 4096,
+        },
+        MessageType::HashReply => Message::HashReply {
+            id: 5,
+            offset: 1 << 20,
+            hashes: bytes::Bytes::from(vec![0x22; 64]),
+        },
+        MessageType::ResyncPacked => Message::ResyncPacked {
+            term: 4,
+            offset: 1 << 40,
+            len: 65536,
+            codec: protocol::compress::CODEC_LZ4,
+            data,
+        },
         MessageType::State => Message::State {
             role: Role::Primary,
             term: 4,

@@ -313,6 +313,24 @@ fn print_status(s: &Status) {
             eta,
             p.send_queue_bytes
         );
+        if let Some(w) = &p.wan {
+            println!(
+                "    wan push: stale {} bytes  rate {} B/s (budget {})  eta {}  on the wire {} bytes  saved {} by hash, {} by compression",
+                w.stale_bytes,
+                w.push_rate_bytes_per_sec,
+                if w.budget_bytes_per_sec == 0 {
+                    "unlimited".to_string()
+                } else {
+                    format!("{} B/s", w.budget_bytes_per_sec)
+                },
+                w.eta_seconds
+                    .map(|e| format!("{e}s"))
+                    .unwrap_or_else(|| "-".into()),
+                w.pushed_wire_bytes,
+                w.saved_by_hash_bytes,
+                w.saved_by_compression_bytes
+            );
+        }
         if let Some(error) = &p.last_error {
             println!("    last link error: {error}");
         }

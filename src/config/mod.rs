@@ -97,6 +97,10 @@ pub struct Replication {
     /// Online verify cap in bytes compared per second, over all peers
     /// (0: unlimited). Every byte compared is read here and on the peer.
     pub verify_rate: u64,
+    /// Budget of the lazy push to each WAN peer (another `lan_group`) in
+    /// bytes per second on the wire (0: unlimited). While the guest is
+    /// busy the push trickles well below it (see `replication::wan`).
+    pub wan_rate: u64,
     /// Longest a guest I/O waits for a block this node lacks while no node
     /// holding it answers, before it fails with EIO (milliseconds).
     pub fetch_timeout_ms: u64,
@@ -134,6 +138,7 @@ impl Default for Replication {
             // DRBD's resync controller caps at 100 MiB/s by default
             // (c-max-rate); verify reads the whole device on both sides.
             verify_rate: 100 << 20,
+            wan_rate: 0,
             fetch_timeout_ms: 30_000,
             ping_interval_ms: 1000,
             ping_timeout_ms: 5000,
@@ -281,6 +286,7 @@ struct RawReplication {
     resync_rate: Option<RawSize>,
     sync_rate: Option<RawSize>,
     verify_rate: Option<RawSize>,
+    wan_rate: Option<RawSize>,
     fetch_timeout_ms: Option<i64>,
     ping_interval_ms: Option<i64>,
     ping_timeout_ms: Option<i64>,
@@ -323,6 +329,30 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number
         .checked_mul(1u64 << shift)
         .ok_or_else(|| format!("\"{text}\" is too large"))
+}
+
+/// Parses a bandwidth in bytes per second: a size (`875000`, `512KiB`) or
+/// bits per second with a decimal unit, as links are sold (`7Mbit` is
+/// 875000 bytes/s; `kbit`, `Mbit`, `Gbit`).
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    for (unit, bits) in [
+        ("kbit", 1_000u64),
+        ("Mbit", 1_000_000),
+        ("Gbit", 1_000_000_000),
+    ] {
+        if let Some(number) = trimmed.strip_suffix(unit) {
+            let number: f64 = number
+                .trim()
+                .parse()
+                .map_err(|_| format!("\"{text}\" is not a rate (expected e.g. 7Mbit or 1MiB)"))?;
+            if !(number.is_finite() && number >= 0.0) {
+                return Err(format!("\"{text}\" is not a rate"));
+            }
+            return Ok((number * bits as f64 / 8.0) as u64);
+        }
+    }
+    parse_size(trimmed)
 }
 
 /// Loads and validates a configuration file.
@@ -515,6 +545,14 @@ impl Validator<'_> {
             }
             if let Some(s) = r.verify_rate {
                 replication.verify_rate = self.size("replication.verify_rate", s)?;
+            }
+            if let Some(s) = r.wan_rate {
+                replication.wan_rate = match s {
+                    RawSize::Text(t) => {
+                        parse_rate(&t).map_err(|reason| self.err("replication.wan_rate", reason))?
+                    }
+                    bytes => self.size("replication.wan_rate", bytes)?,
+                };
             }
             if let Some(ms) = r.fetch_timeout_ms {
                 replication.fetch_timeout_ms = self.count("replication.fetch_timeout_ms", ms)?;

@@ -96,6 +96,22 @@ fn sizes_accept_binary_suffixes() {
 }
 
 #[test]
+fn wan_rates_take_bits_per_second_or_sizes() {
+    assert_eq!(parse_rate("7Mbit"), Ok(875_000));
+    assert_eq!(parse_rate("1.5 Mbit"), Ok(187_500));
+    assert_eq!(parse_rate("800kbit"), Ok(100_000));
+    assert_eq!(parse_rate("1MiB"), Ok(1 << 20));
+    assert_eq!(parse_rate("4096"), Ok(4096));
+    assert!(parse_rate("fastMbit").unwrap_err().contains("not a rate"));
+    let config = parse(
+        Path::new("t.toml"),
+        &format!("{GOOD}\n[replication]\nwan_rate = \"7Mbit\"\n"),
+    )
+    .unwrap();
+    assert_eq!(config.replication.wan_rate, 875_000);
+}
+
+#[test]
 fn errors_name_the_file_the_key_and_the_reason() {
     let e = error_of(&GOOD.replace("\"16GiB\"", "\"16XB\""));
     assert!(

@@ -92,6 +92,7 @@ fn tunable_changes(old: &config::Replication, new: &config::Replication) -> Vec<
     compare("resync_rate", old.resync_rate, new.resync_rate);
     compare("sync_rate", old.sync_rate, new.sync_rate);
     compare("verify_rate", old.verify_rate, new.verify_rate);
+    compare("wan_rate", old.wan_rate, new.wan_rate);
     compare(
         "fetch_timeout_ms",
         old.fetch_timeout_ms,

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use protocol::Role;
 
 use super::Node;
-use crate::control::{PeerStatus, Status, SyncStatus, VerifyStatus};
+use crate::control::{PeerStatus, Status, SyncStatus, VerifyStatus, WanPushStatus};
 use crate::replication::peer::{PeerMode, PeerReplica};
 use crate::replication::Replication;
 
@@ -113,6 +113,22 @@ fn peer_status(repl: &Replication, peer: &PeerReplica) -> PeerStatus {
         resynced_bytes: peer.stats.resync_bytes.load(Ordering::Acquire),
         send_queue_bytes: peer.queued.load(Ordering::Acquire),
         last_error: peer.last_error(),
+        wan: (!peer.is_lan).then(|| wan_status(repl, peer, stale_bytes)),
+    }
+}
+
+fn wan_status(repl: &Replication, peer: &PeerReplica, stale_bytes: u64) -> WanPushStatus {
+    use std::sync::atomic::Ordering::Acquire;
+    let stats = &peer.stats.wan;
+    let progress = stats.progress_rate();
+    WanPushStatus {
+        stale_bytes,
+        budget_bytes_per_sec: repl.tunables().wan_rate,
+        push_rate_bytes_per_sec: stats.push_rate(),
+        pushed_wire_bytes: stats.wire_bytes.load(Acquire),
+        saved_by_hash_bytes: stats.saved_by_hash.load(Acquire),
+        saved_by_compression_bytes: stats.saved_by_compression.load(Acquire),
+        eta_seconds: (progress > 0).then(|| stale_bytes / progress),
     }
 }
 

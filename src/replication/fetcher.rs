@@ -183,6 +183,45 @@ impl Fetcher {
         }
     }
 
+    /// The BLAKE3 hash of each `granule`-byte piece of `peer`'s copy of
+    /// the range (the WAN push skips pieces that match, see `wan`).
+    pub async fn hashes(
+        &self,
+        peer: &PeerReplica,
+        offset: u64,
+        len: u64,
+        granule: u32,
+    ) -> Result<Vec<[u8; 32]>, String> {
+        let session = self.session(peer.id(), peer.config.address).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = Message::HashRequest {
+            id,
+            offset,
+            len: len as u32,
+            granule,
+        };
+        let pieces = len.div_ceil(u64::from(granule)) as usize;
+        match session.request(id, request).await? {
+            Message::HashReply {
+                offset: at, hashes, ..
+            } if at == offset && hashes.len() == pieces * 32 => Ok(hashes
+                .chunks_exact(32)
+                .map(|h| h.try_into().expect("32-byte chunks"))
+                .collect()),
+            Message::ReadError { errno, .. } => Err(format!(
+                "peer refused: {}",
+                io::Error::from_raw_os_error(errno)
+            )),
+            other => {
+                session.kill();
+                Err(format!(
+                    "answer {:?} does not match the hash request {offset}+{len}",
+                    other.message_type()
+                ))
+            }
+        }
+    }
+
     /// The live session to `peer`, connecting if there is none.
     async fn session(&self, peer: u32, address: SocketAddr) -> Result<Arc<Session>, String> {
         if let Some(session) = self.lock_sessions().get(&peer) {
@@ -305,7 +344,8 @@ impl Session {
                 let id = match &answer {
                     Message::ReadReply { id, .. }
                     | Message::ReadSame { id, .. }
-                    | Message::ReadError { id, .. } => *id,
+                    | Message::ReadError { id, .. }
+                    | Message::HashReply { id, .. } => *id,
                     other => {
                         tracing::warn!(message = %other.message_type(), "holder sent something other than an answer");
                         break;

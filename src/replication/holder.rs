@@ -40,9 +40,25 @@ pub async fn serve(repl: Arc<Replication>, conn: Connection) {
                 offset,
                 len,
                 hash,
-            }) => (id, offset, u64::from(len), hash),
+            }) => Request::Read {
+                id,
+                offset,
+                len: u64::from(len),
+                hash,
+            },
+            Ok(Message::HashRequest {
+                id,
+                offset,
+                len,
+                granule,
+            }) => Request::Hashes {
+                id,
+                offset,
+                len: u64::from(len),
+                granule: u64::from(granule),
+            },
             Ok(other) => {
-                tracing::warn!(message = %other.message_type(), "not a read request; closing the fetch connection");
+                tracing::warn!(message = %other.message_type(), "not a read or hash request; closing the fetch connection");
                 break;
             }
             Err(LinkError::Closed) => break,
@@ -58,10 +74,21 @@ pub async fn serve(repl: Arc<Replication>, conn: Connection) {
         let replies = replies.clone();
         tokio::spawn(
             async move {
-                let (id, offset, len, hash) = request;
-                let _ = replies
-                    .send(answer(&repl, id, offset, len, hash).await)
-                    .await;
+                let reply = match request {
+                    Request::Read {
+                        id,
+                        offset,
+                        len,
+                        hash,
+                    } => answer(&repl, id, offset, len, hash).await,
+                    Request::Hashes {
+                        id,
+                        offset,
+                        len,
+                        granule,
+                    } => answer_hashes(&repl, id, offset, len, granule).await,
+                };
+                let _ = replies.send(reply).await;
                 drop(slot);
             }
             .in_current_span(),
@@ -71,6 +98,56 @@ pub async fn serve(repl: Arc<Replication>, conn: Connection) {
     // Replies still being read go out before the connection closes, unless
     // the requester is gone (then the pump fails on its own).
     let _ = pump.await;
+}
+
+/// What a requester may ask on a fetch connection.
+enum Request {
+    /// Blocks (or "same" if they hash to `hash`).
+    Read {
+        id: u64,
+        offset: u64,
+        len: u64,
+        hash: Option<[u8; 32]>,
+    },
+    /// The hash of each `granule` bytes of the range (the WAN push).
+    Hashes {
+        id: u64,
+        offset: u64,
+        len: u64,
+        granule: u64,
+    },
+}
+
+/// The answer to a hash request: our copy's hash per granule.
+async fn answer_hashes(
+    repl: &Replication,
+    id: u64,
+    offset: u64,
+    len: u64,
+    granule: u64,
+) -> Message {
+    let refuse = |errno: i32| Message::ReadError { id, errno };
+    if check_range(repl.local_size(), offset, len).is_err() {
+        return refuse(libc::EINVAL);
+    }
+    // Blocks we lack hash to nothing anyone may rely on.
+    if repl.local.stale_bitmap().any_in_bytes(offset, len) {
+        return refuse(libc::ESTALE);
+    }
+    let mut buf = AlignedBuf::zeroed(len as usize);
+    if let Err(e) = repl.local.read(offset, buf.as_mut_slice()).await {
+        tracing::warn!(offset, len, error = %e, "cannot read blocks a peer asked hashes of");
+        return refuse(blockdev::device::errno_of(&e));
+    }
+    let mut hashes = Vec::with_capacity(len.div_ceil(granule) as usize * 32);
+    for piece in buf.as_slice().chunks(granule as usize) {
+        hashes.extend_from_slice(blake3::hash(piece).as_bytes());
+    }
+    Message::HashReply {
+        id,
+        offset,
+        hashes: hashes.into(),
+    }
 }
 
 /// The answer to one read request.

@@ -7,6 +7,7 @@
 //! * [`bitmap_exchange`]: a joining secondary reports what may differ.
 //! * [`link`]: keeping a link to every peer up, and what runs on it:
 //!   [`source`] when we are primary, [`target`] when the peer is.
+//! * [`wan`]: the lazy, budgeted push to peers in another LAN group.
 
 pub mod admin;
 mod bitmap_exchange;
@@ -23,6 +24,7 @@ mod source;
 mod target;
 pub mod transport;
 mod verify;
+pub mod wan;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -105,6 +107,8 @@ pub struct Replication {
     tunables: std::sync::RwLock<crate::config::Replication>,
     /// The current or last online verify (see `verify`).
     verify_progress: Mutex<verify::VerifyProgress>,
+    /// When the guest last did I/O: the WAN push trickles while it works.
+    guest_io: wan::GuestActivity,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +181,7 @@ impl Replication {
             holders: Mutex::new(None),
             fenced: AtomicBool::new(false),
             verify_progress: Mutex::new(verify::VerifyProgress::default()),
+            guest_io: wan::GuestActivity::default(),
         });
         // Detach on the first I/O error, as DRBD's `on-io-error detach`.
         let weak = Arc::downgrade(&repl);
@@ -705,6 +710,7 @@ impl Replication {
         F: std::future::Future<Output = io::Result<()>>,
     {
         self.check_writable(offset, len)?;
+        self.guest_io.touch();
         // One slow peer may hold this write up for `max_peer_wait` in all,
         // whether by its backlog (below) or by its acks (protocol C).
         let deadline = tokio::time::Instant::now() + self.max_peer_wait();
@@ -737,8 +743,8 @@ impl Replication {
             let (epoch, seq) = epochs.assign();
             for peer in &self.peers {
                 if !peer.is_lan {
-                    // WAN peers are not mirrored: they are resynced
-                    // afterwards (in the background, at `resync_rate`).
+                    // WAN peers are not mirrored: their bits are set and
+                    // the lazy push sends the blocks later (see `wan`).
                     peer.resync_range(offset, len);
                     continue;
                 }
@@ -892,6 +898,7 @@ impl BlockDevice for ReplicatedDevice {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         self.0.check_primary(offset, len)?;
+        self.0.guest_io.touch();
         if self.0.local.needs_fetch(offset, len) {
             // Fetching needs the network, hence the runtime; the buffer
             // cannot go there, so fetch first, then read as usual.

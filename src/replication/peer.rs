@@ -104,6 +104,8 @@ pub struct PeerStats {
     /// Bytes sent by the current resync run, and when it started.
     pub run_bytes: AtomicU64,
     pub run_started: Mutex<Option<Instant>>,
+    /// The lazy push's counters, for a WAN peer (see `wan`).
+    pub wan: super::wan::WanStats,
 }
 
 pub struct PeerReplica {

@@ -169,9 +169,15 @@ pub async fn run(
     ));
     let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
     peer.start_mirroring(data_tx);
-    let resync = tokio::spawn(
-        resync_loop(Arc::clone(repl), Arc::clone(peer), meta_tx.clone()).in_current_span(),
-    );
+    let resync = if peer.is_lan {
+        tokio::spawn(
+            resync_loop(Arc::clone(repl), Arc::clone(peer), meta_tx.clone()).in_current_span(),
+        )
+    } else {
+        // WAN peers: the lazy, budgeted push (see `wan`).
+        let push = super::wan::push_loop(Arc::clone(repl), Arc::clone(peer), meta_tx.clone());
+        tokio::spawn(push.in_current_span())
+    };
     tracing::info!(
         mode = peer.mode().name(),
         stale_bytes = peer.bitmap.count_ones() * peer.bitmap.block_size() as u64,
@@ -310,7 +316,7 @@ async fn resync_loop(
 }
 
 /// Tells the secondary that it now holds our generation's data.
-fn in_sync_state(repl: &Replication) -> Message {
+pub(super) fn in_sync_state(repl: &Replication) -> Message {
     match our_state(repl) {
         Message::State {
             term,

@@ -328,6 +328,32 @@ async fn apply(
                 .submit(offset, len, None, Op::Write { data, fua: false })
                 .await
         }
+        Message::ResyncPacked {
+            term,
+            offset,
+            len,
+            codec,
+            data,
+        } => {
+            check_term(repl, term)?;
+            // A frame that does not decompress to its announced length is
+            // a broken or hostile peer: drop the link (bounded, no panic).
+            let data = protocol::compress::decompress(codec, &data, len).map_err(|e| {
+                LinkError::Violation(format!("compressed resync data at {offset}: {e}"))
+            })?;
+            repl.set_disk_state(DiskState::Inconsistent)?;
+            applier
+                .submit(
+                    offset,
+                    u64::from(len),
+                    None,
+                    Op::Write {
+                        data: Bytes::from(data),
+                        fua: false,
+                    },
+                )
+                .await
+        }
         Message::Barrier { term, epoch } => {
             check_term(repl, term)?;
             applier.barrier().await?;

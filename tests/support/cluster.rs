@@ -156,6 +156,17 @@ pub fn primary_with_proxy(
     spec: ClusterSpec,
     via_proxy: u32,
 ) -> (Cluster, Proxy) {
+    primary_with_proxy_edited(rt, spec, via_proxy, |_| {})
+}
+
+/// [`primary_with_proxy`], running `edit` once the metadata exists and
+/// before any daemon starts (e.g. to put data into backing files).
+pub fn primary_with_proxy_edited(
+    rt: &tokio::runtime::Runtime,
+    spec: ClusterSpec,
+    via_proxy: u32,
+    edit: impl FnOnce(&TestDir),
+) -> (Cluster, Proxy) {
     assert!(via_proxy > 1 && via_proxy <= spec.nodes);
     let dir = TestDir::with_spec(spec);
     let target = dir.node(via_proxy).listen;
@@ -187,6 +198,7 @@ pub fn primary_with_proxy(
     for n in &dir.nodes {
         assert!(ctl(&n.config, &["create-md"]).status.success());
     }
+    edit(&dir);
     let daemons: Vec<_> = dir.nodes.iter().map(Daemon::start).collect();
     let mut cluster = Cluster { dir, daemons };
     for d in &mut cluster.daemons {

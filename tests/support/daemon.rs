@@ -55,6 +55,24 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, Option<&str>)],
     ) -> Daemon {
+        Daemon::spawn(node, Command::new(VMSYNCD), cpus, args, env)
+    }
+
+    /// Like [`Daemon::start`], inside network namespace `netns` (through
+    /// `ip netns exec`, which execs the daemon: the child is the daemon).
+    pub fn start_in_netns(node: &NodeFiles, netns: &str) -> Daemon {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns, VMSYNCD]);
+        Daemon::spawn(node, command, None, &[], &[])
+    }
+
+    fn spawn(
+        node: &NodeFiles,
+        mut command: Command,
+        cpus: Option<&[usize]>,
+        args: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> Daemon {
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -67,7 +85,6 @@ impl Daemon {
         )
         .unwrap();
         let stderr = log.try_clone().unwrap();
-        let mut command = Command::new(VMSYNCD);
         if let Some(cpus) = cpus {
             let set = cpu_set(cpus);
             // SAFETY: the closure runs in the forked child before exec and

@@ -6,6 +6,7 @@
 //! * [`hash`]: BLAKE3 of an image file or of a device read through a client.
 //! * [`testdir`]: configs, images and the secret for an N-node loopback cluster.
 //! * [`daemon`]: spawning and controlling the real `vmsyncd` / `vmsyncctl`.
+//! * [`netns`]: two network namespaces joined by a shaped veth (a WAN link).
 
 // Every test crate uses a different subset of these helpers.
 #![allow(dead_code, unused_imports)]
@@ -14,6 +15,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod directory;
 pub mod hash;
+pub mod netns;
 pub mod proxy;
 pub mod rawpeer;
 pub mod testdir;

@@ -16,6 +16,8 @@ pub struct Proxy {
     paused: watch::Sender<bool>,
     generation: watch::Sender<u64>,
     tamper: Arc<Armed>,
+    /// Bytes forwarded, both directions together.
+    bytes: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -56,11 +58,13 @@ impl Proxy {
         let (generation, _) = watch::channel(0u64);
         let (paused, _) = watch::channel(false);
         let tamper = Arc::new(Armed::default());
-        let (accept_open, accept_gen, accept_paused, accept_tamper) = (
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (accept_open, accept_gen, accept_paused, accept_tamper, accept_bytes) = (
             Arc::clone(&open),
             generation.clone(),
             paused.clone(),
             Arc::clone(&tamper),
+            Arc::clone(&bytes),
         );
         let task = tokio::spawn(async move {
             loop {
@@ -74,6 +78,7 @@ impl Proxy {
                 let mut cut = accept_gen.subscribe();
                 let (up, down) = (accept_paused.subscribe(), accept_paused.subscribe());
                 let tamper = Arc::clone(&accept_tamper);
+                let (up_bytes, down_bytes) = (Arc::clone(&accept_bytes), Arc::clone(&accept_bytes));
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
@@ -81,8 +86,8 @@ impl Proxy {
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     tokio::select! {
-                        _ = forward_records(cr, sw, up, tamper) => {}
-                        _ = forward(sr, cw, down) => {}
+                        _ = forward_records(cr, sw, up, tamper, up_bytes) => {}
+                        _ = forward(sr, cw, down, down_bytes) => {}
                         _ = cut.changed() => {}
                     }
                 });
@@ -94,8 +99,15 @@ impl Proxy {
             paused,
             generation,
             tamper,
+            bytes,
             task,
         }
+    }
+
+    /// Bytes forwarded so far, both directions together (what crossed
+    /// the link this proxy stands for).
+    pub fn forwarded(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
     }
 
     /// Arms `what` for the next record of at least `min_len` bytes that a
@@ -137,6 +149,7 @@ async fn forward(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut paused: watch::Receiver<bool>,
+    counted: Arc<AtomicU64>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
@@ -151,6 +164,7 @@ async fn forward(
         if paused.wait_for(|p| !*p).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+        counted.fetch_add(n as u64, Ordering::AcqRel);
     }
 }
 
@@ -164,6 +178,7 @@ async fn forward_records(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut paused: watch::Receiver<bool>,
     armed: Arc<Armed>,
+    counted: Arc<AtomicU64>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut pending: Vec<u8> = Vec::new();
@@ -252,6 +267,7 @@ async fn forward_records(
         if !out.is_empty() && to.write_all(&out).await.is_err() {
             return;
         }
+        counted.fetch_add(out.len() as u64, Ordering::AcqRel);
     }
 }
 

@@ -19,6 +19,15 @@ fuzz_target!(|input: &[u8]| {
             let before = buf.clone();
             match protocol::decode(&mut buf) {
                 Ok(Some(msg)) => {
+                    // Compressed block data: bounded, never a panic.
+                    if let protocol::Message::ResyncPacked {
+                        codec, len, data, ..
+                    } = &msg
+                    {
+                        if let Ok(out) = protocol::compress::decompress(*codec, data, *len) {
+                            assert_eq!(out.len(), *len as usize);
+                        }
+                    }
                     // Canonical encoding: the message re-encodes to exactly
                     // the bytes that were consumed.
                     let consumed = before.len() - buf.len();

@@ -1,0 +1,462 @@
+//! The lazy push to WAN peers (peers in another `lan_group`).
+//!
+//! Guest writes are never mirrored to a WAN peer: they only set its bits
+//! (see `Replication::replicate`), so the guest never waits for the slow
+//! link. This module brings the peer up to date behind the guest's back:
+//!
+//! * **lazily**: while the guest did I/O in the last [`GUEST_BUSY`] the push
+//!   trickles (one window per [`BUSY_PAUSE`]); when the guest is quiet it
+//!   runs at the budget;
+//! * **within a budget**: `[replication] wan_rate` bytes per second *on the
+//!   wire* (compressed data, hashes and framing counted), and never more
+//!   than [`MAX_QUEUED`] bytes queued to the socket, so the push adapts to
+//!   what the link really carries when that is less;
+//! * **once per version**: the bitmap is the queue. A block rewritten any
+//!   number of times before the push reaches it is one set bit, and its
+//!   data is read (under the range lock) only when it is sent, so it
+//!   crosses once, in its latest version. A block rewritten while its push
+//!   is in flight is set again and sent again (see `PeerReplica::mark_stale`);
+//! * **less on the wire**: before a window of stale blocks is read the peer
+//!   is asked for the BLAKE3 hash of each block in it (`HashRequest` over
+//!   the fetch connection, answered by `holder.rs`); blocks that match are
+//!   not sent. What is sent is LZ4-compressed when that shrinks it
+//!   (`ResyncPacked`).
+//!
+//! Clearing a matching block's bit at once is safe because nothing else is
+//! on its way to the peer for it: the window's blocks are read under the
+//! range lock (so no guest write is half done), a pass never visits a block
+//! twice, and a pass starts only after the previous one's last barrier was
+//! acknowledged. Sent blocks clear as resync chunks always do: when the
+//! barrier after them is acknowledged.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockdev::buffer::AlignedBuf;
+use blockdev::BlockDevice;
+use bytes::Bytes;
+use protocol::Message;
+use tokio::sync::mpsc;
+
+use super::fetcher::Fetcher;
+use super::peer::{PeerMode, PeerReplica};
+use super::{transport, Replication};
+
+/// Guest I/O this recent makes the push trickle (as the lazy layer's
+/// background sync does).
+pub const GUEST_BUSY: Duration = Duration::from_millis(100);
+/// While the guest is busy: one window per this long at most.
+const BUSY_PAUSE: Duration = Duration::from_millis(100);
+/// Blocks hashed and read together (one hash round trip).
+const WINDOW: u64 = 1 << 20;
+/// Largest message of pushed data (before compression).
+const MAX_MESSAGE: u64 = 256 * 1024;
+/// Pushed bytes queued to the peer's socket at most: beyond that the link
+/// is slower than the budget, and the push waits for it.
+const MAX_QUEUED: u64 = 2 * WINDOW;
+/// Windows per epoch: their bits clear when the epoch's barrier is acked.
+const WINDOWS_PER_EPOCH: u32 = 4;
+/// Frame header and record overhead of one message, for the budget.
+const FRAME_OVERHEAD: u64 = 64;
+/// How long the peer may take to hash a window before we send it anyway.
+const HASH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// When the guest last did I/O on the primary.
+pub struct GuestActivity {
+    since: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for GuestActivity {
+    fn default() -> Self {
+        GuestActivity {
+            since: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl GuestActivity {
+    /// The guest did I/O now.
+    pub fn touch(&self) {
+        let now = self.since.elapsed().as_millis() as u64 + 1;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether the guest did I/O within `window`.
+    pub fn busy_within(&self, window: Duration) -> bool {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        last != 0 && self.since.elapsed().as_millis() as u64 + 1 - last <= window.as_millis() as u64
+    }
+}
+
+/// What the push to one WAN peer did, for `status`.
+#[derive(Default)]
+pub struct WanStats {
+    /// Bytes the push put on the wire (data as sent, hashes, framing).
+    pub wire_bytes: AtomicU64,
+    /// Stale bytes found identical on the peer by hash (not sent).
+    pub saved_by_hash: AtomicU64,
+    /// Bytes compression kept off the wire.
+    pub saved_by_compression: AtomicU64,
+    /// Wire bytes and stale bytes handled (sent or skipped) by the current
+    /// pass, and when it started: the push rate and the ETA.
+    pass_wire: AtomicU64,
+    pass_done: AtomicU64,
+    pass_started: std::sync::Mutex<Option<Instant>>,
+}
+
+impl WanStats {
+    fn start_pass(&self) {
+        self.pass_wire.store(0, Ordering::Release);
+        self.pass_done.store(0, Ordering::Release);
+        *self.pass_started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    fn end_pass(&self) {
+        *self.pass_started.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn elapsed(&self) -> Option<f64> {
+        self.pass_started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed().as_secs_f64().max(0.001))
+    }
+
+    /// Wire bytes per second of the current pass (0 between passes).
+    pub fn push_rate(&self) -> u64 {
+        self.elapsed().map_or(0, |s| {
+            (self.pass_wire.load(Ordering::Acquire) as f64 / s) as u64
+        })
+    }
+
+    /// Stale bytes brought up to date per second by the current pass
+    /// (skipped ones included): what the ETA divides by.
+    pub fn progress_rate(&self) -> u64 {
+        self.elapsed().map_or(0, |s| {
+            (self.pass_done.load(Ordering::Acquire) as f64 / s) as u64
+        })
+    }
+
+    fn wire(&self, bytes: u64) {
+        self.wire_bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.pass_wire.fetch_add(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Spaces sends so the wire bytes stay within `rate` bytes per second.
+/// A virtual clock rather than a bucket: time spent waiting for the guest
+/// to quiet down is not saved up for a burst afterwards.
+struct Pacer {
+    next: tokio::time::Instant,
+}
+
+impl Pacer {
+    fn new() -> Pacer {
+        Pacer {
+            next: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn spend(&mut self, bytes: u64, rate: u64) {
+        if rate == 0 {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        tokio::time::sleep_until(self.next).await;
+    }
+}
+
+/// Pushes stale blocks to a WAN peer whenever it is `Resyncing` (has set
+/// bits); replaces the LAN resync loop for such a peer.
+pub async fn push_loop(
+    repl: Arc<Replication>,
+    peer: Arc<PeerReplica>,
+    meta_tx: mpsc::UnboundedSender<Message>,
+) {
+    let hashes = match hash_source(&repl, &peer) {
+        Ok(fetcher) => Some(fetcher),
+        Err(e) => {
+            tracing::warn!(error = %e, "no hash comparison for the WAN push: every stale block is sent");
+            None
+        }
+    };
+    loop {
+        peer.resync_wanted.notified().await;
+        match peer.mode() {
+            PeerMode::Resyncing => {
+                if let Err(e) = push_pass(&repl, &peer, hashes.as_ref()).await {
+                    tracing::error!(error = %e, "WAN push stopped");
+                    return;
+                }
+                if peer.mark_up_to_date() {
+                    tracing::info!("WAN peer is up to date");
+                    let _ = meta_tx.send(super::source::in_sync_state(&repl));
+                } else if peer.mode() == PeerMode::Resyncing {
+                    // Written to meanwhile: go again.
+                    peer.resync_wanted.notify_one();
+                }
+            }
+            PeerMode::UpToDate => {
+                let _ = meta_tx.send(super::source::in_sync_state(&repl));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A fetch-connection client used only to ask `peer` for hashes.
+fn hash_source(repl: &Replication, peer: &Arc<PeerReplica>) -> anyhow::Result<Fetcher> {
+    let identity = transport::LocalIdentity {
+        resource: repl.config.resource.name.clone(),
+        node_id: repl.config.node.id,
+        secret: Arc::new(repl.config.read_secret()?),
+    };
+    Ok(Fetcher::new(
+        identity,
+        repl.config.node.lan_group.clone(),
+        vec![(Arc::clone(peer), Arc::new(peer.bitmap.new_like()))],
+        HASH_TIMEOUT,
+    ))
+}
+
+/// One pass over the peer's bitmap; returns once everything it sent is
+/// acknowledged (or the peer stopped being pushed to).
+async fn push_pass(
+    repl: &Arc<Replication>,
+    peer: &Arc<PeerReplica>,
+    hashes: Option<&Fetcher>,
+) -> std::io::Result<()> {
+    let bitmap = &peer.bitmap;
+    let block = u64::from(bitmap.block_size());
+    let window_blocks = (WINDOW / block).max(1);
+    let stats = &peer.stats.wan;
+    let stale = bitmap.count_ones() * block;
+    stats.start_pass();
+    *peer
+        .stats
+        .run_started
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    peer.stats.run_bytes.store(0, Ordering::Release);
+    tracing::info!(
+        stale_bytes = stale,
+        budget = repl.tunables().wan_rate,
+        "WAN push starting"
+    );
+    let mut pacer = Pacer::new();
+    let mut cursor = 0;
+    let mut windows = 0u32;
+    while let Some(first) = bitmap.find_next_set(cursor) {
+        if peer.mode() != PeerMode::Resyncing {
+            stats.end_pass();
+            return Ok(());
+        }
+        // Lazy: while the guest works, one window now and then.
+        if repl.guest_io.busy_within(GUEST_BUSY) {
+            tokio::time::sleep(BUSY_PAUSE).await;
+        }
+        // Adapt to the link: wait while it has not taken what we gave it.
+        while peer.queued.load(Ordering::Acquire) > MAX_QUEUED && peer.mode() == PeerMode::Resyncing
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The window ends after its last stale block.
+        let limit = (first + window_blocks).min(bitmap.nbits());
+        let mut end = first;
+        let mut at = first;
+        while let Some(set) = bitmap.find_next_set(at).filter(|&b| b < limit) {
+            end = bitmap
+                .find_next_clear(set)
+                .unwrap_or(bitmap.nbits())
+                .min(limit);
+            at = end;
+        }
+        cursor = end;
+        let offset = first * block;
+        let len = ((end - first) * block).min(repl.local_size() - offset);
+        let wire = push_window(repl, peer, hashes, offset, len).await?;
+        let Some(wire) = wire else {
+            stats.end_pass();
+            return Ok(()); // the peer stopped being pushed to
+        };
+        windows += 1;
+        if windows.is_multiple_of(WINDOWS_PER_EPOCH) {
+            drop(repl.close_epoch_including(peer, false));
+        }
+        pacer.spend(wire, repl.tunables().wan_rate).await;
+    }
+    // Close the last epoch and wait until the peer made it durable; the
+    // bits of everything sent clear with that ack.
+    let acks = repl.close_epoch_including(peer, true);
+    if let Some((_, ack)) = acks.into_iter().find(|(p, _)| p.id() == peer.id()) {
+        let _ = ack.await;
+    }
+    let elapsed = stats.elapsed().unwrap_or(0.0);
+    tracing::info!(
+        stale_bytes = stale,
+        wire_bytes = stats.pass_wire.load(Ordering::Acquire),
+        seconds = format!("{elapsed:.1}"),
+        "WAN push pass done"
+    );
+    stats.end_pass();
+    Ok(())
+}
+
+/// Pushes the stale blocks of `offset+len`: those the peer's hashes do not
+/// match, compressed when that helps. Returns the bytes put on the wire,
+/// or `None` when the peer stopped being pushed to.
+async fn push_window(
+    repl: &Arc<Replication>,
+    peer: &Arc<PeerReplica>,
+    hashes: Option<&Fetcher>,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<Option<u64>> {
+    let bitmap = &peer.bitmap;
+    let block = u64::from(bitmap.block_size());
+    let stats = &peer.stats.wan;
+    let first_block = offset / block;
+    let mut wire = 0;
+    // The peer's hashes first, outside the range lock (a round trip over
+    // the WAN); our data is read after, so a write in between only makes a
+    // block differ, and then it is sent.
+    let theirs = match hashes {
+        Some(fetcher) => {
+            wire += 2 * FRAME_OVERHEAD + len.div_ceil(block) * 32;
+            match fetcher.hashes(peer, offset, len, block as u32).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::debug!(offset, len, error = %e, "peer did not hash the window: sending it whole");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let range = repl.ranges.acquire(offset, len, || {}).await;
+    let mut ours = AlignedBuf::zeroed(len as usize);
+    repl.local.read(offset, ours.as_mut_slice()).await?;
+    let ours = ours.into_bytes();
+    // Runs of stale blocks that differ: (first block, count).
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, data) in ours.chunks(block as usize).enumerate() {
+        let b = first_block + i as u64;
+        if !bitmap.test(b) {
+            continue;
+        }
+        let same = theirs
+            .as_ref()
+            .and_then(|h| h.get(i))
+            .is_some_and(|h| h == blake3::hash(data).as_bytes());
+        if same {
+            bitmap.clear_range(b, 1);
+            stats
+                .saved_by_hash
+                .fetch_add(data.len() as u64, Ordering::AcqRel);
+            stats
+                .pass_done
+                .fetch_add(data.len() as u64, Ordering::AcqRel);
+            continue;
+        }
+        match runs.last_mut() {
+            Some((start, count)) if *start + *count == b && *count * block < MAX_MESSAGE => {
+                *count += 1
+            }
+            _ => runs.push((b, 1)),
+        }
+    }
+    let term = repl.role().term;
+    for (run_first, count) in runs {
+        let at = (run_first - first_block) * block;
+        let run_len = (count * block).min(len - at);
+        let data = ours.slice(at as usize..(at + run_len) as usize);
+        let run_offset = run_first * block;
+        let (message, on_wire) = pack(term, run_offset, data);
+        let queued = {
+            let epochs = repl.epochs.lock().unwrap_or_else(|e| e.into_inner());
+            peer.send_resync(
+                epochs.current,
+                message,
+                run_first,
+                count,
+                run_offset,
+                run_len,
+            )
+        };
+        if !queued {
+            return Ok(None);
+        }
+        wire += on_wire + FRAME_OVERHEAD;
+        stats
+            .saved_by_compression
+            .fetch_add(run_len - on_wire, Ordering::AcqRel);
+        stats.pass_done.fetch_add(run_len, Ordering::AcqRel);
+        peer.stats.resync_bytes.fetch_add(run_len, Ordering::AcqRel);
+        peer.stats.run_bytes.fetch_add(run_len, Ordering::AcqRel);
+    }
+    drop(range);
+    stats.wire(wire);
+    Ok(Some(wire))
+}
+
+/// The message carrying `data`: compressed when that shrinks it. Returns
+/// it and its data bytes on the wire.
+fn pack(term: u64, offset: u64, data: Bytes) -> (Message, u64) {
+    match protocol::compress::compress(&data) {
+        Some(packed) => {
+            let on_wire = packed.len() as u64;
+            (
+                Message::ResyncPacked {
+                    term,
+                    offset,
+                    len: data.len() as u32,
+                    codec: protocol::compress::CODEC_LZ4,
+                    data: Bytes::from(packed),
+                },
+                on_wire,
+            )
+        }
+        None => {
+            let on_wire = data.len() as u64;
+            (Message::ResyncData { term, offset, data }, on_wire)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_activity_is_recent_only_within_the_window() {
+        let activity = GuestActivity::default();
+        assert!(!activity.busy_within(GUEST_BUSY), "never touched");
+        activity.touch();
+        assert!(activity.busy_within(GUEST_BUSY));
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!activity.busy_within(GUEST_BUSY));
+    }
+
+    #[test]
+    fn pack_compresses_only_what_shrinks() {
+        let zeros = Bytes::from(vec![0u8; 65536]);
+        let (message, on_wire) = pack(1, 4096, zeros);
+        assert!(matches!(message, Message::ResyncPacked { len: 65536, .. }));
+        assert!(on_wire < 1024, "{on_wire}");
+        let mut noise = vec![0u8; 65536];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for b in &mut noise {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let (message, on_wire) = pack(1, 0, Bytes::from(noise));
+        assert!(matches!(message, Message::ResyncData { .. }));
+        assert_eq!(on_wire, 65536);
+    }
+}
