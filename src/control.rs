@@ -58,6 +58,12 @@ pub enum Request {
     },
     /// Re-read the configuration file and apply what changed.
     Adjust,
+    /// Stream state changes (see `events`); with `now`, only the present
+    /// state, then the connection ends.
+    Events {
+        #[serde(default)]
+        now: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

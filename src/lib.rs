@@ -4,7 +4,9 @@
 
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod directory;
+pub mod events;
 pub mod logging;
 pub mod node;
 pub mod replication;

@@ -29,8 +29,28 @@ enum Command {
     },
     /// Show role, term, device, peers.
     Status {
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Redraw every --interval seconds, with a progress bar for each
+        /// resync, background sync and verify (until interrupted).
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between redraws with --watch.
+        #[arg(long, default_value_t = 1.0, requires = "watch",
+              value_parser = parse_interval)]
+        interval: f64,
+    },
+    /// Print state changes as they happen, one line each (role, device,
+    /// peer link and state, disk state, resync and sync progress, split
+    /// brain), after one `exists` line per object for the present state
+    /// (as `drbdsetup events2`). Runs until the daemon stops.
+    Events {
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// Print the present state only, then exit.
+        #[arg(long)]
+        now: bool,
     },
     /// Print this node's role: primary, secondary or standalone (as
     /// `drbdadm role`; for scripts and resource agents).
@@ -147,6 +167,31 @@ fn run(args: Args) -> Result<ExitCode, String> {
             println!("man pages written: {}", dir.display());
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Status {
+            watch: true,
+            interval,
+            ..
+        } => {
+            let socket = control_socket(&args.socket, &config)?;
+            let interval = std::time::Duration::from_secs_f64(*interval);
+            block_on(vmsync::ctl::watch::watch(&socket, interval))??;
+            return Ok(ExitCode::SUCCESS);
+        }
+        &Command::Events { json, now } => {
+            let socket = control_socket(&args.socket, &config)?;
+            let format = if json {
+                vmsync::ctl::events::Format::Json
+            } else {
+                vmsync::ctl::events::Format::Text
+            };
+            block_on(vmsync::ctl::events::follow(
+                &socket,
+                now,
+                format,
+                &mut std::io::stdout().lock(),
+            ))??;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Status { .. } | Command::Role | Command::Dstate => Request::Status,
         &Command::Promote { force } => Request::Promote { force },
         &Command::Demote { force } => Request::Demote { force },
@@ -158,23 +203,19 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Command::Disconnect { peer } => Request::Disconnect { peer: peer.clone() },
         Command::Connect { peer } => Request::Connect { peer: peer.clone() },
     };
-    let socket = match (&args.socket, &config) {
-        (Some(s), _) => s.clone(),
-        (None, Some(c)) => c.node.control_socket.clone(),
-        (None, None) => return Err("give --socket PATH or --config FILE".into()),
-    };
+    let socket = control_socket(&args.socket, &config)?;
     let response = call(&socket, &request)?;
     if !response.ok {
         return Err(response.error.unwrap_or_else(|| "request failed".into()));
     }
     match (args.command, response.status) {
-        (Command::Status { json: true }, Some(status)) => {
+        (Command::Status { json: true, .. }, Some(status)) => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?
             );
         }
-        (Command::Status { json: false }, Some(status)) => print_status(&status),
+        (Command::Status { json: false, .. }, Some(status)) => print_status(&status),
         (Command::Role, Some(status)) => println!("{}", status.role),
         (Command::Dstate, Some(status)) => println!("{}", status.disk),
         _ => println!("{}", response.message.unwrap_or_else(|| "ok".into())),
@@ -213,13 +254,38 @@ fn write_secret(file: &Path, force: bool) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", file.display()))
 }
 
-fn call(socket: &Path, request: &Request) -> Result<control::Response, String> {
+/// The daemon's control socket: `--socket`, or the one `--config` names.
+fn control_socket(
+    socket: &Option<PathBuf>,
+    config: &Option<vmsync::config::Config>,
+) -> Result<PathBuf, String> {
+    match (socket, config) {
+        (Some(s), _) => Ok(s.clone()),
+        (None, Some(c)) => Ok(c.node.control_socket.clone()),
+        (None, None) => Err("give --socket PATH or --config FILE".into()),
+    }
+}
+
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.1..=3600.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!(
+            "'{text}' is not a number of seconds from 0.1 to 3600"
+        )),
+    }
+}
+
+/// Runs `work` on a small runtime of this thread.
+fn block_on<T>(work: impl std::future::Future<Output = T>) -> Result<T, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    runtime
-        .block_on(control::call(socket, request))
+    Ok(runtime.block_on(work))
+}
+
+fn call(socket: &Path, request: &Request) -> Result<control::Response, String> {
+    block_on(control::call(socket, request))?
         .map_err(|e| format!("cannot reach the daemon at {}: {e}", socket.display()))
 }
 

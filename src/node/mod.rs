@@ -9,6 +9,7 @@
 //! with `vmsyncctl promote`.
 
 mod adjust;
+mod events;
 mod frontend;
 mod service;
 mod status;
@@ -28,6 +29,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::control::{self, Request, Response};
 use crate::directory::client::{DirectoryClient, Member};
+use crate::events::EventBus;
 use crate::replication::invalidate::GiveUp;
 use crate::replication::{ReplicatedDevice, Replication};
 use frontend::Frontend;
@@ -48,6 +50,8 @@ pub struct Node {
     directory: Option<DirectoryClient>,
     /// One report to the directory at a time (periodic or final).
     report_lock: Mutex<()>,
+    /// State changes, for `vmsyncctl events`.
+    events: Arc<EventBus>,
 }
 
 impl Node {
@@ -77,8 +81,15 @@ impl Node {
             );
         }
         let backing = Arc::new(backing);
-        let replication = (!config.is_standalone())
-            .then(|| Replication::new(config.clone(), Arc::clone(&metadata), Arc::clone(&backing)));
+        let events = Arc::new(EventBus::default());
+        let replication = (!config.is_standalone()).then(|| {
+            Replication::new(
+                config.clone(),
+                Arc::clone(&metadata),
+                Arc::clone(&backing),
+                Arc::clone(&events),
+            )
+        });
         let (shutdown, _) = watch::channel(false);
         let directory = match (config.directory, config.node.listen) {
             (Some(address), Some(listen)) => Some(DirectoryClient::new(
@@ -108,6 +119,7 @@ impl Node {
             shutdown,
             directory,
             report_lock: Mutex::new(()),
+            events,
         }))
     }
 
@@ -123,6 +135,7 @@ impl Node {
         };
         let path = frontend.path();
         *slot = Some(frontend);
+        self.announce_device(Some(&path));
         Ok(path)
     }
 
@@ -162,7 +175,7 @@ impl Node {
         };
         let mut slot = self.frontend.lock().await;
         let was_primary = repl.role().role == Role::Primary;
-        remove_device(&mut slot, force).await?;
+        self.remove_device(&mut slot, force).await?;
         let lagging = repl.demote().await.map_err(|e| format!("demote: {e}"))?;
         let unreported = if was_primary {
             self.report_demotion(repl).await
@@ -252,7 +265,7 @@ impl Node {
     /// Stops cleanly: device removed, data flushed, metadata marked clean.
     async fn stop(&self, force: bool) -> Result<(), String> {
         let mut slot = self.frontend.lock().await;
-        remove_device(&mut slot, force).await?;
+        self.remove_device(&mut slot, force).await?;
         if let Some(repl) = &self.replication {
             let was_primary = repl.role().role == Role::Primary;
             repl.demote().await.map_err(|e| format!("demote: {e}"))?;
@@ -291,6 +304,7 @@ impl Node {
             Request::Disconnect { peer } => self.set_link(&peer, false),
             Request::Connect { peer } => self.set_link(&peer, true),
             Request::Adjust => self.adjust(),
+            Request::Events { .. } => Err("events streams on a connection of its own".into()),
         };
         match result {
             Ok(message) => Response::ok(message),
@@ -309,6 +323,7 @@ impl Node {
             return;
         }
         let response = match control::read_request(&mut stream).await {
+            Ok(Request::Events { now }) => return self.stream_events(stream, now).await,
             Ok(request) => {
                 tracing::debug!(?request, "control request");
                 self.handle(request).await
@@ -323,21 +338,24 @@ impl Node {
         }
     }
 
+    /// Stops the frontend, if one runs (refused while the device is open,
+    /// unless forced).
+    async fn remove_device(&self, slot: &mut Option<Frontend>, force: bool) -> Result<(), String> {
+        if let Some(frontend) = slot.take() {
+            if let Err((frontend, e)) = frontend.stop(force).await {
+                *slot = Some(frontend);
+                return Err(e);
+            }
+            self.announce_device(None);
+        }
+        Ok(())
+    }
+
     fn is_primary(&self) -> bool {
         self.replication
             .as_ref()
             .is_some_and(|r| r.role().role == Role::Primary)
     }
-}
-
-async fn remove_device(slot: &mut Option<Frontend>, force: bool) -> Result<(), String> {
-    if let Some(frontend) = slot.take() {
-        if let Err((frontend, e)) = frontend.stop(force).await {
-            *slot = Some(frontend);
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 /// Runs the daemon until a clean stop.
@@ -360,6 +378,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     tracing::info!(socket = %socket_path.display(), primary = node.is_primary(), "vmsyncd ready");
+    tokio::spawn(Arc::clone(&node).report_progress().in_current_span());
     if service::is_managed() {
         tokio::spawn(service::report_readiness(Arc::clone(&node)).in_current_span());
     }

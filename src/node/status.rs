@@ -7,7 +7,7 @@ use protocol::Role;
 use super::Node;
 use crate::control::{PeerStatus, Status, SyncStatus, VerifyStatus, WanPushStatus};
 use crate::replication::peer::{PeerMode, PeerReplica};
-use crate::replication::Replication;
+use crate::replication::{disk_state_name, role_name, Replication};
 
 impl Node {
     pub async fn status(&self) -> Status {
@@ -20,11 +20,7 @@ impl Node {
                 Vec::new(),
             ),
             Some(r) => (
-                match r.role().role {
-                    Role::Primary => "primary",
-                    Role::Secondary => "secondary",
-                }
-                .to_string(),
+                role_name(r.role().role).to_string(),
                 disk_state_name(r.disk_state()).to_string(),
                 r.peers.iter().map(|p| peer_status(r, p)).collect(),
             ),
@@ -151,18 +147,5 @@ fn sync_status(repl: &Replication) -> SyncStatus {
         rate_bytes_per_sec: stats.rate_bytes_per_sec,
         eta_seconds: stats.eta_seconds,
         last_error: stats.last_error,
-    }
-}
-
-/// The disk state as `status` spells states ("up-to-date", as for peers).
-fn disk_state_name(state: protocol::DiskState) -> &'static str {
-    use protocol::DiskState::*;
-    match state {
-        Diskless => "diskless",
-        Inconsistent => "inconsistent",
-        Outdated => "outdated",
-        Consistent => "consistent",
-        UpToDate => "up-to-date",
-        Failed => "failed",
     }
 }

@@ -179,7 +179,7 @@ impl Node {
         // No periodic report may overtake the final one.
         let _one_at_a_time = self.report_lock.lock().await;
         let was_primary = repl.role().role == Role::Primary;
-        super::remove_device(&mut slot, force).await?;
+        self.remove_device(&mut slot, force).await?;
         let lagging = repl.demote().await.map_err(|e| format!("demote: {e}"))?;
         if !lagging.is_empty() {
             tracing::warn!(

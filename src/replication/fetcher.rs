@@ -439,6 +439,7 @@ mod tests {
             group == "home",
             Arc::new(Bitmap::new(64, 4096)),
             Arc::new(AtomicBool::new(false)),
+            Arc::default(),
         ));
         for &block in lacks {
             bitmap.set_range(block, 1);

@@ -125,7 +125,7 @@ impl Replication {
             role: Role::Primary,
             term: grant.term,
         };
-        self.role.send_replace(state);
+        self.set_role(state);
         tracing::info!(
             term = grant.term,
             generation = format!("{:016x}", generation.current),

@@ -39,10 +39,12 @@ use protocol::{DiskState, GenerationIds, Message, Role};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Config, Protocol};
+use crate::events::{props, EventBus, EventKind, Object};
 use epochs::{EpochCounter, RangeLock};
 pub use handover::Inherited;
 pub use link::IncomingConnections;
 use peer::PeerReplica;
+use serde_json::json;
 pub use verify::PeerVerify;
 
 /// The local replica as the replication layer sees it: the backing store
@@ -109,6 +111,8 @@ pub struct Replication {
     verify_progress: Mutex<verify::VerifyProgress>,
     /// When the guest last did I/O: the WAN push trickles while it works.
     guest_io: wan::GuestActivity,
+    /// State changes, for `vmsyncctl events`.
+    pub events: Arc<EventBus>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +122,12 @@ pub struct RoleState {
 }
 
 impl Replication {
-    pub fn new(config: Config, metadata: Arc<Metadata>, backing: Arc<BackingStore>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        metadata: Arc<Metadata>,
+        backing: Arc<BackingStore>,
+        events: Arc<EventBus>,
+    ) -> Arc<Self> {
         let fork_pending = Arc::new(AtomicBool::new(false));
         let own_stale = Arc::clone(
             metadata
@@ -149,6 +158,7 @@ impl Replication {
                     config.is_lan_peer(p),
                     Arc::clone(bitmap),
                     Arc::clone(&fork_pending),
+                    Arc::clone(&events),
                 ))
             })
             .collect();
@@ -182,6 +192,7 @@ impl Replication {
             fenced: AtomicBool::new(false),
             verify_progress: Mutex::new(verify::VerifyProgress::default()),
             guest_io: wan::GuestActivity::default(),
+            events,
         });
         // Detach on the first I/O error, as DRBD's `on-io-error detach`.
         let weak = Arc::downgrade(&repl);
@@ -209,6 +220,21 @@ impl Replication {
     /// connections the directory opens to this node.
     pub async fn start(self: &Arc<Self>) -> anyhow::Result<IncomingConnections> {
         link::start(Arc::clone(self)).await
+    }
+
+    /// Changes role and term (links restart on the change) and announces it.
+    pub(crate) fn set_role(&self, state: RoleState) {
+        self.role.send_replace(state);
+        self.emit_resource(props([
+            ("role", json!(role_name(state.role))),
+            ("term", json!(state.term)),
+        ]));
+    }
+
+    /// Announces a change of this replica's state.
+    fn emit_resource(&self, props: std::collections::BTreeMap<String, serde_json::Value>) {
+        self.events
+            .emit(EventKind::Change, Object::Resource, None, props);
     }
 
     pub fn role(&self) -> RoleState {
@@ -240,6 +266,7 @@ impl Replication {
                 .set_inconsistent(state == DiskState::Inconsistent)
                 .map_err(io::Error::other)?;
             *current = state;
+            self.emit_resource(props([("disk", json!(disk_state_name(state)))]));
         }
         Ok(())
     }
@@ -264,6 +291,7 @@ impl Replication {
             }
             *state = DiskState::Failed;
         }
+        self.emit_resource(props([("disk", json!("failed"))]));
         let role = self.role().role;
         tracing::error!(
             device = %failure.path.display(),
@@ -541,7 +569,7 @@ impl Replication {
             role: Role::Primary,
             term,
         };
-        self.role.send_replace(state);
+        self.set_role(state);
         tracing::info!(
             term,
             generation = format!("{:016x}", generation.current),
@@ -574,7 +602,9 @@ impl Replication {
         }
         *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.holders.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.fenced.store(false, Ordering::Release);
+        if self.fenced.swap(false, Ordering::AcqRel) {
+            self.emit_resource(props([("fenced", json!(false))]));
+        }
         let lagging: Vec<String> = self
             .peers
             .iter()
@@ -582,7 +612,7 @@ impl Replication {
             .map(|p| format!("{} ({})", p.config.name, p.mode().name()))
             .collect();
         self.metadata.flush_bitmaps().map_err(io::Error::other)?;
-        self.role.send_replace(RoleState {
+        self.set_role(RoleState {
             role: Role::Secondary,
             term: self.known_term(),
         });
@@ -689,6 +719,7 @@ impl Replication {
     pub fn fence(&self, why: &str) {
         if !self.fenced.swap(true, Ordering::AcqRel) {
             tracing::error!("fenced, writes refused from now on: {why}");
+            self.emit_resource(props([("fenced", json!(true)), ("reason", json!(why))]));
         }
     }
 
@@ -1004,5 +1035,26 @@ impl ReplicatedDevice {
             },
         );
         self.0.on_runtime(work).await
+    }
+}
+
+/// The role as `status` and `events` spell it.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Primary => "primary",
+        Role::Secondary => "secondary",
+    }
+}
+
+/// The disk state as `status` and `events` spell it ("up-to-date", as for
+/// peers).
+pub fn disk_state_name(state: DiskState) -> &'static str {
+    match state {
+        DiskState::Diskless => "diskless",
+        DiskState::Inconsistent => "inconsistent",
+        DiskState::Outdated => "outdated",
+        DiskState::Consistent => "consistent",
+        DiskState::UpToDate => "up-to-date",
+        DiskState::Failed => "failed",
     }
 }

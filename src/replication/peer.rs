@@ -17,6 +17,8 @@ use protocol::{Message, Role};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::Peer;
+use crate::events::{props, EventBus, EventKind, Object};
+use serde_json::json;
 
 /// A peer that fell behind resumes only with at most this many epochs
 /// unacknowledged.
@@ -140,6 +142,8 @@ pub struct PeerReplica {
     last_heard: Mutex<Option<Instant>>,
     /// The operator's switch on this link (`vmsyncctl connect`/`disconnect`).
     pub admin: super::admin::AdminSwitch,
+    /// Where this peer's state changes are announced (`vmsyncctl events`).
+    events: Arc<EventBus>,
 }
 
 impl PeerReplica {
@@ -148,6 +152,7 @@ impl PeerReplica {
         is_lan: bool,
         bitmap: Arc<Bitmap>,
         fork_pending: Arc<AtomicBool>,
+        events: Arc<EventBus>,
     ) -> Self {
         PeerReplica {
             config,
@@ -173,11 +178,50 @@ impl PeerReplica {
             last_error: Mutex::new(None),
             last_heard: Mutex::new(None),
             admin: super::admin::AdminSwitch::default(),
+            events,
         }
     }
 
+    /// Every change of the replication mode goes through here, so that
+    /// `events` sees each one, however short-lived.
+    fn set_mode(&self, inner: &mut Inner, mode: PeerMode) {
+        if inner.mode == mode {
+            return;
+        }
+        inner.mode = mode;
+        self.emit(
+            EventKind::Change,
+            props([
+                ("state", json!(mode.name())),
+                ("stale_bytes", json!(self.stale_bytes())),
+            ]),
+        );
+    }
+
+    /// Bytes this peer lacks (set bits × block size).
+    pub fn stale_bytes(&self) -> u64 {
+        self.bitmap.count_ones() * self.bitmap.block_size() as u64
+    }
+
+    /// Announces an event about this peer.
+    pub fn emit(&self, kind: EventKind, props: BTreeMap<String, serde_json::Value>) {
+        self.events
+            .emit(kind, Object::Peer, Some(&self.config.name), props);
+    }
+
+    /// Records why the link failed; a new reason is announced as an event
+    /// (a reconnect loop failing the same way again is not).
     pub fn set_last_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(message) = error.as_ref().filter(|e| last.as_ref() != Some(*e)) {
+            let kind = if message.starts_with("split brain") {
+                EventKind::SplitBrain
+            } else {
+                EventKind::Error
+            };
+            self.emit(kind, props([("message", json!(message))]));
+        }
+        *last = error;
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -225,11 +269,25 @@ impl PeerReplica {
         self.peer_primary
             .store(role == Role::Primary, Ordering::Release);
         self.connected.store(true, Ordering::Release);
+        self.emit(
+            EventKind::Change,
+            props([
+                ("connected", json!(true)),
+                (
+                    "role",
+                    json!(if role == Role::Primary {
+                        "primary"
+                    } else {
+                        "secondary"
+                    }),
+                ),
+            ]),
+        );
         // Its State just arrived.
         self.heard();
         let mut inner = self.lock();
         if inner.mode == PeerMode::Disconnected {
-            inner.mode = PeerMode::Idle;
+            self.set_mode(&mut inner, PeerMode::Idle);
         }
     }
 
@@ -240,7 +298,7 @@ impl PeerReplica {
         if inner.mode.mirrors() {
             self.fork_pending.store(true, Ordering::Release);
         }
-        inner.mode = PeerMode::Failed;
+        self.set_mode(&mut inner, PeerMode::Failed);
     }
 
     /// Starts mirroring to the peer through `tx`. Blocks written before this
@@ -249,11 +307,14 @@ impl PeerReplica {
         *self.expel_reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut inner = self.lock();
         inner.tx = Some(tx);
-        inner.mode = if self.bitmap.count_ones() > 0 {
-            PeerMode::Resyncing
-        } else {
-            PeerMode::UpToDate
-        };
+        self.set_mode(
+            &mut inner,
+            if self.bitmap.count_ones() > 0 {
+                PeerMode::Resyncing
+            } else {
+                PeerMode::UpToDate
+            },
+        );
         drop(inner);
         self.resync_wanted.notify_one();
     }
@@ -261,14 +322,16 @@ impl PeerReplica {
     /// The link is gone: fold every unacknowledged epoch into the bitmap and
     /// release anyone waiting on this peer.
     pub fn disconnected(&self) {
-        self.connected.store(false, Ordering::Release);
+        if self.connected.swap(false, Ordering::AcqRel) {
+            self.emit(EventKind::Change, props([("connected", json!(false))]));
+        }
         self.peer_primary.store(false, Ordering::Release);
         let mut inner = self.lock();
         if inner.mode.mirrors() {
             // It misses our writes from now on.
             self.fork_pending.store(true, Ordering::Release);
         }
-        inner.mode = PeerMode::Disconnected;
+        self.set_mode(&mut inner, PeerMode::Disconnected);
         inner.behind_until_acked = None;
         inner.tx = None;
         for (_, record) in std::mem::take(&mut inner.unacked) {
@@ -313,7 +376,7 @@ impl PeerReplica {
         if inner.mode.mirrors() && queued > congestion_limit.saturating_mul(2) {
             tracing::warn!(peer = %self.config.name, queued,
                 "peer is congested: falling behind, resync later");
-            inner.mode = PeerMode::Behind;
+            self.set_mode(&mut inner, PeerMode::Behind);
             inner.behind_until_acked = inner.unacked.keys().next_back().copied();
             self.fork_pending.store(true, Ordering::Release);
         }
@@ -445,7 +508,7 @@ impl PeerReplica {
             .map(|&range| self.mark_stale(&mut inner, range))
             .sum();
         if added > 0 && inner.mode == PeerMode::UpToDate {
-            inner.mode = PeerMode::Resyncing;
+            self.set_mode(&mut inner, PeerMode::Resyncing);
             drop(inner);
             self.resync_wanted.notify_one();
         }
@@ -528,7 +591,7 @@ impl PeerReplica {
     fn fall_behind_locked(&self, inner: &mut Inner, why: &str) {
         if inner.mode.mirrors() {
             tracing::warn!(peer = %self.config.name, "peer falls behind: {why}");
-            inner.mode = PeerMode::Behind;
+            self.set_mode(inner, PeerMode::Behind);
             inner.behind_until_acked = inner.unacked.keys().next_back().copied();
             self.fork_pending.store(true, Ordering::Release);
         }
@@ -580,7 +643,7 @@ impl PeerReplica {
             && inner.unacked.len() <= MAX_UNACKED_TO_RESUME
         {
             tracing::info!(peer = %self.config.name, "backlog drained: resyncing what the peer missed");
-            inner.mode = PeerMode::Resyncing;
+            self.set_mode(&mut inner, PeerMode::Resyncing);
             inner.behind_until_acked = None;
             drop(inner);
             self.resync_wanted.notify_one();
@@ -606,7 +669,7 @@ impl PeerReplica {
     pub fn mark_up_to_date(&self) -> bool {
         let mut inner = self.lock();
         if inner.mode == PeerMode::Resyncing && self.bitmap.count_ones() == 0 {
-            inner.mode = PeerMode::UpToDate;
+            self.set_mode(&mut inner, PeerMode::UpToDate);
             true
         } else {
             false
@@ -630,6 +693,7 @@ mod tests {
             true,
             Arc::new(Bitmap::new(1024, 4096)),
             Arc::new(AtomicBool::new(false)),
+            Arc::default(),
         );
         let (tx, rx) = mpsc::unbounded_channel();
         std::mem::forget(rx); // keep the channel open

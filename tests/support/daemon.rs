@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use super::testdir::NodeFiles;
 
 const VMSYNCD: &str = env!("CARGO_BIN_EXE_vmsyncd");
-const VMSYNCCTL: &str = env!("CARGO_BIN_EXE_vmsyncctl");
+pub const VMSYNCCTL: &str = env!("CARGO_BIN_EXE_vmsyncctl");
 
 /// How often [`wait_for`] re-checks.
 const POLL: Duration = Duration::from_millis(20);
