@@ -204,6 +204,10 @@ pub struct PeerStatus {
     pub eta_seconds: Option<u64>,
     /// Bytes resent by resync to this peer since the daemon started.
     pub resynced_bytes: u64,
+    /// Guest write bytes mirrored to this peer as they happened, since the
+    /// daemon started.
+    #[serde(default)]
+    pub replicated_bytes: u64,
     /// Bytes queued for this peer and not yet handed to its socket.
     #[serde(default)]
     pub send_queue_bytes: u64,

@@ -8,5 +8,6 @@ pub mod ctl;
 pub mod directory;
 pub mod events;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod replication;

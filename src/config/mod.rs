@@ -33,6 +33,8 @@ pub struct Config {
     pub secret_file: Option<PathBuf>,
     pub peers: Vec<Peer>,
     pub replication: Replication,
+    /// `[metrics] listen`: where the Prometheus endpoint answers (opt-in).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -230,6 +232,13 @@ struct RawConfig {
     #[serde(default)]
     peer: Vec<RawPeer>,
     replication: Option<RawReplication>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
 }
 
 #[derive(Deserialize)]
@@ -621,6 +630,10 @@ impl Validator<'_> {
             secret_file: raw.security.map(|s| s.secret_file),
             peers,
             replication,
+            metrics_listen: raw
+                .metrics
+                .map(|m| self.address("metrics.listen", &m.listen))
+                .transpose()?,
         })
     }
 }

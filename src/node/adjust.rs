@@ -48,6 +48,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     if old.directory != new.directory || old.report_interval_ms != new.report_interval_ms {
         keys.push("[directory]".to_string());
     }
+    if old.metrics_listen != new.metrics_listen {
+        keys.push("[metrics] listen".to_string());
+    }
     if old.secret_file != new.secret_file {
         keys.push("[security] secret_file".to_string());
     }

@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::control::{self, Request, Response};
 use crate::directory::client::{DirectoryClient, Member};
 use crate::events::EventBus;
+use crate::metrics::{IoMetrics, Metered};
 use crate::replication::invalidate::GiveUp;
 use crate::replication::{ReplicatedDevice, Replication};
 use frontend::Frontend;
@@ -52,6 +53,8 @@ pub struct Node {
     report_lock: Mutex<()>,
     /// State changes, for `vmsyncctl events`.
     events: Arc<EventBus>,
+    /// Guest I/O counters and latencies, when `[metrics] listen` is set.
+    io_metrics: Option<Arc<IoMetrics>>,
 }
 
 impl Node {
@@ -109,7 +112,6 @@ impl Node {
             _ => None,
         };
         Ok(Arc::new(Node {
-            config,
             metadata,
             backing,
             replication,
@@ -120,23 +122,53 @@ impl Node {
             directory,
             report_lock: Mutex::new(()),
             events,
+            io_metrics: config
+                .metrics_listen
+                .map(|_| Arc::new(IoMetrics::default())),
+            config,
         }))
     }
 
     /// Exposes the top of the stack (the caller holds the frontend lock).
     async fn expose(&self, slot: &mut Option<Frontend>) -> anyhow::Result<String> {
-        let resource = &self.config.resource.name;
-        let socket = self.config.node.block_socket.as_ref();
         let frontend = match &self.replication {
-            None => Frontend::start(Arc::clone(&self.backing), resource, socket).await?,
+            None => self.start_frontend(Arc::clone(&self.backing)).await?,
             Some(r) => {
-                Frontend::start(Arc::new(ReplicatedDevice(Arc::clone(r))), resource, socket).await?
+                self.start_frontend(Arc::new(ReplicatedDevice(Arc::clone(r))))
+                    .await?
             }
         };
         let path = frontend.path();
         *slot = Some(frontend);
         self.announce_device(Some(&path));
         Ok(path)
+    }
+
+    /// Serves `device` (with the metrics layer on top when metrics are on).
+    async fn start_frontend<D: BlockDevice>(&self, device: Arc<D>) -> anyhow::Result<Frontend> {
+        let resource = &self.config.resource.name;
+        let socket = self.config.node.block_socket.as_ref();
+        match &self.io_metrics {
+            Some(metrics) => {
+                let metered = Metered::new(device, Arc::clone(metrics));
+                Frontend::start(Arc::new(metered), resource, socket).await
+            }
+            None => Frontend::start(device, resource, socket).await,
+        }
+    }
+
+    /// The text of one Prometheus scrape.
+    async fn render_metrics(&self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        crate::metrics::snapshot::register(&mut registry, &self.status().await);
+        if let Some(io) = &self.io_metrics {
+            io.register(&mut registry);
+        }
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+            tracing::warn!(error = %e, "metrics: cannot encode");
+        }
+        text
     }
 
     async fn promote(&self, force: bool) -> Result<String, String> {
@@ -365,6 +397,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _entered = span.enter();
     let socket_path = config.node.control_socket.clone();
     let control_group = config.node.control_group.clone();
+    // Bound before the metadata is opened: a taken port changes nothing.
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(
+            crate::metrics::exporter::bind(address)
+                .await
+                .with_context(|| format!("[metrics] listen {address}"))?,
+        ),
+        None => None,
+    };
     let node = Node::open(config)?;
     if let Err(e) = start_serving(&node).await {
         let _ = node.metadata.mark_clean();
@@ -377,6 +418,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             return Err(e).with_context(|| format!("control socket {}", socket_path.display()));
         }
     };
+    if let Some(listener) = metrics_listener {
+        let scraped = Arc::clone(&node);
+        let render = move || {
+            let node = Arc::clone(&scraped);
+            async move { node.render_metrics().await }
+        };
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "metrics at http://{address}/metrics");
+        }
+        tokio::spawn(crate::metrics::exporter::serve(listener, render).in_current_span());
+    }
     tracing::info!(socket = %socket_path.display(), primary = node.is_primary(), "vmsyncd ready");
     tokio::spawn(Arc::clone(&node).report_progress().in_current_span());
     if service::is_managed() {

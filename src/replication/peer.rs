@@ -103,6 +103,8 @@ struct Inner {
 pub struct PeerStats {
     /// Bytes sent by resync since the daemon started.
     pub resync_bytes: AtomicU64,
+    /// Guest write bytes queued to the peer as they happened (mirrored).
+    pub mirrored_bytes: AtomicU64,
     /// Bytes sent by the current resync run, and when it started.
     pub run_bytes: AtomicU64,
     pub run_started: Mutex<Option<Instant>>,
@@ -388,6 +390,9 @@ impl PeerReplica {
             self.mark_stale(&mut inner, range);
             return None;
         }
+        self.stats
+            .mirrored_bytes
+            .fetch_add(payload, Ordering::Relaxed);
         inner.unacked.entry(epoch).or_default().written.push(range);
         want_ack.then(|| {
             let (tx, rx) = oneshot::channel();

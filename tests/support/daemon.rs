@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 
 use super::testdir::NodeFiles;
 
-const VMSYNCD: &str = env!("CARGO_BIN_EXE_vmsyncd");
+pub const VMSYNCD: &str = env!("CARGO_BIN_EXE_vmsyncd");
 pub const VMSYNCCTL: &str = env!("CARGO_BIN_EXE_vmsyncctl");
 
 /// How often [`wait_for`] re-checks.
