@@ -157,3 +157,171 @@ fn adjust_refuses_invalid_files_and_changes_that_need_a_restart() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The `[[peer]]` section of node `id` as `TestDir` writes it into the
+/// other nodes' configs.
+fn peer_section(dir: &support::TestDir, id: u32) -> String {
+    let n = dir.node(id);
+    format!(
+        "\n[[peer]]\nid = {}\nname = \"{}\"\naddress = \"{}\"\nlan_group = \"{}\"\n",
+        n.id, n.name, n.listen, n.lan_group
+    )
+}
+
+/// A third machine joins a running pair: `adjust` on both adds it without
+/// touching the primary's device, and it is fully synced. Then the second
+/// machine leaves: `adjust` takes its link down; new writes reach only the
+/// remaining peer.
+#[test]
+fn adjust_adds_and_removes_peers_of_a_running_primary() {
+    let rt = runtime();
+    let dir = support::TestDir::with_spec(ClusterSpec {
+        nodes: 3,
+        protocol: "C",
+        ..ClusterSpec::default()
+    });
+    let n3 = peer_section(&dir, 3);
+    for id in [1, 2] {
+        let toml = dir.config_toml(id);
+        assert!(toml.contains(&n3));
+        dir.write_config(id, &toml.replace(&n3, ""));
+    }
+    for n in &dir.nodes {
+        assert!(support::ctl(&n.config, &["create-md"]).status.success());
+    }
+    let daemons = vec![
+        support::Daemon::start(dir.node(1)),
+        support::Daemon::start(dir.node(2)),
+    ];
+    let mut cluster = Cluster { dir, daemons };
+    for id in [1, 2] {
+        cluster.daemon(id).wait_ready(support::cluster::START);
+        cluster.wait_linked(id);
+    }
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+    let size = cluster.dir.spec.size;
+    let mut gen = support::Workload::new(31, size);
+    let c1 = client(&rt, &cluster, 1);
+    let model = rt
+        .block_on(support::workload::run(
+            &c1,
+            &gen.ops(300),
+            16,
+            Model::zeroed(size),
+        ))
+        .unwrap();
+    rt.block_on(c1.flush()).unwrap();
+
+    // Node 3 comes up knowing both; they do not know it yet.
+    cluster
+        .daemons
+        .push(support::Daemon::start(cluster.dir.node(3)));
+    cluster.daemon(3).wait_ready(support::cluster::START);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        cluster.peer(3, 1)["connected"],
+        false,
+        "node 1 let an unknown node in"
+    );
+
+    for id in [1, 2] {
+        cluster.dir.write_config(id, &cluster.dir.config_toml(id));
+        let out = cluster.daemons[id as usize - 1].ctl(&["adjust"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("peer n3 (id 3, ") && said.contains("added"),
+            "{said}"
+        );
+    }
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "node 3 was not synced: {}",
+        cluster.status(1)
+    );
+    assert!(cluster.wait_identical(Some(model.blake3())).is_ok());
+    assert!(wait_for(
+        || cluster.peer(3, 2)["connected"] == true,
+        Duration::from_secs(20)
+    ));
+    // The device stayed up all along, and writes reach the new peer.
+    let model = rt
+        .block_on(support::workload::run(&c1, &gen.ops(100), 16, model))
+        .unwrap();
+    rt.block_on(c1.flush()).unwrap();
+    assert!(cluster.wait_identical(Some(model.blake3())).is_ok());
+
+    // Adding it again is "no change"; a second adjust is idempotent.
+    let out = cluster.daemons[0].ctl(&["adjust"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no change"));
+
+    // Node 2 leaves node 1's configuration.
+    let n2 = peer_section(&cluster.dir, 2);
+    let without_n2 = cluster.dir.config_toml(1).replace(&n2, "");
+    cluster.dir.write_config(1, &without_n2);
+    let out = cluster.daemons[0].ctl(&["adjust"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("peer n2 (id 2) removed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let peers: Vec<String> = cluster.status(1)["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(peers, ["n3"]);
+    assert!(wait_for(
+        || cluster.peer(2, 1)["connected"] == false,
+        Duration::from_secs(20)
+    ));
+    let before_n2 = cluster.hash(2);
+    let model = rt
+        .block_on(support::workload::run(&c1, &gen.ops(100), 16, model))
+        .unwrap();
+    rt.block_on(c1.flush()).unwrap();
+    assert!(wait_for(
+        || cluster.hash(3) == model.blake3(),
+        Duration::from_secs(30)
+    ));
+    assert_eq!(cluster.hash(1), model.blake3());
+    assert_eq!(
+        cluster.hash(2),
+        before_n2,
+        "a removed peer still got writes"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        cluster.peer(2, 1)["connected"],
+        false,
+        "node 1 let a removed peer back in"
+    );
+
+    // Removing the last peer, or changing a peer's address, needs a restart.
+    let n3 = peer_section(&cluster.dir, 3);
+    cluster.dir.write_config(1, &without_n2.replace(&n3, ""));
+    let out = cluster.daemons[0].ctl(&["adjust"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("every [[peer]] removed"));
+    let moved = without_n2.replace(&cluster.dir.node(3).listen.to_string(), "127.0.0.1:1");
+    cluster.dir.write_config(1, &moved);
+    let out = cluster.daemons[0].ctl(&["adjust"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("peer n3 (id 3) changed") && err.contains("nothing was applied"),
+        "{err}"
+    );
+    assert_eq!(cluster.peer(1, 3)["connected"], true);
+}

@@ -1,13 +1,16 @@
 //! `vmsyncctl adjust`: re-read the configuration file and apply what
 //! changed to the running daemon, as `drbdadm adjust` does.
 //!
-//! What applies live is `[replication]` (rates, limits, timeouts: each
-//! takes effect at its next use). Anything else that changed — the
-//! resource, this node, the peers, the directory, the secret — needs the
-//! daemon restarted; then adjust applies nothing and names those keys, so
-//! a half-applied file never runs. An invalid file changes nothing either.
+//! What applies live: `[replication]` (rates, limits, timeouts: each takes
+//! effect at its next use), and `[[peer]]` sections added or removed (see
+//! `replication::membership`: a new peer is fully synced once linked, a
+//! removed one's link is taken down). Anything else that changed — the
+//! resource, this node, a peer's address, name or group, the directory, the
+//! secret, metrics — needs the daemon restarted; then adjust applies
+//! nothing and names those keys, so a half-applied file never runs. An
+//! invalid file changes nothing either.
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Peer};
 
 use super::Node;
 
@@ -15,7 +18,20 @@ impl Node {
     pub(super) fn adjust(&self) -> Result<String, String> {
         let path = &self.config.path;
         let new = config::load(path).map_err(|e| format!("{e}; nothing changed"))?;
-        let needs_restart = needs_restart(&self.config, &new);
+        // Peers are compared with the running set (earlier adjusts may have
+        // changed it), everything else with what the daemon started with.
+        let running: Vec<Peer> = match &self.replication {
+            Some(repl) => repl.peers.load().iter().map(|p| p.config.clone()).collect(),
+            None => Vec::new(),
+        };
+        let plan = PeerPlan::new(&running, &new.peers);
+        let mut needs_restart = needs_restart(&self.config, &new);
+        needs_restart.extend(plan.needs_restart);
+        match (&self.replication, new.peers.is_empty()) {
+            (None, false) => needs_restart.push("[[peer]] added to a standalone node".into()),
+            (Some(_), true) => needs_restart.push("every [[peer]] removed".into()),
+            _ => {}
+        }
         if !needs_restart.is_empty() {
             return Err(format!(
                 "{} changed, which needs a daemon restart (vmsyncd re-reads it on start; a primary's device survives a restart): {}; nothing was applied",
@@ -26,17 +42,63 @@ impl Node {
         let Some(repl) = &self.replication else {
             return Ok("no change".into());
         };
-        let changes = tunable_changes(&repl.tunables(), &new.replication);
+        let mut changes = tunable_changes(&repl.tunables(), &new.replication);
+        if !changes.is_empty() {
+            repl.set_tunables(new.replication);
+        }
+        for peer in &plan.removed {
+            repl.remove_peer(peer.id)?;
+            changes.push(format!("peer {} (id {}) removed", peer.name, peer.id));
+        }
+        for peer in plan.added {
+            let what = format!(
+                "peer {} (id {}, {}) added: full sync once linked",
+                peer.name, peer.id, peer.address
+            );
+            repl.add_peer(peer)?;
+            changes.push(what);
+        }
         if changes.is_empty() {
             return Ok("no change".into());
         }
-        repl.set_tunables(new.replication);
         tracing::info!(changes = changes.join(", "), "configuration adjusted");
         Ok(format!("applied: {}", changes.join(", ")))
     }
 }
 
-/// The parts of the configuration a running daemon cannot take over.
+/// How the `[[peer]]` sections differ from the running peers.
+#[derive(Debug, Default)]
+struct PeerPlan {
+    added: Vec<Peer>,
+    removed: Vec<Peer>,
+    /// Peers whose id stayed but whose name, address or group changed.
+    needs_restart: Vec<String>,
+}
+
+impl PeerPlan {
+    fn new(running: &[Peer], wanted: &[Peer]) -> Self {
+        let mut plan = PeerPlan::default();
+        for peer in running {
+            match wanted.iter().find(|p| p.id == peer.id) {
+                None => plan.removed.push(peer.clone()),
+                Some(p) if p != peer => plan.needs_restart.push(format!(
+                    "peer {} (id {}) changed its name, address or lan_group",
+                    peer.name, peer.id
+                )),
+                Some(_) => {}
+            }
+        }
+        for peer in wanted {
+            if !running.iter().any(|p| p.id == peer.id) {
+                plan.added.push(peer.clone());
+            }
+        }
+        plan
+    }
+}
+
+/// The parts of the configuration a running daemon cannot take over
+/// (peers apart: see [`PeerPlan`]).
 fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     let mut keys = Vec::new();
     if old.resource != new.resource {
@@ -53,18 +115,6 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.secret_file != new.secret_file {
         keys.push("[security] secret_file".to_string());
-    }
-    for peer in &old.peers {
-        match new.peers.iter().find(|p| p.id == peer.id) {
-            None => keys.push(format!("peer {} removed", peer.name)),
-            Some(p) if p != peer => keys.push(format!("peer {}", peer.name)),
-            Some(_) => {}
-        }
-    }
-    for peer in &new.peers {
-        if !old.peers.iter().any(|p| p.id == peer.id) {
-            keys.push(format!("peer {} added", peer.name));
-        }
     }
     keys
 }

@@ -516,10 +516,12 @@ async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
 async fn superseded_while_down(repl: &Arc<Replication>, ours: u64) -> Option<String> {
     let deadline = tokio::time::Instant::now()
         + std::time::Duration::from_millis(repl.tunables().ping_timeout_ms);
-    while tokio::time::Instant::now() < deadline && !repl.peers.iter().all(|p| p.is_connected()) {
+    while tokio::time::Instant::now() < deadline
+        && !repl.peers.load().iter().all(|p| p.is_connected())
+    {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    if let Some(p) = repl.peers.iter().find(|p| p.is_peer_primary()) {
+    if let Some(p) = repl.peers.load().iter().find(|p| p.is_peer_primary()) {
         return Some(format!("peer {} (id {}) is primary", p.config.name, p.id()));
     }
     let known = repl.known_term();

@@ -22,7 +22,7 @@ impl Node {
             Some(r) => (
                 role_name(r.role().role).to_string(),
                 disk_state_name(r.disk_state()).to_string(),
-                r.peers.iter().map(|p| peer_status(r, p)).collect(),
+                r.peers.load().iter().map(|p| peer_status(r, p)).collect(),
             ),
         };
         Status {

@@ -198,7 +198,7 @@ impl Node {
 /// after that crash would have marked them.
 pub(super) fn build_report(repl: &Replication, last: bool, restarted: bool) -> Report {
     let mut bitmaps = vec![(repl.config.node.id, Arc::clone(repl.local.stale_bitmap()))];
-    for peer in &repl.peers {
+    for peer in repl.peers.load().iter() {
         let lacking = peer.lacking();
         if restarted {
             repl.metadata.mark_active_extents(&lacking);

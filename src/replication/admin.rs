@@ -15,13 +15,14 @@ use super::Replication;
 
 impl Replication {
     /// The configured peer called `name_or_id` (its name, or its id).
-    pub fn peer_named(&self, name_or_id: &str) -> Result<&Arc<PeerReplica>, String> {
-        self.peers
+    pub fn peer_named(&self, name_or_id: &str) -> Result<Arc<PeerReplica>, String> {
+        let peers = self.peers.load();
+        peers
             .iter()
             .find(|p| p.config.name == name_or_id || p.id().to_string() == name_or_id)
+            .cloned()
             .ok_or_else(|| {
-                let known: Vec<String> = self
-                    .peers
+                let known: Vec<String> = peers
                     .iter()
                     .map(|p| format!("{} (id {})", p.config.name, p.id()))
                     .collect();
@@ -30,42 +31,66 @@ impl Replication {
     }
 }
 
+/// What the operator wants of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wish {
+    Up,
+    /// `vmsyncctl disconnect`.
+    Down,
+    /// The peer left the configuration (`vmsyncctl adjust`): the link goes
+    /// down and its task ends.
+    Removed,
+}
+
 pub struct AdminSwitch {
-    wanted_up: watch::Sender<bool>,
+    wish: watch::Sender<Wish>,
 }
 
 impl Default for AdminSwitch {
     fn default() -> Self {
         AdminSwitch {
-            wanted_up: watch::Sender::new(true),
+            wish: watch::Sender::new(Wish::Up),
         }
     }
 }
 
 impl AdminSwitch {
-    /// Sets the switch; false when it already was in that position.
+    /// Sets the switch; false when it already was in that position (or the
+    /// peer was removed).
     pub fn set(&self, up: bool) -> bool {
-        self.wanted_up.send_if_modified(|wanted| {
-            let changed = *wanted != up;
-            *wanted = up;
+        let wanted = if up { Wish::Up } else { Wish::Down };
+        self.wish.send_if_modified(|wish| {
+            let changed = *wish != wanted && *wish != Wish::Removed;
+            if changed {
+                *wish = wanted;
+            }
             changed
         })
     }
 
+    /// Takes the link down for good: the peer was removed.
+    pub fn remove(&self) {
+        self.wish.send_replace(Wish::Removed);
+    }
+
     pub fn is_up(&self) -> bool {
-        *self.wanted_up.borrow()
+        *self.wish.borrow() == Wish::Up
     }
 
-    /// Resolves once the operator takes the link down (at once if it is).
+    pub fn is_removed(&self) -> bool {
+        *self.wish.borrow() == Wish::Removed
+    }
+
+    /// Resolves once the link must go down (at once if it must).
     pub async fn down(&self) {
-        let mut rx = self.wanted_up.subscribe();
+        let mut rx = self.wish.subscribe();
         // The sender lives as long as `self`: this cannot fail.
-        let _ = rx.wait_for(|up| !*up).await;
+        let _ = rx.wait_for(|wish| *wish != Wish::Up).await;
     }
 
-    /// Resolves once the operator lets the link come up (at once if it may).
+    /// Resolves once the link may come up again, or the peer was removed.
     pub async fn up(&self) {
-        let mut rx = self.wanted_up.subscribe();
-        let _ = rx.wait_for(|up| *up).await;
+        let mut rx = self.wish.subscribe();
+        let _ = rx.wait_for(|wish| *wish != Wish::Down).await;
     }
 }

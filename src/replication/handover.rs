@@ -100,7 +100,7 @@ impl Replication {
         // not it): resync it, so every replica ends with ours. After a clean
         // handover the bitmaps we took over are exact: nothing to add.
         if !grant.is_clean_handover_to(me) {
-            for peer in &self.peers {
+            for peer in self.peers.load().iter() {
                 self.metadata.mark_active_extents(&peer.bitmap);
             }
         }
@@ -156,7 +156,7 @@ impl Replication {
             }
         }
         let mut holds = BTreeMap::new();
-        for peer in &self.peers {
+        for peer in self.peers.load().iter() {
             peer.bitmap.clear_all();
             let lacks = peer.bitmap.new_like();
             match prev.bitmaps.get(&peer.id()) {

@@ -76,6 +76,7 @@ impl Replication {
         self.role.send_modify(|_| {});
         let connected_primary = self
             .peers
+            .load()
             .iter()
             .find(|p| p.is_connected() && p.is_peer_primary())
             .map(|p| p.config.name.clone());

@@ -70,38 +70,86 @@ pub async fn start(repl: Arc<Replication>) -> anyhow::Result<IncomingConnections
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "listening for peers");
 
-    let mut routes = Vec::new();
-    for peer in &repl.peers {
+    let (directory_tx, directory_rx) = mpsc::channel(4);
+    let router = Arc::new(Router {
+        repl: Arc::clone(&repl),
+        links: std::sync::RwLock::new(Vec::new()),
+        directory: repl.config.directory.is_some().then_some(directory_tx),
+    });
+    let links = LinkStarter {
+        identity: identity.clone(),
+        router: Arc::clone(&router),
+    };
+    for peer in repl.peers.load().iter() {
+        links.start(Arc::clone(peer));
+    }
+    repl.set_link_starter(links);
+    tokio::spawn(accept_loop(listener, identity, router).in_current_span());
+    Ok(directory_rx)
+}
+
+/// Starts link tasks: at start for every configured peer, and for a peer
+/// `vmsyncctl adjust` adds.
+pub struct LinkStarter {
+    identity: LocalIdentity,
+    router: Arc<Router>,
+}
+
+impl LinkStarter {
+    /// Routes `peer`'s connections to a new link task, which keeps the link
+    /// up until the peer is removed (`AdminSwitch::remove`).
+    pub fn start(&self, peer: Arc<PeerReplica>) {
         let (tx, rx) = mpsc::channel(8);
-        routes.push((peer.id(), tx));
+        let id = peer.id();
+        self.router.add_link(id, tx);
         // Inside the node's span (resource, node), naming the peer.
         let span = tracing::info_span!("link", peer = %peer.config.name);
+        let router = Arc::clone(&self.router);
+        let repl = Arc::clone(&self.router.repl);
+        let identity = self.identity.clone();
         tokio::spawn(
-            maintain(Arc::clone(&repl), Arc::clone(peer), identity.clone(), rx).instrument(span),
+            async move {
+                maintain(repl, peer, identity, rx).await;
+                router.remove_link(id);
+                tracing::info!("peer removed; link task ended");
+            }
+            .instrument(span),
         );
     }
-    let (directory_tx, directory_rx) = mpsc::channel(4);
-    let router = Router {
-        repl: Arc::clone(&repl),
-        links: routes,
-        directory: repl.config.directory.is_some().then_some(directory_tx),
-    };
-    tokio::spawn(accept_loop(listener, identity, Arc::new(router)).in_current_span());
-    Ok(directory_rx)
 }
 
 /// Where an authenticated connection goes, by who dialed and which channel.
 struct Router {
     repl: Arc<Replication>,
-    /// Data and meta connections: the peer's link task.
-    links: Vec<(u32, mpsc::Sender<Connection>)>,
+    /// Data and meta connections: the peer's link task (peers come and go
+    /// with `vmsyncctl adjust`; held only to look a sender up).
+    links: std::sync::RwLock<Vec<(u32, mpsc::Sender<Connection>)>>,
     /// The directory's connections, when one is configured.
     directory: Option<mpsc::Sender<Connection>>,
 }
 
 impl Router {
+    fn add_link(&self, id: u32, tx: mpsc::Sender<Connection>) {
+        let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
+        links.retain(|(peer, _)| *peer != id);
+        links.push((id, tx));
+    }
+
+    fn remove_link(&self, id: u32) {
+        let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
+        links.retain(|(peer, _)| *peer != id);
+    }
+
+    fn link_to(&self, id: u32) -> Option<mpsc::Sender<Connection>> {
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
+        links
+            .iter()
+            .find(|(peer, _)| *peer == id)
+            .map(|(_, tx)| tx.clone())
+    }
+
     fn knows(&self, id: u32) -> bool {
-        self.links.iter().any(|(peer, _)| *peer == id)
+        self.link_to(id).is_some()
             || (id == protocol::DIRECTORY_NODE_ID && self.directory.is_some())
     }
 
@@ -130,7 +178,7 @@ impl Router {
                     );
                     return;
                 }
-                if let Some((_, link)) = self.links.iter().find(|(id, _)| *id == conn.peer_id) {
+                if let Some(link) = self.link_to(conn.peer_id) {
                     // Never wait on a link task that is busy (a full queue):
                     // the newest connection wins, an excess one is closed.
                     if let Err(e) = link.try_send(conn) {
@@ -201,7 +249,8 @@ fn log_refusal(gate: &HandshakeGate, from: Option<std::net::SocketAddr>, error: 
     }
 }
 
-/// Keeps the link to one peer up for the life of the daemon.
+/// Keeps the link to one peer up for the life of the daemon, or until the
+/// peer is removed from the configuration.
 async fn maintain(
     repl: Arc<Replication>,
     peer: Arc<PeerReplica>,
@@ -211,9 +260,13 @@ async fn maintain(
     let dials = repl.config.node.id < peer.id();
     let mut backoff = BACKOFF_START;
     loop {
+        if peer.admin.is_removed() {
+            return;
+        }
         if !peer.admin.is_up() {
             stay_disconnected(&peer, &mut incoming).await;
             backoff = BACKOFF_START;
+            continue;
         }
         let link = tokio::select! {
             link = async {

@@ -19,7 +19,9 @@ mod holders;
 pub mod invalidate;
 mod link;
 mod liveness;
+mod membership;
 pub mod peer;
+pub mod peer_set;
 mod source;
 mod target;
 pub mod transport;
@@ -44,6 +46,7 @@ use epochs::{EpochCounter, RangeLock};
 pub use handover::Inherited;
 pub use link::IncomingConnections;
 use peer::PeerReplica;
+use peer_set::PeerSet;
 use serde_json::json;
 pub use verify::PeerVerify;
 
@@ -80,7 +83,7 @@ pub struct Replication {
     pub config: Config,
     pub metadata: Arc<Metadata>,
     pub local: Arc<LocalDisk>,
-    pub peers: Vec<Arc<PeerReplica>>,
+    pub peers: PeerSet,
     runtime: tokio::runtime::Handle,
     /// Role and term; links restart when it changes.
     role: watch::Sender<RoleState>,
@@ -113,6 +116,8 @@ pub struct Replication {
     guest_io: wan::GuestActivity,
     /// State changes, for `vmsyncctl events`.
     pub events: Arc<EventBus>,
+    /// Starts link tasks for peers added while running (set by `start`).
+    link_starter: std::sync::OnceLock<link::LinkStarter>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +167,7 @@ impl Replication {
                 ))
             })
             .collect();
+        let peers = PeerSet::new(peers);
         install_eviction_hook(&metadata, &peers);
         let term = metadata.superblock().term;
         let (role, _) = watch::channel(RoleState {
@@ -193,6 +199,7 @@ impl Replication {
             verify_progress: Mutex::new(verify::VerifyProgress::default()),
             guest_io: wan::GuestActivity::default(),
             events,
+            link_starter: std::sync::OnceLock::new(),
         });
         // Detach on the first I/O error, as DRBD's `on-io-error detach`.
         let weak = Arc::downgrade(&repl);
@@ -376,7 +383,7 @@ impl Replication {
             "a peer misses our writes: writing a new data generation"
         );
         // Peers still mirrored hold this generation too: tell them.
-        for peer in &self.peers {
+        for peer in self.peers.load().iter() {
             peer.resync_wanted.notify_one();
         }
         Ok(())
@@ -416,6 +423,7 @@ impl Replication {
         });
         let holders = self
             .peers
+            .load()
             .iter()
             .map(|p| {
                 let lacks = handover
@@ -503,8 +511,11 @@ impl Replication {
         self.known_term.load(Ordering::Acquire)
     }
 
-    fn lan_peers(&self) -> impl Iterator<Item = &Arc<PeerReplica>> {
-        self.peers.iter().filter(|p| p.is_lan)
+    /// The LAN peers as of now (mirrored to; WAN peers get the lazy push).
+    fn lan_peers(&self) -> impl Iterator<Item = Arc<PeerReplica>> {
+        let peers = self.peers.load();
+        let lan: Vec<Arc<PeerReplica>> = peers.iter().filter(|p| p.is_lan).cloned().collect();
+        lan.into_iter()
     }
 
     fn max_peer_wait(&self) -> Duration {
@@ -527,7 +538,7 @@ impl Replication {
             return Err("this node's backing device failed (disk state failed): promote a peer; restart vmsyncd here once the device works again, and it resyncs".into());
         }
         let ping_interval = Duration::from_millis(self.tunables().ping_interval_ms);
-        for p in self.peers.iter().filter(|p| p.is_peer_primary()) {
+        for p in self.peers.load().iter().filter(|p| p.is_peer_primary()) {
             let silent = p.silent_for().is_none_or(|t| t > ping_interval);
             if force && silent {
                 tracing::warn!(peer = %p.config.name, silent_ms = p.silent_for().map(|t| t.as_millis() as u64),
@@ -559,7 +570,7 @@ impl Replication {
             .map_err(|e| format!("cannot persist the new term: {e}"))?;
         // Where we wrote lately (as a secondary of a lost primary, or as a
         // primary before), a peer may hold other data: resync it.
-        for peer in &self.peers {
+        for peer in self.peers.load().iter() {
             self.metadata.mark_active_extents(&peer.bitmap);
         }
         self.known_term.fetch_max(term, Ordering::AcqRel);
@@ -607,6 +618,7 @@ impl Replication {
         }
         let lagging: Vec<String> = self
             .peers
+            .load()
             .iter()
             .filter(|p| p.mode() != peer::PeerMode::UpToDate)
             .map(|p| format!("{} ({})", p.config.name, p.mode().name()))
@@ -634,10 +646,7 @@ impl Replication {
         let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         let epoch = epochs.close();
         self.lan_peers()
-            .filter_map(|p| {
-                p.barrier(term, epoch, want_ack)
-                    .map(|ack| (Arc::clone(p), ack))
-            })
+            .filter_map(|p| p.barrier(term, epoch, want_ack).map(|ack| (p, ack)))
             .collect()
     }
 
@@ -656,11 +665,8 @@ impl Replication {
         let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         let epoch = epochs.close();
         self.lan_peers()
-            .chain(std::iter::once(resyncing))
-            .filter_map(|p| {
-                p.barrier(term, epoch, want_ack)
-                    .map(|ack| (Arc::clone(p), ack))
-            })
+            .chain(std::iter::once(Arc::clone(resyncing)))
+            .filter_map(|p| p.barrier(term, epoch, want_ack).map(|ack| (p, ack)))
             .collect()
     }
 
@@ -772,7 +778,7 @@ impl Replication {
                 }
             }
             let (epoch, seq) = epochs.assign();
-            for peer in &self.peers {
+            for peer in self.peers.load().iter() {
                 if !peer.is_lan {
                     // WAN peers are not mirrored: their bits are set and
                     // the lazy push sends the blocks later (see `wan`).
@@ -800,7 +806,7 @@ impl Replication {
             // The peers may have applied what our disk refused: make them
             // take our version of the range back, so replicas stay equal.
             tracing::error!(offset, len, error = %e, "local write failed; resyncing the range to the peers");
-            for peer in &self.peers {
+            for peer in self.peers.load().iter() {
                 peer.resync_range(offset, len);
             }
         }
@@ -865,9 +871,9 @@ impl Replication {
 /// Before an extent leaves the activity log, the writes in it that a peer
 /// has not acknowledged go into that peer's bitmap, which the eviction then
 /// persists (see [`PeerReplica::persist_unacked_in`]).
-fn install_eviction_hook(metadata: &Metadata, peers: &[Arc<PeerReplica>]) {
+fn install_eviction_hook(metadata: &Metadata, peers: &PeerSet) {
     use blockdev::meta::EXTENT_SIZE;
-    let peers = peers.to_vec();
+    let peers = peers.clone();
     metadata
         .activity_log()
         .set_eviction_hook(Box::new(move |extents: &[u64]| {
@@ -875,7 +881,7 @@ fn install_eviction_hook(metadata: &Metadata, peers: &[Arc<PeerReplica>]) {
                 .iter()
                 .map(|&e| (e * EXTENT_SIZE, EXTENT_SIZE))
                 .collect();
-            for peer in &peers {
+            for peer in peers.load().iter() {
                 let blocks = peer.persist_unacked_in(&ranges);
                 if blocks > 0 {
                     tracing::debug!(peer = %peer.config.name, blocks,

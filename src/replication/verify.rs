@@ -137,6 +137,7 @@ impl Replication {
         }
         let peers: Vec<Arc<PeerReplica>> = self
             .peers
+            .load()
             .iter()
             .filter(|p| p.is_connected() && p.mode() == PeerMode::UpToDate)
             .cloned()
