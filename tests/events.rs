@@ -378,3 +378,81 @@ fn status_watch_prints_lines_without_a_terminal_and_bad_arguments_are_refused() 
         "{text}"
     );
 }
+
+/// A split brain is announced: node 1 writes while cut off from node 2,
+/// dies; node 2 is promoted and writes; node 1 comes back as secondary and
+/// node 2 (primary) refuses the link. Its events say `split-brain` for n1.
+#[test]
+fn events_announce_a_split_brain() {
+    let rt = runtime();
+    let (mut cluster, proxy) = support::cluster::proxied_pair(&rt, "C", "");
+    let size = cluster.dir.spec.size;
+    let mut gen = Workload::new(41, size);
+    let c1 = client(&rt, &cluster, 1);
+    rt.block_on(support::workload::run(
+        &c1,
+        &gen.ops(100),
+        16,
+        Model::zeroed(size),
+    ))
+    .unwrap();
+    rt.block_on(c1.flush()).unwrap();
+    assert!(cluster.wait_peers_up_to_date(1));
+    proxy.cut();
+    assert!(wait_for(
+        || cluster.peer(1, 2)["connected"] == false && cluster.peer(2, 1)["connected"] == false,
+        Duration::from_secs(20)
+    ));
+    rt.block_on(support::workload::run(
+        &c1,
+        &gen.ops(50),
+        16,
+        Model::zeroed(size),
+    ))
+    .unwrap();
+    rt.block_on(c1.flush()).unwrap();
+    drop(c1);
+    cluster.daemon(1).sigkill();
+    cluster.promote(2);
+    let c2 = client(&rt, &cluster, 2);
+    rt.block_on(support::workload::run(
+        &c2,
+        &gen.ops(50),
+        16,
+        Model::zeroed(size),
+    ))
+    .unwrap();
+    rt.block_on(c2.flush()).unwrap();
+
+    let config2 = cluster.dir.node(2).config.clone();
+    let mut events = EventStream::start(&config2, &["--json"]);
+    proxy.heal();
+    *cluster.daemon(1) = support::Daemon::start(cluster.dir.node(1));
+    cluster.daemon(1).wait_ready(support::cluster::START);
+    assert!(
+        events.wait_until(
+            Duration::from_secs(30),
+            is("split-brain", "peer", Some("n1"), &[])
+        ),
+        "no split-brain event: {:?}",
+        events.seen
+    );
+    let event = events.events().pop().unwrap();
+    assert!(
+        event["props"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("split brain")),
+        "{event}"
+    );
+    // A refused link retried with backoff is not announced again and again.
+    std::thread::sleep(Duration::from_secs(3));
+    while let Ok(line) = events.lines.try_recv() {
+        events.seen.push(line);
+    }
+    let announced = events
+        .events()
+        .iter()
+        .filter(|e| e["kind"] == "split-brain")
+        .count();
+    assert_eq!(announced, 1, "{:?}", events.seen);
+}

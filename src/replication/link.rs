@@ -303,6 +303,7 @@ async fn maintain(
                 let failed_at_once = result.is_err() && started.elapsed() < SESSION_SETTLED;
                 if !failed_at_once {
                     backoff = BACKOFF_START;
+                    peer.link_worked();
                 }
                 tokio::time::sleep(backoff).await;
                 if failed_at_once {

@@ -138,6 +138,8 @@ pub struct PeerReplica {
     /// Why the last link to this peer ended, if it ended in an error (a
     /// split brain, a refused handshake...); cleared when a link comes up.
     pub last_error: Mutex<Option<String>>,
+    /// The last failure announced as an event (see `set_last_error`).
+    announced_error: Mutex<Option<String>>,
     /// When the last frame arrived from the peer on the current link (see
     /// `liveness`): lets `promote --force` tell a silent primary peer from
     /// one that is answering.
@@ -178,6 +180,7 @@ impl PeerReplica {
             expel_reason: Mutex::new(None),
             fork_pending,
             last_error: Mutex::new(None),
+            announced_error: Mutex::new(None),
             last_heard: Mutex::new(None),
             admin: super::admin::AdminSwitch::default(),
             events,
@@ -211,19 +214,30 @@ impl PeerReplica {
             .emit(kind, Object::Peer, Some(&self.config.name), props);
     }
 
-    /// Records why the link failed; a new reason is announced as an event
-    /// (a reconnect loop failing the same way again is not).
+    /// Records why the link failed (None: a link came up). A reason is
+    /// announced as an event once: a reconnect loop failing the same way
+    /// again is not announced again until a link worked (see
+    /// [`PeerReplica::link_worked`]) or it fails another way.
     pub fn set_last_error(&self, error: Option<String>) {
-        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(message) = error.as_ref().filter(|e| last.as_ref() != Some(*e)) {
-            let kind = if message.starts_with("split brain") {
-                EventKind::SplitBrain
-            } else {
-                EventKind::Error
-            };
-            self.emit(kind, props([("message", json!(message))]));
+        if let Some(message) = &error {
+            let mut announced = self.announced_error.lock().unwrap_or_else(|e| e.into_inner());
+            if announced.as_ref() != Some(message) {
+                let kind = if message.starts_with("split brain") {
+                    EventKind::SplitBrain
+                } else {
+                    EventKind::Error
+                };
+                self.emit(kind, props([("message", json!(message))]));
+                *announced = Some(message.clone());
+            }
         }
-        *last = error;
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// A link session to this peer worked (it lasted, or ended cleanly):
+    /// the next failure is news again.
+    pub fn link_worked(&self) {
+        *self.announced_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     pub fn last_error(&self) -> Option<String> {
