@@ -1,7 +1,9 @@
 #!/bin/bash
 # raw_equals_backing: O_DIRECT writes to the raw device land at the same
 # offsets of the backing file, untouched ranges stay zero, and the data
-# survives a restart. Runs with direct_io = false and = true.
+# survives a restart. Runs with direct_io = false and = true; with
+# direct_io = true the Prometheus endpoint is on and must count exactly the
+# bytes written through /dev/ublkbN.
 . "$REPO/tests/vm/lib.sh"
 require_binaries
 
@@ -21,6 +23,9 @@ check_dev_range() { # WHAT SRC SRC_OFF OFF LEN  (reads $DEV with O_DIRECT)
 for direct in false true; do
   rm -f "$W/vm0.img" "$W/vm0.meta"
   make_config vm0 256 "$direct"
+  if [ "$direct" = true ]; then
+    printf '\n[metrics]\nlisten = "127.0.0.1:9942"\n' >> "$CFG"
+  fi
   create_md
   start_daemon
   wait_device
@@ -56,6 +61,15 @@ $((12 * MiB)):$((252 * MiB)):$((4 * MiB))"
     check_dev_range "device read-back" "$W/small" "$so" "$doff" "$len"
   done
   check_dev_range "unwritten range" /dev/zero 0 $((4 * MiB)) $((33 * MiB))
+  if [ "$direct" = true ]; then
+    metrics=$(curl -sf http://127.0.0.1:9942/metrics) || fail "no answer at the metrics endpoint"
+    written=$(printf '%s\n' "$metrics" | sed -n 's/^vmsync_request_bytes_total{op="write"} //p')
+    want=$((16 * MiB + 16 * lbs))
+    [ "$written" = "$want" ] || fail "metrics count $written bytes written, the test wrote $want"
+    writes=$(printf '%s\n' "$metrics" | sed -n 's/^vmsync_request_duration_seconds_count{op="write"} //p')
+    [ "${writes:-0}" -ge 20 ] || fail "metrics count ${writes:-none} timed writes, the test issued at least 20"
+    log "metrics: $written bytes in $writes writes through $DEV, as written"
+  fi
 
   stop_daemon_clean
   [ "$(stat -c %s "$B")" -eq $((256 * MiB)) ] || fail "backing file size changed to $(stat -c %s "$B")"
