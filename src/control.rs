@@ -236,6 +236,15 @@ pub struct WanPushStatus {
     pub saved_by_compression_bytes: u64,
     /// Seconds until the peer is current at the present pace, if pushing.
     pub eta_seconds: Option<u64>,
+    /// The member of the peer's LAN group it reads its blocks from (the
+    /// group's postmaster), when that is another node; absent when the
+    /// peer gets the data itself.
+    #[serde(default)]
+    pub postmaster: Option<String>,
+    /// Bytes the peer got by reference from its postmaster (over its LAN,
+    /// not the WAN) since the daemon started.
+    #[serde(default)]
+    pub relayed_bytes: u64,
 }
 
 /// Sends one request to the daemon listening at `socket`.

@@ -400,6 +400,27 @@ messages! {
         data: Bytes,
     },
 
+    /// Resync by reference (the WAN postmaster, see vmsync's `wan`): the
+    /// range's current contents hash to `hash` and node `holder` — a member
+    /// of the receiver's own LAN group that got them over the WAN — holds
+    /// them durably. The receiver reads them from `holder` over its fetch
+    /// connection, checks the hash, and applies them exactly like
+    /// [`Message::ResyncData`] (same epoch, same acknowledgement). If it
+    /// cannot (the holder is gone, or answers other data), it must not
+    /// acknowledge the epoch: it drops the link, and the sender resends.
+    ResyncFrom = 0x020a {
+        /// The sender's term.
+        term: u64,
+        /// Byte offset into the device.
+        offset: u64,
+        /// Length in bytes, at most [`MAX_DATA_LEN`].
+        len: u32,
+        /// The node to read the range from.
+        holder: u32,
+        /// BLAKE3 of the range's contents.
+        hash: BlockHash,
+    },
+
     // ---- node state ----------------------------------------------------------
 
     /// A node's view of itself, sent by both sides right after the handshake
@@ -690,6 +711,9 @@ impl Message {
             }
             Self::ReadSame { offset, len, .. } | Self::ResyncAck { offset, len } => {
                 range(*offset, u64::from(*len))
+            }
+            Self::ResyncFrom { offset, len, .. } => {
+                range(*offset, at_most_max("len", u64::from(*len))?)
             }
             Self::Hello { .. }
             | Self::AuthResponse { .. }

@@ -157,6 +157,21 @@ fn message_of(ty: MessageType) -> BoxedStrategy<Message> {
                 data,
             })
             .boxed(),
+        MessageType::ResyncFrom => (
+            any::<u64>(),
+            offset(),
+            small_len(),
+            any::<u32>(),
+            any::<[u8; 32]>(),
+        )
+            .prop_map(|(term, offset, len, holder, hash)| Message::ResyncFrom {
+                term,
+                offset,
+                len,
+                holder,
+                hash,
+            })
+            .boxed(),
         MessageType::State => (
             select(Role::ALL),
             any::<u64>(),

@@ -132,15 +132,27 @@ fn wrong_version_fails() {
         nonce: [9; 32],
     };
     let err = a.on_message(hello).unwrap_err();
-    assert_eq!(err, HandshakeError::VersionMismatch { peer: 1, ours: 3 });
+    assert_eq!(
+        err,
+        HandshakeError::VersionMismatch {
+            peer: 1,
+            ours: protocol::PROTOCOL_VERSION
+        }
+    );
     assert_eq!(
         err.to_string(),
-        "peer speaks protocol version 1, we speak 3"
+        format!(
+            "peer speaks protocol version 1, we speak {}",
+            protocol::PROTOCOL_VERSION
+        )
     );
     assert_eq!(
         err.refusal(),
         Some(Message::Refused {
-            reason: "peer speaks protocol version 1, we speak 3".into()
+            reason: format!(
+                "peer speaks protocol version 1, we speak {}",
+                protocol::PROTOCOL_VERSION
+            )
         })
     );
 }

@@ -97,6 +97,13 @@ fn sample(ty: MessageType) -> Message {
             codec: protocol::compress::CODEC_LZ4,
             data,
         },
+        MessageType::ResyncFrom => Message::ResyncFrom {
+            term: 4,
+            offset: 1 << 30,
+            len: 1 << 20,
+            holder: 3,
+            hash: [0x33; 32],
+        },
         MessageType::State => Message::State {
             role: Role::Primary,
             term: 4,

@@ -126,6 +126,14 @@ fn wan_status(repl: &Replication, peer: &PeerReplica, stale_bytes: u64) -> WanPu
         saved_by_hash_bytes: stats.saved_by_hash.load(Acquire),
         saved_by_compression_bytes: stats.saved_by_compression.load(Acquire),
         eta_seconds: (progress > 0).then(|| stale_bytes / progress),
+        postmaster: match stats.postmaster.load(Acquire) {
+            0 => None,
+            id => repl
+                .peers
+                .get((id - 1) as u32)
+                .map(|p| p.config.name.clone()),
+        },
+        relayed_bytes: stats.relayed.load(Acquire),
     }
 }
 

@@ -168,6 +168,20 @@ impl Fetcher {
         }
     }
 
+    /// `holder`'s copy of the range (the WAN relay: a postmaster's data,
+    /// read over the LAN).
+    pub async fn read_from(
+        &self,
+        holder: &PeerReplica,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, String> {
+        match self.ask(holder, offset, len, None).await? {
+            Fetched::Data(data) => Ok(data),
+            Fetched::Same => Err("answered \"same\" to a request without a hash".into()),
+        }
+    }
+
     /// Online verify: `None` when `peer`'s copy of the range hashes to
     /// `hash`, else its data.
     pub async fn compare_with(

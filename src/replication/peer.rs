@@ -20,6 +20,9 @@ use crate::config::Peer;
 use crate::events::{props, EventBus, EventKind, Object};
 use serde_json::json;
 
+/// Bytes a `ResyncFrom` message takes on the wire (fields and framing).
+pub const RESYNC_REFERENCE_BYTES: u64 = 128;
+
 /// A peer that fell behind resumes only with at most this many epochs
 /// unacknowledged.
 const MAX_UNACKED_TO_RESUME: usize = 2;
@@ -63,7 +66,7 @@ impl PeerMode {
         }
     }
 
-    fn mirrors(self) -> bool {
+    pub(crate) fn mirrors(self) -> bool {
         matches!(self, PeerMode::Resyncing | PeerMode::UpToDate)
     }
 }
@@ -220,7 +223,10 @@ impl PeerReplica {
     /// [`PeerReplica::link_worked`]) or it fails another way.
     pub fn set_last_error(&self, error: Option<String>) {
         if let Some(message) = &error {
-            let mut announced = self.announced_error.lock().unwrap_or_else(|e| e.into_inner());
+            let mut announced = self
+                .announced_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if announced.as_ref() != Some(message) {
                 let kind = if message.starts_with("split brain") {
                     EventKind::SplitBrain
@@ -237,7 +243,10 @@ impl PeerReplica {
     /// A link session to this peer worked (it lasted, or ended cleanly):
     /// the next failure is news again.
     pub fn link_worked(&self) {
-        *self.announced_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self
+            .announced_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -338,6 +347,7 @@ impl PeerReplica {
     /// The link is gone: fold every unacknowledged epoch into the bitmap and
     /// release anyone waiting on this peer.
     pub fn disconnected(&self) {
+        self.stats.wan.link_lost();
         if self.connected.swap(false, Ordering::AcqRel) {
             self.emit(EventKind::Change, props([("connected", json!(false))]));
         }
@@ -441,6 +451,29 @@ impl PeerReplica {
     ) -> bool {
         let mut inner = self.lock();
         if inner.mode != PeerMode::Resyncing || !self.send(&inner, message, len) {
+            return false;
+        }
+        let record = inner.unacked.entry(epoch).or_default();
+        record.written.push((offset, len));
+        record.resynced.push((first_block, blocks));
+        true
+    }
+
+    /// Queues a resync by reference (`ResyncFrom`, epoch lock held): like
+    /// [`PeerReplica::send_resync`] for the range, but only the small
+    /// message counts against the send queue.
+    pub fn send_resync_reference(
+        &self,
+        epoch: u64,
+        message: Message,
+        first_block: u64,
+        blocks: u64,
+        offset: u64,
+        len: u64,
+    ) -> bool {
+        let mut inner = self.lock();
+        if inner.mode != PeerMode::Resyncing || !self.send(&inner, message, RESYNC_REFERENCE_BYTES)
+        {
             return false;
         }
         let record = inner.unacked.entry(epoch).or_default();

@@ -19,24 +19,68 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::bitmap_exchange;
+use super::fetcher::Fetcher;
 use super::link::{Link, PeerState};
 use super::liveness::{Due, Liveness};
 use super::peer::PeerReplica;
-use super::transport::LinkError;
+use super::transport::{self, LinkError};
 use super::{enter_activity_log, LocalDisk, Replication, RoleState};
 use crate::config::Protocol;
 
 /// One write to apply.
 enum Op {
-    Write { data: Bytes, fua: bool },
+    Write {
+        data: Bytes,
+        fua: bool,
+    },
     Discard,
     WriteZeroes,
+    /// Resync by reference (`ResyncFrom`): read the range from a member of
+    /// our LAN group, check it hashes to `hash`, write it.
+    Relay {
+        from: Arc<Relay>,
+        hash: [u8; 32],
+    },
+}
+
+/// Where `ResyncFrom` ranges are read: one member of our LAN group (the
+/// WAN postmaster), over its fetch connection.
+pub(super) struct Relay {
+    holder: Arc<PeerReplica>,
+    fetcher: Fetcher,
+}
+
+impl Relay {
+    /// The range's contents, as `holder` has them, if they hash to `hash`.
+    async fn read(&self, offset: u64, len: u64, hash: [u8; 32]) -> io::Result<Bytes> {
+        let data = self
+            .fetcher
+            .read_from(&self.holder, offset, len)
+            .await
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "relay from {} failed at {offset}+{len}: {e}",
+                    self.holder.config.name
+                ))
+            })?;
+        if *blake3::hash(&data).as_bytes() != hash {
+            return Err(io::Error::other(format!(
+                "relay from {}: its copy of {offset}+{len} is not the primary's",
+                self.holder.config.name
+            )));
+        }
+        Ok(data)
+    }
 }
 
 /// Writes a secondary keeps in flight at most. More gains nothing (the
 /// backing store is busy) and the overlap check looks at each of them; when
 /// full, the reader waits, and TCP pushes back on the primary.
 const MAX_IN_FLIGHT: usize = 256;
+
+/// How long a relay holder may take to answer before the link is dropped
+/// (and the primary resends).
+const RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// One write being applied: its byte range and the task doing it.
 struct InFlight {
@@ -56,6 +100,8 @@ struct Applier {
     ack_writes: bool,
     /// In submission order.
     in_flight: VecDeque<InFlight>,
+    /// Relay sources by holder id, opened on first `ResyncFrom`.
+    relays: std::collections::HashMap<u32, Arc<Relay>>,
 }
 
 impl Applier {
@@ -101,6 +147,16 @@ impl Applier {
                     Op::Write { data, fua } => local.write(offset, data, fua).await,
                     Op::Discard => local.discard(offset, len).await,
                     Op::WriteZeroes => local.write_zeroes(offset, len).await,
+                    Op::Relay { from, hash } => {
+                        if holds_already(&local, offset, len, &hash).await {
+                            Ok(())
+                        } else {
+                            match from.read(offset, len, hash).await {
+                                Ok(data) => local.write(offset, data, false).await,
+                                Err(e) => Err(e),
+                            }
+                        }
+                    }
                 };
                 if let (Some(seq), true) = (seq, ack) {
                     let reply = match &result {
@@ -126,6 +182,14 @@ impl Applier {
         self.local.flush().await?;
         Ok(())
     }
+}
+
+/// Whether our copy of the range already hashes to `hash` (then a relay
+/// has nothing to read: e.g. the initial sync of identical replicas).
+async fn holds_already(local: &LocalDisk, offset: u64, len: u64, hash: &[u8; 32]) -> bool {
+    let mut ours = blockdev::buffer::AlignedBuf::zeroed(len as usize);
+    local.read(offset, ours.as_mut_slice()).await.is_ok()
+        && blake3::hash(ours.as_slice()).as_bytes() == hash
 }
 
 async fn finish(task: JoinHandle<io::Result<()>>) -> Result<(), LinkError> {
@@ -160,6 +224,7 @@ pub async fn run(
         acks: meta_tx.clone(),
         ack_writes: repl.config.resource.protocol == Protocol::C,
         in_flight: VecDeque::new(),
+        relays: std::collections::HashMap::new(),
     };
     let mut live = Liveness::new(&repl.tunables(), peer);
     let operator_disconnect = peer.admin.down();
@@ -262,6 +327,40 @@ fn report_what_may_differ(
     Ok(())
 }
 
+/// The relay source for `holder`: a configured peer in our own LAN group
+/// (reading from anywhere else would cross the WAN again).
+fn relay(repl: &Replication, applier: &mut Applier, holder: u32) -> Result<Arc<Relay>, LinkError> {
+    if let Some(relay) = applier.relays.get(&holder) {
+        return Ok(Arc::clone(relay));
+    }
+    let peer = repl.peers.get(holder).filter(|p| p.is_lan).ok_or_else(|| {
+        LinkError::Violation(format!(
+            "resync by reference from node {holder}, which is not a peer in our LAN group"
+        ))
+    })?;
+    let identity = transport::LocalIdentity {
+        resource: repl.config.resource.name.clone(),
+        node_id: repl.config.node.id,
+        secret: Arc::new(
+            repl.config
+                .read_secret()
+                .map_err(|e| LinkError::Io(io::Error::other(e)))?,
+        ),
+    };
+    let fetcher = Fetcher::new(
+        identity,
+        repl.config.node.lan_group.clone(),
+        vec![(Arc::clone(&peer), Arc::new(peer.bitmap.new_like()))],
+        RELAY_TIMEOUT,
+    );
+    let relay = Arc::new(Relay {
+        holder: peer,
+        fetcher,
+    });
+    applier.relays.insert(holder, Arc::clone(&relay));
+    Ok(relay)
+}
+
 /// Rejects messages from a primary whose term is older than one we have
 /// seen: it was fenced by a newer promotion.
 fn check_term(repl: &Replication, term: u64) -> Result<(), LinkError> {
@@ -352,6 +451,20 @@ async fn apply(
                         fua: false,
                     },
                 )
+                .await
+        }
+        Message::ResyncFrom {
+            term,
+            offset,
+            len,
+            holder,
+            hash,
+        } => {
+            check_term(repl, term)?;
+            let from = relay(repl, applier, holder)?;
+            repl.set_disk_state(DiskState::Inconsistent)?;
+            applier
+                .submit(offset, u64::from(len), None, Op::Relay { from, hash })
                 .await
         }
         Message::Barrier { term, epoch } => {

@@ -22,6 +22,23 @@
 //!   not sent. What is sent is LZ4-compressed when that shrinks it
 //!   (`ResyncPacked`).
 //!
+//! * **once per remote LAN group** (the postmaster): of the WAN peers of
+//!   one LAN group, the one with the lowest id that is linked to us is the
+//!   group's postmaster and gets the data as above. Every other member is
+//!   brought up to date *by reference*: for blocks the postmaster already
+//!   holds in their current version (its bit is clear: it acknowledged
+//!   them, and no write came since) the member gets a small `ResyncFrom`
+//!   naming the postmaster and the BLAKE3 of the data, reads the blocks
+//!   from the postmaster over its own LAN, checks the hash and writes
+//!   them. Bits clear as for any resync: when the member acknowledges the
+//!   barrier after them, i.e. once it holds them durably (and the
+//!   directory's report says so). If the postmaster goes away, or its copy
+//!   does not match, the member cannot apply the epoch and drops its link:
+//!   what it had not acknowledged stays stale, the next member in line
+//!   becomes postmaster (or this member, for a while, gets its data
+//!   directly: see [`RELAY_BACKOFF`]), so no more than the blocks in flight
+//!   are sent again.
+//!
 //! Clearing a matching block's bit at once is safe because nothing else is
 //! on its way to the peer for it: the window's blocks are read under the
 //! range lock (so no guest write is half done), a pass never visits a block
@@ -61,6 +78,14 @@ const WINDOWS_PER_EPOCH: u32 = 4;
 const FRAME_OVERHEAD: u64 = 64;
 /// How long the peer may take to hash a window before we send it anyway.
 const HASH_TIMEOUT: Duration = Duration::from_secs(20);
+/// A member whose link dropped with references in flight (it could not
+/// read from its postmaster) gets its data directly for this long.
+pub const RELAY_BACKOFF: Duration = Duration::from_secs(60);
+/// A member's pass that found nothing its postmaster holds yet waits this
+/// long before looking again.
+const RELAY_WAIT: Duration = Duration::from_millis(200);
+/// Largest range one `ResyncFrom` names.
+const MAX_REFERENCE: u64 = 1 << 20;
 
 /// When the guest last did I/O on the primary.
 pub struct GuestActivity {
@@ -105,9 +130,34 @@ pub struct WanStats {
     pass_wire: AtomicU64,
     pass_done: AtomicU64,
     pass_started: std::sync::Mutex<Option<Instant>>,
+    /// Bytes this member got by reference from its group's postmaster.
+    pub relayed: AtomicU64,
+    /// References sent and not yet acknowledged (see `link_lost`).
+    references_in_flight: std::sync::atomic::AtomicBool,
+    /// Until when this member gets its data directly (see [`RELAY_BACKOFF`]).
+    direct_until: std::sync::Mutex<Option<Instant>>,
+    /// The postmaster of the current pass: its node id + 1; 0 when none.
+    pub postmaster: AtomicU64,
 }
 
 impl WanStats {
+    /// The link to this peer dropped. If references were in flight, it
+    /// could not read from its postmaster (or the postmaster went away):
+    /// send it data directly for a while.
+    pub fn link_lost(&self) {
+        if self.references_in_flight.swap(false, Ordering::AcqRel) {
+            *self.direct_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Instant::now() + RELAY_BACKOFF);
+        }
+    }
+
+    fn must_go_direct(&self) -> bool {
+        self.direct_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| Instant::now() < until)
+    }
+
     fn start_pass(&self) {
         self.pass_wire.store(0, Ordering::Release);
         self.pass_done.store(0, Ordering::Release);
@@ -226,6 +276,48 @@ fn hash_source(repl: &Replication, peer: &Arc<PeerReplica>) -> anyhow::Result<Fe
 /// One pass over the peer's bitmap; returns once everything it sent is
 /// acknowledged (or the peer stopped being pushed to).
 async fn push_pass(
+    repl: &Arc<Replication>,
+    peer: &Arc<PeerReplica>,
+    hashes: Option<&Fetcher>,
+) -> std::io::Result<()> {
+    match postmaster_of(repl, peer) {
+        Some(postmaster) => {
+            peer.stats
+                .wan
+                .postmaster
+                .store(u64::from(postmaster.id()) + 1, Ordering::Release);
+            relay_pass(repl, peer, &postmaster).await
+        }
+        None => {
+            peer.stats.wan.postmaster.store(0, Ordering::Release);
+            data_pass(repl, peer, hashes).await
+        }
+    }
+}
+
+/// The postmaster of `peer`'s LAN group, when that is another node: the
+/// lowest-id WAN peer of the group that is linked and being pushed to.
+/// None when `peer` is the postmaster itself, or must get data directly.
+fn postmaster_of(repl: &Replication, peer: &PeerReplica) -> Option<Arc<PeerReplica>> {
+    if peer.stats.wan.must_go_direct() {
+        return None;
+    }
+    repl.peers
+        .load()
+        .iter()
+        .filter(|p| {
+            !p.is_lan
+                && p.config.lan_group == peer.config.lan_group
+                && p.is_connected()
+                && p.mode().mirrors()
+        })
+        .min_by_key(|p| p.id())
+        .filter(|p| p.id() != peer.id())
+        .cloned()
+}
+
+/// One pass of data to `peer` (it is its group's postmaster, or alone).
+async fn data_pass(
     repl: &Arc<Replication>,
     peer: &Arc<PeerReplica>,
     hashes: Option<&Fetcher>,
@@ -401,6 +493,126 @@ async fn push_window(
     drop(range);
     stats.wire(wire);
     Ok(Some(wire))
+}
+
+/// One pass by reference: every stale block of `peer` that `postmaster`
+/// holds in its current version is named in a `ResyncFrom`; the rest waits
+/// for a later pass (the postmaster is still getting it).
+async fn relay_pass(
+    repl: &Arc<Replication>,
+    peer: &Arc<PeerReplica>,
+    postmaster: &Arc<PeerReplica>,
+) -> std::io::Result<()> {
+    let bitmap = &peer.bitmap;
+    let block = u64::from(bitmap.block_size());
+    let window_blocks = (WINDOW / block).max(1);
+    let stats = &peer.stats.wan;
+    stats.start_pass();
+    tracing::debug!(postmaster = %postmaster.config.name, stale_bytes = bitmap.count_ones() * block,
+        "WAN pass by reference through the group's postmaster");
+    let mut pacer = Pacer::new();
+    let mut cursor = 0;
+    let mut windows = 0u32;
+    let mut referenced = 0u64;
+    while let Some(first) = bitmap.find_next_set(cursor) {
+        if peer.mode() != PeerMode::Resyncing || !postmaster.is_connected() {
+            break;
+        }
+        if repl.guest_io.busy_within(GUEST_BUSY) {
+            tokio::time::sleep(BUSY_PAUSE).await;
+        }
+        while peer.queued.load(Ordering::Acquire) > MAX_QUEUED && peer.mode() == PeerMode::Resyncing
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let limit = (first + window_blocks).min(bitmap.nbits());
+        cursor = limit;
+        let offset = first * block;
+        let len = ((limit - first) * block).min(repl.local_size() - offset);
+        // Under the range lock no guest write changes our data or the
+        // postmaster's bits, so "its bit is clear" means it holds exactly
+        // what we read.
+        let range = repl.ranges.acquire(offset, len, || {}).await;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in first..first + len.div_ceil(block) {
+            if !bitmap.test(b) || postmaster.bitmap.test(b) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((start, count))
+                    if *start + *count == b && (*count + 1) * block <= MAX_REFERENCE =>
+                {
+                    *count += 1
+                }
+                _ => runs.push((b, 1)),
+            }
+        }
+        if runs.is_empty() {
+            drop(range);
+            continue;
+        }
+        let mut ours = AlignedBuf::zeroed(len as usize);
+        repl.local.read(offset, ours.as_mut_slice()).await?;
+        let term = repl.role().term;
+        let mut wire = 0;
+        for (run_first, count) in runs {
+            let at = ((run_first - first) * block) as usize;
+            let run_len = (count * block).min(len - at as u64);
+            let data = &ours.as_slice()[at..at + run_len as usize];
+            let run_offset = run_first * block;
+            let message = Message::ResyncFrom {
+                term,
+                offset: run_offset,
+                len: run_len as u32,
+                holder: postmaster.id(),
+                hash: *blake3::hash(data).as_bytes(),
+            };
+            stats.references_in_flight.store(true, Ordering::Release);
+            let queued = {
+                let epochs = repl.epochs.lock().unwrap_or_else(|e| e.into_inner());
+                peer.send_resync_reference(
+                    epochs.current,
+                    message,
+                    run_first,
+                    count,
+                    run_offset,
+                    run_len,
+                )
+            };
+            if !queued {
+                drop(range);
+                stats.end_pass();
+                return Ok(());
+            }
+            wire += super::peer::RESYNC_REFERENCE_BYTES;
+            referenced += run_len;
+            stats.relayed.fetch_add(run_len, Ordering::AcqRel);
+            stats.pass_done.fetch_add(run_len, Ordering::AcqRel);
+            peer.stats.resync_bytes.fetch_add(run_len, Ordering::AcqRel);
+        }
+        drop(range);
+        stats.wire(wire);
+        windows += 1;
+        if windows.is_multiple_of(WINDOWS_PER_EPOCH) {
+            drop(repl.close_epoch_including(peer, false));
+        }
+        pacer.spend(wire, repl.tunables().wan_rate).await;
+    }
+    let acks = repl.close_epoch_including(peer, true);
+    if let Some((_, ack)) = acks.into_iter().find(|(p, _)| p.id() == peer.id()) {
+        if ack.await.is_ok() {
+            stats.references_in_flight.store(false, Ordering::Release);
+        }
+    }
+    stats.end_pass();
+    if referenced == 0 {
+        // The postmaster holds nothing new yet: look again shortly.
+        tokio::time::sleep(RELAY_WAIT).await;
+    } else {
+        tracing::debug!(bytes = referenced, postmaster = %postmaster.config.name,
+            "WAN pass by reference done");
+    }
+    Ok(())
 }
 
 /// The message carrying `data`: compressed when that shrinks it. Returns
