@@ -456,63 +456,6 @@ fn a_corrupt_compressed_frame_drops_the_link_and_nothing_of_it_is_applied() {
     );
 }
 
-/// Two LAN groups of two nodes each in two network namespaces joined by
-/// a veth shaped to `rate` (tc syntax); nodes 1 and 2 at "home" (node 1
-/// promoted), nodes 3 and 4 "away". Returns the link, the cluster and a
-/// block-socket client of node 1.
-fn two_sites_of_two(
-    rt: &tokio::runtime::Runtime,
-    rate: &str,
-    wan_rate: &str,
-) -> (WanLink, Cluster, blockdev::blocksock::BlockClient) {
-    let link = WanLink::create(rate);
-    let mut dir = TestDir::with_spec(ClusterSpec {
-        nodes: 4,
-        protocol: "C",
-        lan_groups: vec!["home".into(), "home".into(), "away".into(), "away".into()],
-        extra_toml: format!("[replication]\nwan_rate = \"{wan_rate}\"\n"),
-        ..ClusterSpec::default()
-    });
-    let away = |id: u32| id >= 3;
-    for node in &mut dir.nodes {
-        let ip = if away(node.id) {
-            link.away.ip
-        } else {
-            link.home.ip
-        };
-        node.listen = std::net::SocketAddr::new(ip, node.listen.port());
-    }
-    for id in 1..=4 {
-        dir.write_config(id, &dir.config_toml(id));
-    }
-    for n in &dir.nodes {
-        assert!(ctl(&n.config, &["create-md"]).status.success());
-    }
-    let daemons = dir
-        .nodes
-        .iter()
-        .map(|n| {
-            let netns = if away(n.id) {
-                &link.away.netns
-            } else {
-                &link.home.netns
-            };
-            Daemon::start_in_netns(n, netns)
-        })
-        .collect();
-    let mut cluster = Cluster { dir, daemons };
-    for d in &mut cluster.daemons {
-        d.wait_ready(std::time::Duration::from_secs(15));
-    }
-    for id in 1..=4 {
-        cluster.wait_linked(id);
-    }
-    cluster.promote(1);
-    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
-    let c = client(rt, &cluster, 1);
-    (link, cluster, c)
-}
-
 /// The postmaster: with two nodes at the remote site, the data crosses the
 /// WAN once. Node 3 (the lower id) gets it; node 4 reads it from node 3
 /// over their LAN, by reference. Both converge byte-identical, and the
@@ -520,7 +463,7 @@ fn two_sites_of_two(
 #[test]
 fn two_remote_nodes_get_the_data_across_the_wan_once_through_their_postmaster() {
     let rt = runtime();
-    let (link, cluster, c) = two_sites_of_two(&rt, "8mbit", "16Mbit");
+    let (link, cluster, c) = support::cluster::two_sites_of_two(&rt, "8mbit", "16Mbit");
     let link_rate = 1_000_000f64;
     let mut image = vec![0u8; cluster.dir.spec.size as usize];
     let data = noise(21, 8 * MIB);
@@ -569,7 +512,7 @@ fn two_remote_nodes_get_the_data_across_the_wan_once_through_their_postmaster() 
 #[test]
 fn when_the_postmaster_dies_mid_stream_the_other_remote_node_takes_over_and_converges() {
     let rt = runtime();
-    let (link, mut cluster, c) = two_sites_of_two(&rt, "8mbit", "16Mbit");
+    let (link, mut cluster, c) = support::cluster::two_sites_of_two(&rt, "8mbit", "16Mbit");
     let mut image = vec![0u8; cluster.dir.spec.size as usize];
     let data = noise(22, 8 * MIB);
     let before = link.bytes();

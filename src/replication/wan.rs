@@ -713,7 +713,17 @@ mod tests {
                 h.hashed(if window >= 30 { 4096 } else { 0 });
             }
         }
-        let want = ["HHHH", "....", "H", &".".repeat(8), "H", &".".repeat(16), "H", "HHHHH"].concat();
+        let want = [
+            "HHHH",
+            "....",
+            "H",
+            &".".repeat(8),
+            "H",
+            &".".repeat(16),
+            "H",
+            "HHHHH",
+        ]
+        .concat();
         assert_eq!(pattern, want);
     }
 

@@ -226,3 +226,71 @@ pub fn proxied_pair(
     };
     primary_with_proxy(rt, spec, 2)
 }
+
+/// Two LAN groups of two nodes each in two network namespaces joined by
+/// a veth shaped to `rate` (tc syntax); nodes 1 and 2 at "home" (node 1
+/// promoted), nodes 3 and 4 "away". Returns the link, the cluster and a
+/// block-socket client of node 1.
+pub fn two_sites_of_two(
+    rt: &tokio::runtime::Runtime,
+    rate: &str,
+    wan_rate: &str,
+) -> (super::netns::WanLink, Cluster, BlockClient) {
+    two_sites_of_two_sized(rt, rate, wan_rate, ClusterSpec::default().size)
+}
+
+/// [`two_sites_of_two`] with a device of `size` bytes.
+pub fn two_sites_of_two_sized(
+    rt: &tokio::runtime::Runtime,
+    rate: &str,
+    wan_rate: &str,
+    size: u64,
+) -> (super::netns::WanLink, Cluster, BlockClient) {
+    let link = super::netns::WanLink::create(rate);
+    let mut dir = super::TestDir::with_spec(ClusterSpec {
+        size,
+        nodes: 4,
+        protocol: "C",
+        lan_groups: vec!["home".into(), "home".into(), "away".into(), "away".into()],
+        extra_toml: format!("[replication]\nwan_rate = \"{wan_rate}\"\n"),
+        ..ClusterSpec::default()
+    });
+    let away = |id: u32| id >= 3;
+    for node in &mut dir.nodes {
+        let ip = if away(node.id) {
+            link.away.ip
+        } else {
+            link.home.ip
+        };
+        node.listen = std::net::SocketAddr::new(ip, node.listen.port());
+    }
+    for id in 1..=4 {
+        dir.write_config(id, &dir.config_toml(id));
+    }
+    for n in &dir.nodes {
+        assert!(super::ctl(&n.config, &["create-md"]).status.success());
+    }
+    let daemons = dir
+        .nodes
+        .iter()
+        .map(|n| {
+            let netns = if away(n.id) {
+                &link.away.netns
+            } else {
+                &link.home.netns
+            };
+            super::Daemon::start_in_netns(n, netns)
+        })
+        .collect();
+    let mut cluster = Cluster { dir, daemons };
+    for d in &mut cluster.daemons {
+        d.wait_ready(std::time::Duration::from_secs(15));
+    }
+    for id in 1..=4 {
+        cluster.wait_linked(id);
+    }
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1), "initial sync");
+    let c = client(rt, &cluster, 1);
+    (link, cluster, c)
+}

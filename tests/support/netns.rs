@@ -131,3 +131,146 @@ impl Drop for WanLink {
         }
     }
 }
+
+/// One spoke of a [`Star`]: a namespace joined to the hub by its own veth.
+pub struct Spoke {
+    pub netns: String,
+    /// The spoke's end of its link, and its address.
+    pub veth: String,
+    pub ip: IpAddr,
+    /// The hub's end of this spoke's link, and its address on it.
+    pub hub_veth: String,
+    pub hub_ip: IpAddr,
+}
+
+/// A hub namespace joined to each spoke namespace by a veth of its own,
+/// shaped with `tc tbf` to the same rate both ways: a primary (the hub)
+/// and its peers on separate machines, each behind its own link. The hub
+/// forwards between spokes, so peers reach each other through it.
+pub struct Star {
+    pub hub: String,
+    pub spokes: Vec<Spoke>,
+}
+
+impl Star {
+    /// `spokes` links shaped to `rate` (tc syntax, e.g. "1gbit").
+    pub fn create(spokes: usize, rate: &str) -> Star {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{n}", std::process::id() % 10_000);
+        let base = (std::process::id() as u8).wrapping_add(n as u8 * 8);
+        let hub = format!("vms-{tag}-hub");
+        run(&["ip", "netns", "add", &hub]);
+        run(&["ip", "-n", &hub, "link", "set", "lo", "up"]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &hub,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        // The bucket must hold a few timer ticks of traffic at this rate,
+        // or tbf cannot reach it.
+        let burst = format!("{}b", (rate_bits(rate) / 8 / 100).max(32 * 1024));
+        let mut star = Star {
+            hub,
+            spokes: Vec::new(),
+        };
+        for i in 0..spokes {
+            let subnet = base.wrapping_add(i as u8);
+            let spoke = Spoke {
+                netns: format!("vms-{tag}-s{i}"),
+                veth: format!("vs{tag}s{i}"),
+                ip: IpAddr::V4(Ipv4Addr::new(10, 214, subnet, 2)),
+                hub_veth: format!("vs{tag}h{i}"),
+                hub_ip: IpAddr::V4(Ipv4Addr::new(10, 214, subnet, 1)),
+            };
+            run(&["ip", "netns", "add", &spoke.netns]);
+            run(&["ip", "-n", &spoke.netns, "link", "set", "lo", "up"]);
+            run(&[
+                "ip",
+                "link",
+                "add",
+                &spoke.hub_veth,
+                "netns",
+                &star.hub,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &spoke.veth,
+                "netns",
+                &spoke.netns,
+            ]);
+            for (ns, dev, ip) in [
+                (&star.hub, &spoke.hub_veth, spoke.hub_ip),
+                (&spoke.netns, &spoke.veth, spoke.ip),
+            ] {
+                run(&[
+                    "ip",
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{ip}/24"),
+                    "dev",
+                    dev,
+                ]);
+                run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+                run(&[
+                    "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                    "rate", rate, "burst", &burst, "latency", "50ms",
+                ]);
+            }
+            run(&[
+                "ip",
+                "-n",
+                &spoke.netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &spoke.hub_ip.to_string(),
+            ]);
+            star.spokes.push(spoke);
+        }
+        star
+    }
+
+    /// Bytes the hub sent on spoke `i`'s link (headers included).
+    pub fn hub_sent(&self, i: usize) -> u64 {
+        WanLink::sent_by(&Site {
+            netns: self.hub.clone(),
+            veth: self.spokes[i].hub_veth.clone(),
+            ip: self.spokes[i].hub_ip,
+        })
+    }
+}
+
+impl Drop for Star {
+    fn drop(&mut self) {
+        for ns in std::iter::once(&self.hub).chain(self.spokes.iter().map(|s| &s.netns)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// A tc rate ("100mbit", "1gbit", "8kbit") in bits per second.
+pub fn rate_bits(rate: &str) -> u64 {
+    let lower = rate.to_ascii_lowercase();
+    let at = lower
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(at);
+    let n: f64 = number.parse().expect("a tc rate such as 100mbit");
+    let scale = match unit {
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        "bit" | "" => 1.0,
+        other => panic!("unknown tc rate unit {other}"),
+    };
+    (n * scale) as u64
+}
