@@ -99,6 +99,7 @@ fn main() {
     let lag = burst_end.elapsed().as_secs_f64();
     let after = link.bytes();
     let vmsync_bytes = after.0 - before.0;
+    let vmsync_back = after.1 - before.1;
     let backlog_at_end = latencies.backlog_at_end;
     for id in [3, 4] {
         assert_eq!(
@@ -139,11 +140,23 @@ fn main() {
         }
     );
     println!(
-        "| bytes over the WAN (2 remote nodes vs rsync to 1) | {:.2} MB | rsync {:.2} MB in {:.1} s | {:.3} | < 1 |",
+        "| WAN bytes, both ways (2 remote nodes vs rsync to 1) | {:.2} MB | rsync {:.2} MB in {:.1} s | {:.3} | < 1 |",
+        (vmsync_bytes + vmsync_back) as f64 / 1e6,
+        (rsync.bytes + rsync.back) as f64 / 1e6,
+        rsync.seconds,
+        (vmsync_bytes + vmsync_back) as f64 / (rsync.bytes + rsync.back) as f64
+    );
+    println!(
+        "| ... to the remote site | {:.2} MB | rsync {:.2} MB | {:.3} | – |",
         vmsync_bytes as f64 / 1e6,
         rsync.bytes as f64 / 1e6,
-        rsync.seconds,
         vmsync_bytes as f64 / rsync.bytes as f64
+    );
+    println!(
+        "| ... back (TCP acks; hashes and acks, or rsync's block checksums) | {:.2} MB | rsync {:.2} MB | {:.3} | – |",
+        vmsync_back as f64 / 1e6,
+        rsync.back as f64 / 1e6,
+        vmsync_back as f64 / rsync.back.max(1) as f64
     );
     println!(
         "| bytes over the WAN per distinct dirty byte | {:.3} | rsync {:.3} | – | – |",
@@ -261,7 +274,9 @@ async fn replay(client: &BlockClient, plan: &Plan) -> Latencies {
 }
 
 struct Rsync {
+    /// Bytes sent to the remote site, and back from it.
     bytes: u64,
+    back: u64,
     seconds: f64,
 }
 
@@ -332,6 +347,7 @@ fn rsync_over(
     );
     Rsync {
         bytes: after.0 - before.0,
+        back: after.1 - before.1,
         seconds,
     }
 }
