@@ -396,6 +396,12 @@ fn print_status(s: &Status) {
                 w.saved_by_hash_bytes,
                 w.saved_by_compression_bytes
             );
+            if let Some(postmaster) = &w.postmaster {
+                println!(
+                    "    reads its blocks from {postmaster} (its group's postmaster): {} bytes by reference",
+                    w.relayed_bytes
+                );
+            }
         }
         if let Some(error) = &p.last_error {
             println!("    last link error: {error}");
