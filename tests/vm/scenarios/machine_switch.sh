@@ -59,9 +59,11 @@ report_interval_ms = 1000
 secret_file = "$SECRET"
 
 [replication]
-# Keep the WAN push slow, so B really is stale when it takes over, and
-# B's background pull too, so its reads really are fetched on demand.
+# Keep the WAN push slow (wan_rate: resync_rate is for LAN peers), so B
+# really is stale when it takes over, and B's background pull too, so its
+# reads really are fetched on demand.
 resync_rate = "1MiB"
+wan_rate = "512KiB"
 sync_rate = "2MiB"
 
 [[peer]]
