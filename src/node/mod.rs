@@ -179,6 +179,7 @@ impl Node {
         let (state, note) = if self.directory.is_some() {
             self.promote_through_directory(repl, force).await?
         } else {
+            settle_demoted_peers(repl).await;
             let state = repl.promote(force)?;
             // Blocks a switch left missing here (a previous promotion by the
             // directory whose background sync did not finish).
@@ -506,6 +507,24 @@ async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long a promotion waits for a peer that still looks primary: one
+/// demoted a moment ago is seen as primary until its link restarts with
+/// its new role (a few hundred milliseconds).
+const PEER_ROLE_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits (at most [`PEER_ROLE_SETTLE`]) until no linked peer claims to be
+/// primary, so that `promote` right after `demote` on the other node is not
+/// refused on a stale view. A peer that really is primary is still refused
+/// afterwards, by `Replication::promote`.
+async fn settle_demoted_peers(repl: &Replication) {
+    let deadline = tokio::time::Instant::now() + PEER_ROLE_SETTLE;
+    while repl.peers.load().iter().any(|p| p.is_peer_primary())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// A killed primary restarts with its device held by the kernel. Before it
