@@ -511,11 +511,10 @@ impl Replication {
         self.known_term.load(Ordering::Acquire)
     }
 
-    /// The LAN peers as of now (mirrored to; WAN peers get the lazy push).
-    fn lan_peers(&self) -> impl Iterator<Item = Arc<PeerReplica>> {
-        let peers = self.peers.load();
-        let lan: Vec<Arc<PeerReplica>> = peers.iter().filter(|p| p.is_lan).cloned().collect();
-        lan.into_iter()
+    /// The LAN peers of a snapshot of the peer set (mirrored to; WAN peers
+    /// get the lazy push). Borrowing the snapshot: no allocation per write.
+    fn lan_peers(peers: &[Arc<PeerReplica>]) -> impl Iterator<Item = &Arc<PeerReplica>> {
+        peers.iter().filter(|p| p.is_lan)
     }
 
     fn max_peer_wait(&self) -> Duration {
@@ -645,8 +644,11 @@ impl Replication {
         let term = self.role().term;
         let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         let epoch = epochs.close();
-        self.lan_peers()
-            .filter_map(|p| p.barrier(term, epoch, want_ack).map(|ack| (p, ack)))
+        Self::lan_peers(&self.peers.load())
+            .filter_map(|p| {
+                p.barrier(term, epoch, want_ack)
+                    .map(|ack| (Arc::clone(p), ack))
+            })
             .collect()
     }
 
@@ -664,9 +666,12 @@ impl Replication {
         let term = self.role().term;
         let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         let epoch = epochs.close();
-        self.lan_peers()
-            .chain(std::iter::once(Arc::clone(resyncing)))
-            .filter_map(|p| p.barrier(term, epoch, want_ack).map(|ack| (p, ack)))
+        Self::lan_peers(&self.peers.load())
+            .chain(std::iter::once(resyncing))
+            .filter_map(|p| {
+                p.barrier(term, epoch, want_ack)
+                    .map(|ack| (Arc::clone(p), ack))
+            })
             .collect()
     }
 
@@ -752,7 +757,9 @@ impl Replication {
         // whether by its backlog (below) or by its acks (protocol C).
         let deadline = tokio::time::Instant::now() + self.max_peer_wait();
         let congestion = self.tunables().congestion_bytes;
-        for peer in self.lan_peers() {
+        // One snapshot of the peer set for the whole write.
+        let peers = self.peers.load();
+        for peer in Self::lan_peers(&peers) {
             if peer.is_congested(congestion) {
                 peer.wait_for_backlog(congestion, deadline).await;
             }
@@ -773,12 +780,12 @@ impl Replication {
             let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
             if epochs.writes >= self.tunables().max_epoch_writes {
                 let epoch = epochs.close();
-                for p in self.lan_peers() {
+                for p in Self::lan_peers(&peers) {
                     p.barrier(term, epoch, false);
                 }
             }
             let (epoch, seq) = epochs.assign();
-            for peer in self.peers.load().iter() {
+            for peer in peers.iter() {
                 if !peer.is_lan {
                     // WAN peers are not mirrored: their bits are set and
                     // the lazy push sends the blocks later (see `wan`).
@@ -806,7 +813,7 @@ impl Replication {
             // The peers may have applied what our disk refused: make them
             // take our version of the range back, so replicas stay equal.
             tracing::error!(offset, len, error = %e, "local write failed; resyncing the range to the peers");
-            for peer in self.peers.load().iter() {
+            for peer in peers.iter() {
                 peer.resync_range(offset, len);
             }
         }

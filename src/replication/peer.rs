@@ -438,8 +438,10 @@ impl PeerReplica {
         self.bitmap.set_bytes(offset, len)
     }
 
-    /// Queues a resync chunk in `epoch` (epoch lock held). False if the peer
-    /// stopped mirroring meanwhile.
+    /// Queues a resync chunk of the range in `epoch` (epoch lock held): its
+    /// data, or a reference to it (`ResyncFrom`), of which only the small
+    /// message counts against the send queue. False if the peer stopped
+    /// mirroring meanwhile.
     pub fn send_resync(
         &self,
         epoch: u64,
@@ -449,31 +451,12 @@ impl PeerReplica {
         offset: u64,
         len: u64,
     ) -> bool {
+        let queued = match message {
+            Message::ResyncFrom { .. } => RESYNC_REFERENCE_BYTES,
+            _ => len,
+        };
         let mut inner = self.lock();
-        if inner.mode != PeerMode::Resyncing || !self.send(&inner, message, len) {
-            return false;
-        }
-        let record = inner.unacked.entry(epoch).or_default();
-        record.written.push((offset, len));
-        record.resynced.push((first_block, blocks));
-        true
-    }
-
-    /// Queues a resync by reference (`ResyncFrom`, epoch lock held): like
-    /// [`PeerReplica::send_resync`] for the range, but only the small
-    /// message counts against the send queue.
-    pub fn send_resync_reference(
-        &self,
-        epoch: u64,
-        message: Message,
-        first_block: u64,
-        blocks: u64,
-        offset: u64,
-        len: u64,
-    ) -> bool {
-        let mut inner = self.lock();
-        if inner.mode != PeerMode::Resyncing || !self.send(&inner, message, RESYNC_REFERENCE_BYTES)
-        {
+        if inner.mode != PeerMode::Resyncing || !self.send(&inner, message, queued) {
             return false;
         }
         let record = inner.unacked.entry(epoch).or_default();

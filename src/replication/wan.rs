@@ -348,15 +348,7 @@ async fn data_pass(
             stats.end_pass();
             return Ok(());
         }
-        // Lazy: while the guest works, one window now and then.
-        if repl.guest_io.busy_within(GUEST_BUSY) {
-            tokio::time::sleep(BUSY_PAUSE).await;
-        }
-        // Adapt to the link: wait while it has not taken what we gave it.
-        while peer.queued.load(Ordering::Acquire) > MAX_QUEUED && peer.mode() == PeerMode::Resyncing
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        before_window(repl, peer).await;
         // The window ends after its last stale block.
         let limit = (first + window_blocks).min(bitmap.nbits());
         let mut end = first;
@@ -401,6 +393,18 @@ async fn data_pass(
     );
     stats.end_pass();
     Ok(())
+}
+
+/// Paces a pass before each window: lazily (while the guest works, one
+/// window now and then) and to the link (while it has not taken what we
+/// gave it).
+async fn before_window(repl: &Replication, peer: &PeerReplica) {
+    if repl.guest_io.busy_within(GUEST_BUSY) {
+        tokio::time::sleep(BUSY_PAUSE).await;
+    }
+    while peer.queued.load(Ordering::Acquire) > MAX_QUEUED && peer.mode() == PeerMode::Resyncing {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Whether to ask the peer for hashes before a window. Hashes cost 32
@@ -566,13 +570,7 @@ async fn relay_pass(
         if peer.mode() != PeerMode::Resyncing || !postmaster.is_connected() {
             break;
         }
-        if repl.guest_io.busy_within(GUEST_BUSY) {
-            tokio::time::sleep(BUSY_PAUSE).await;
-        }
-        while peer.queued.load(Ordering::Acquire) > MAX_QUEUED && peer.mode() == PeerMode::Resyncing
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        before_window(repl, peer).await;
         let limit = (first + window_blocks).min(bitmap.nbits());
         cursor = limit;
         let offset = first * block;
@@ -618,7 +616,7 @@ async fn relay_pass(
             stats.references_in_flight.store(true, Ordering::Release);
             let queued = {
                 let epochs = repl.epochs.lock().unwrap_or_else(|e| e.into_inner());
-                peer.send_resync_reference(
+                peer.send_resync(
                     epochs.current,
                     message,
                     run_first,
