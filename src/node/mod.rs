@@ -55,6 +55,10 @@ pub struct Node {
     events: Arc<EventBus>,
     /// Guest I/O counters and latencies, when `[metrics] listen` is set.
     io_metrics: Option<Arc<IoMetrics>>,
+    /// Control connections being served: the daemon lets them finish (the
+    /// `shutdown` answer, an events stream's `destroy` line) before it
+    /// exits, or their clients would see a cut connection.
+    control_clients: watch::Sender<usize>,
 }
 
 impl Node {
@@ -125,6 +129,7 @@ impl Node {
             io_metrics: config
                 .metrics_listen
                 .map(|_| Arc::new(IoMetrics::default())),
+            control_clients: watch::channel(0).0,
             config,
         }))
     }
@@ -346,6 +351,8 @@ impl Node {
     }
 
     async fn serve_control_connection(self: Arc<Self>, mut stream: UnixStream) {
+        self.control_clients.send_modify(|n| *n += 1);
+        let _served = ControlClientGuard(&self.control_clients);
         let allowed = control::authorize(&stream, self.config.node.control_group.as_ref()).await;
         if let Err(e) = allowed {
             tracing::warn!(error = %e, "control connection refused");
@@ -452,6 +459,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     service::report_stopping();
     let _ = std::fs::remove_file(&socket_path);
+    // Let the clients being served read their last line; a client that
+    // does not read is not waited for long.
+    let mut clients = node.control_clients.subscribe();
+    let _ = tokio::time::timeout(CONTROL_DRAIN, clients.wait_for(|n| *n == 0)).await;
     tracing::info!("vmsyncd stopped cleanly");
     Ok(())
 }
@@ -564,4 +575,17 @@ pub fn create_metadata(config: &Config, overwrite: bool) -> anyhow::Result<()> {
     );
     Metadata::create(&config.node.metadata, &params, overwrite)?;
     Ok(())
+}
+
+/// How long a stopping daemon waits for its control clients to read their
+/// last answer (the `shutdown` reply, an events stream's `destroy` line).
+const CONTROL_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Counts one control connection while it is served.
+struct ControlClientGuard<'a>(&'a watch::Sender<usize>);
+
+impl Drop for ControlClientGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }

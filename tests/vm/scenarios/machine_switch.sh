@@ -173,8 +173,16 @@ wait_device "$W/n1.toml"
 must mount -t ext4 "$DEV" "$M"
 verify_sums "$M" "$W/sums2"
 must umount "$M"
+# Mounting wrote to A: those blocks reach B only by A's lazy WAN push, which
+# a demote does not wait for (it would report B as lacking them). Let the
+# push finish, as a user who wants both copies current would.
+wait_synced 1 600 || fail "n1's WAN push to n2 did not finish"
 out=$("$VMSYNCCTL" --config "$W/n1.toml" demote 2>&1) || fail "demote failed: $out"
 log "demote: $out"
+case "$out" in
+  *"every peer holds every write"*) ;;
+  *) fail "demote after the push finished says a peer lacks writes: $out" ;;
+esac
 for id in 1 2; do
   DAEMON_PID=${PIDS[$id]}
   stop_daemon
