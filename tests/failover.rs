@@ -523,3 +523,160 @@ fn demote_names_the_peers_that_lack_writes() {
         "demote did not name the peer that lacks a write: {stdout}"
     );
 }
+
+/// DRBD's `after-sb-0pri` policies, applied when a primary meets the
+/// diverged node. Node 1 is primary and keeps writing while cut off from
+/// node 2; node 1 dies; node 2 is promoted (and writes, if `node2_writes`);
+/// node 1 comes back. The policy picks node 1's data either way (node 2
+/// wrote nothing, or it is the younger primary), so:
+/// * while node 2 is primary the link is refused, saying to promote the
+///   peer, and neither replica is touched (the primary's data is the
+///   guest's disk);
+/// * once node 2 is demoted, both secondaries report the split brain and
+///   whom to promote;
+/// * promoting node 1 resolves it by itself: node 2 ends byte-identical
+///   to node 1, which keeps every write it made alone.
+fn split_brain_policy_keeps_the_old_primarys_writes(policy: &str, node2_writes: bool) {
+    let rt = runtime();
+    let (mut cluster, proxy) = support::cluster::proxied_pair(
+        &rt,
+        "C",
+        &format!(
+            "[replication]\ncongestion_limit = \"1MiB\"\nmax_peer_wait_ms = 300\nafter_split_brain = \"{policy}\"\n"
+        ),
+    );
+    let size = cluster.dir.spec.size;
+    let mut gen = Workload::new(201, size);
+    let c1 = client(&rt, &cluster, 1);
+    let common = write_flushed(&rt, &c1, &gen.ops(300), Model::zeroed(size));
+    assert!(cluster.wait_identical(Some(common.blake3())).is_ok());
+
+    proxy.cut();
+    for (id, peer) in [(1, 2), (2, 1)] {
+        wait_link_down(&cluster, id, peer);
+    }
+    let node1_alone = write_flushed(&rt, &c1, &gen.ops(400), common.clone());
+    drop(c1);
+    cluster.daemon(1).sigkill();
+
+    cluster.promote(2);
+    let node2_data = if node2_writes {
+        let c2 = client(&rt, &cluster, 2);
+        write_flushed(&rt, &c2, &Workload::new(202, size).ops(200), common.clone())
+    } else {
+        common.clone()
+    };
+
+    proxy.heal();
+    *cluster.daemon(1) = support::Daemon::start(cluster.dir.node(1));
+    cluster.daemon(1).wait_ready(support::cluster::START);
+    let log2 = cluster.dir.node(2).log.clone();
+    assert!(
+        wait_for(
+            || !support::rawpeer::log_lines_with(&log2, "promote the peer").is_empty(),
+            Duration::from_secs(20)
+        ),
+        "node 2 (primary) did not refuse the link saying to promote the peer: {:?}",
+        support::rawpeer::log_lines_with(&log2, "split brain")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        cluster.hash(1),
+        node1_alone.blake3(),
+        "node 1's writes were touched"
+    );
+    assert_eq!(
+        cluster.hash(2),
+        node2_data.blake3(),
+        "the primary's data was touched"
+    );
+
+    let out = cluster.daemon(2).ctl(&["demote"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (id, advice) in [(1, "promote this node"), (2, "promote the peer")] {
+        assert!(
+            wait_for(
+                || cluster.peer(id, 3 - id)["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("split brain") && e.contains(advice)),
+                Duration::from_secs(20)
+            ),
+            "node {id} (secondary) does not report the split brain with '{advice}': {}",
+            cluster.peer(id, 3 - id)
+        );
+    }
+    assert_eq!(cluster.hash(2), node2_data.blake3());
+
+    cluster.promote(1);
+    assert!(
+        cluster.wait_identical(Some(node1_alone.blake3())).is_ok(),
+        "node 2 did not converge to node 1's data"
+    );
+    assert!(cluster.wait_peers_up_to_date(1));
+    let log1 = cluster.dir.node(1).log.clone();
+    assert!(
+        !support::rawpeer::log_lines_with(&log1, "split brain resolved").is_empty(),
+        "node 1 did not log how it resolved the split brain"
+    );
+    // And it mirrors again.
+    let c1 = client(&rt, &cluster, 1);
+    let after = write_flushed(&rt, &c1, &Workload::new(203, size).ops(50), node1_alone);
+    assert!(cluster.wait_identical(Some(after.blake3())).is_ok());
+}
+
+/// `discard-zero-changes`: node 2 was promoted but wrote nothing.
+#[test]
+fn with_discard_zero_changes_the_node_that_wrote_nothing_is_resynced() {
+    split_brain_policy_keeps_the_old_primarys_writes("discard-zero-changes", false);
+}
+
+/// `discard-younger-primary`: node 2 wrote, but became primary after node 1.
+#[test]
+fn with_discard_younger_primary_the_node_promoted_after_the_split_is_resynced() {
+    split_brain_policy_keeps_the_old_primarys_writes("discard-younger-primary", true);
+}
+
+/// `discard-zero-changes` never discards writes: when both nodes wrote, the
+/// link stays refused and both replicas are untouched.
+#[test]
+fn with_discard_zero_changes_two_nodes_that_both_wrote_stay_refused() {
+    let rt = runtime();
+    let (mut cluster, proxy) = support::cluster::proxied_pair(
+        &rt,
+        "C",
+        "[replication]\ncongestion_limit = \"1MiB\"\nmax_peer_wait_ms = 300\nafter_split_brain = \"discard-zero-changes\"\n",
+    );
+    let size = cluster.dir.spec.size;
+    let mut gen = Workload::new(301, size);
+    let c1 = client(&rt, &cluster, 1);
+    let common = write_flushed(&rt, &c1, &gen.ops(200), Model::zeroed(size));
+    assert!(cluster.wait_identical(Some(common.blake3())).is_ok());
+    proxy.cut();
+    wait_link_down(&cluster, 1, 2);
+    let node1_alone = write_flushed(&rt, &c1, &gen.ops(200), common.clone());
+    drop(c1);
+    cluster.daemon(1).sigkill();
+    cluster.promote(2);
+    let c2 = client(&rt, &cluster, 2);
+    let node2_alone = write_flushed(&rt, &c2, &Workload::new(302, size).ops(200), common);
+    proxy.heal();
+    *cluster.daemon(1) = support::Daemon::start(cluster.dir.node(1));
+    cluster.daemon(1).wait_ready(support::cluster::START);
+    assert!(
+        wait_for(
+            || cluster.peer(2, 1)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("both nodes wrote since the split")),
+            Duration::from_secs(20)
+        ),
+        "node 2 does not say that both wrote: {}",
+        cluster.peer(2, 1)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(cluster.hash(1), node1_alone.blake3());
+    assert_eq!(cluster.hash(2), node2_alone.blake3());
+}

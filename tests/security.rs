@@ -372,6 +372,7 @@ fn fake_node1_link(cluster: &Cluster, role: Role, term: u64) -> (RawLink, Messag
             },
             disk_state: DiskState::UpToDate,
             size: SIZE,
+            unwritten: false,
         })
         .expect("send State");
     (link, theirs)
@@ -507,6 +508,7 @@ fn a_stale_primary_cannot_make_the_secondary_adopt_its_generation() {
             generation: forged,
             disk_state: DiskState::UpToDate,
             size: SIZE,
+            unwritten: false,
         })
         .expect("send the forged State");
     // Give node 2 time to act on it, then look at what it persisted.

@@ -406,6 +406,7 @@ fn a_corrupt_compressed_frame_drops_the_link_and_nothing_of_it_is_applied() {
             generation,
             disk_state: DiskState::UpToDate,
             size: cluster.dir.spec.size,
+            unwritten: false,
         })
         .expect("send State");
     let good = vec![0xabu8; 64 * KIB as usize];

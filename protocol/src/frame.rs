@@ -368,6 +368,7 @@ mod tests {
             generation: crate::GenerationIds::default(),
             disk_state: crate::DiskState::UpToDate,
             size: 1,
+            unwritten: false,
         }
         .put_payload(&mut payload);
         payload[0] = 5; // role tag

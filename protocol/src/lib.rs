@@ -55,7 +55,8 @@ pub use types::{Channel, DiskState, GenerationIds, Role};
 /// 2: every frame after the handshake travels in an AEAD record ([`secure`]).
 /// 3: the WAN push: `HashRequest`/`HashReply` and compressed `ResyncPacked`.
 /// 4: `ResyncFrom`: resync by reference, for the WAN postmaster.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: `State` says whether the sender's generation is unwritten.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The node id the directory server uses in handshakes (never a node's).
 pub const DIRECTORY_NODE_ID: u32 = u32::MAX;

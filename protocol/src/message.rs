@@ -436,6 +436,10 @@ messages! {
         disk_state: DiskState,
         /// Size of the sender's copy of the device, in bytes.
         size: u64,
+        /// The sender started its current generation (a promotion) and
+        /// has written nothing in it: its data is the parent generation's
+        /// (`generation.history[0]`). For split-brain policies.
+        unwritten: bool,
     },
 
     /// One chunk of a node's staleness bitmap, in the blockdev crate's

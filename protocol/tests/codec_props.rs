@@ -178,14 +178,16 @@ fn message_of(ty: MessageType) -> BoxedStrategy<Message> {
             generation(),
             select(DiskState::ALL),
             any::<u64>(),
+            any::<bool>(),
         )
             .prop_map(
-                |(role, term, generation, disk_state, size)| Message::State {
+                |(role, term, generation, disk_state, size, unwritten)| Message::State {
                     role,
                     term,
                     generation,
                     disk_state,
                     size,
+                    unwritten,
                 },
             )
             .boxed(),

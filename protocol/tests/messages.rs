@@ -114,6 +114,7 @@ fn sample(ty: MessageType) -> Message {
             },
             disk_state: DiskState::UpToDate,
             size: 16 << 30,
+            unwritten: true,
         },
         MessageType::Bitmap => Message::Bitmap {
             node_id: 2,
@@ -299,7 +300,7 @@ fn golden_state() {
         "564d5359",
         "0103",
         "0000",
-        "32000000",         // len = 1+8+32+1+8 = 50
+        "33000000",         // len = 1+8+32+1+8+1 = 51
         "01",               // role = Primary
         "0400000000000000", // term
         "adde000000000000",
@@ -308,6 +309,7 @@ fn golden_state() {
         "0200000000000000", // generation history
         "04",               // disk_state = UpToDate
         "0000000004000000", // size = 16 GiB
+        "01",               // unwritten
     );
     assert_eq!(hex(&encode_to_bytes(&msg).unwrap()), expected);
 }

@@ -112,21 +112,54 @@ pub struct Replication {
     /// link is dropped (milliseconds). Also the sockets' `TCP_USER_TIMEOUT`.
     pub ping_timeout_ms: u64,
     /// What a primary does when it meets a secondary whose data diverged
-    /// from its own (a split brain), as DRBD's `after-sb-1pri`.
+    /// from its own (a split brain); see `replication::split_brain`.
     pub after_split_brain: AfterSplitBrain,
 }
 
-/// DRBD's `after-sb-1pri` for the case vmsync meets a split brain in: a
-/// primary and a diverged secondary.
+/// Who loses a split brain, decided when a primary meets a diverged
+/// secondary (the only place data flows): DRBD's `after-sb-1pri` policies
+/// and, applied then, its `after-sb-0pri` ones. A rule that picks the
+/// primary refuses the link instead: the primary serves its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AfterSplitBrain {
     /// Refuse the link; the operator decides (`vmsyncctl discard-my-data`
     /// on the node whose changes go). DRBD's default.
     #[default]
     Disconnect,
-    /// The secondary's own changes are discarded: it is resynced completely
-    /// from the primary (`discard-secondary`).
+    /// The secondary's own changes are discarded: it is resynced from the
+    /// primary (`discard-secondary`).
     DiscardSecondary,
+    /// The node that wrote nothing since the split loses (nothing is lost);
+    /// when both wrote, the link is refused (`discard-zero-changes`).
+    DiscardZeroChanges,
+    /// The node that became primary after the split loses: the one that
+    /// was primary before it keeps its changes (`discard-younger-primary`).
+    DiscardYoungerPrimary,
+}
+
+impl AfterSplitBrain {
+    pub const NAMES: &'static str =
+        "disconnect, discard-secondary, discard-zero-changes, discard-younger-primary";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AfterSplitBrain::Disconnect => "disconnect",
+            AfterSplitBrain::DiscardSecondary => "discard-secondary",
+            AfterSplitBrain::DiscardZeroChanges => "discard-zero-changes",
+            AfterSplitBrain::DiscardYoungerPrimary => "discard-younger-primary",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        [
+            AfterSplitBrain::Disconnect,
+            AfterSplitBrain::DiscardSecondary,
+            AfterSplitBrain::DiscardZeroChanges,
+            AfterSplitBrain::DiscardYoungerPrimary,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
+    }
 }
 
 impl Default for Replication {
@@ -573,16 +606,13 @@ impl Validator<'_> {
                 replication.ping_timeout_ms = self.count("replication.ping_timeout_ms", ms)?;
             }
             if let Some(policy) = r.after_split_brain {
-                replication.after_split_brain = match policy.as_str() {
-                    "disconnect" => AfterSplitBrain::Disconnect,
-                    "discard-secondary" => AfterSplitBrain::DiscardSecondary,
-                    other => {
-                        return Err(self.err(
+                replication.after_split_brain =
+                    AfterSplitBrain::from_name(&policy).ok_or_else(|| {
+                        self.err(
                             "replication.after_split_brain",
-                            format!("'{other}' is not one of: disconnect, discard-secondary"),
-                        ))
-                    }
-                };
+                            format!("'{policy}' is not one of: {}", AfterSplitBrain::NAMES),
+                        )
+                    })?;
             }
             // A timeout of less than two ping intervals drops healthy links
             // whenever one ping is a little late.

@@ -260,15 +260,23 @@ fn the_split_brain_policy_defaults_to_disconnect_and_is_validated() {
     let c = parse_str(GOOD).unwrap();
     assert_eq!(c.replication.after_split_brain, AfterSplitBrain::Disconnect);
     let with = |value: &str| format!("{GOOD}\n[replication]\nafter_split_brain = \"{value}\"\n");
-    let c = parse_str(&with("discard-secondary")).unwrap();
-    assert_eq!(
-        c.replication.after_split_brain,
-        AfterSplitBrain::DiscardSecondary
-    );
+    for (name, policy) in [
+        ("discard-secondary", AfterSplitBrain::DiscardSecondary),
+        ("discard-zero-changes", AfterSplitBrain::DiscardZeroChanges),
+        (
+            "discard-younger-primary",
+            AfterSplitBrain::DiscardYoungerPrimary,
+        ),
+        ("disconnect", AfterSplitBrain::Disconnect),
+    ] {
+        let c = parse_str(&with(name)).unwrap();
+        assert_eq!(c.replication.after_split_brain, policy);
+        assert_eq!(policy.name(), name);
+    }
     let e = error_of(&with("discard-everything"));
     assert!(
         e.contains("`replication.after_split_brain`")
-            && e.contains("'discard-everything' is not one of: disconnect, discard-secondary"),
+            && e.contains("'discard-everything' is not one of: disconnect, discard-secondary, discard-zero-changes, discard-younger-primary"),
         "{e}"
     );
 }

@@ -159,8 +159,9 @@ fn tunable_changes(old: &config::Replication, new: &config::Replication) -> Vec<
     compare("ping_timeout_ms", old.ping_timeout_ms, new.ping_timeout_ms);
     if old.after_split_brain != new.after_split_brain {
         changes.push(format!(
-            "after_split_brain {:?} → {:?}",
-            old.after_split_brain, new.after_split_brain
+            "after_split_brain {} → {}",
+            old.after_split_brain.name(),
+            new.after_split_brain.name()
         ));
     }
     changes

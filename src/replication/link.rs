@@ -35,6 +35,8 @@ pub struct PeerState {
     pub generation: GenerationIds,
     pub disk_state: DiskState,
     pub size: u64,
+    /// Its generation holds no writes yet (see `Message::State`).
+    pub unwritten: bool,
 }
 
 /// Both connections of an established link.
@@ -378,6 +380,7 @@ pub fn our_state(repl: &Replication) -> Message {
         generation: repl.generation(),
         disk_state: repl.disk_state(),
         size: repl.local_size(),
+        unwritten: repl.metadata.generation_unwritten(),
     }
 }
 
@@ -398,12 +401,14 @@ async fn run_session(
             generation,
             disk_state,
             size,
+            unwritten,
         })) => PeerState {
             role,
             term,
             generation,
             disk_state,
             size,
+            unwritten,
         },
         Ok(Ok(other)) => {
             return Err(LinkError::Violation(format!(
@@ -453,11 +458,47 @@ async fn run_session(
         (Role::Secondary, Role::Primary) => {
             super::target::run(repl, peer, link, theirs, &mut role_changes).await
         }
-        (Role::Secondary, Role::Secondary) => idle(repl, peer, link, &mut role_changes).await,
+        (Role::Secondary, Role::Secondary) => {
+            report_split_brain_between_secondaries(repl, peer, &theirs);
+            idle(repl, peer, link, &mut role_changes).await
+        }
         (Role::Primary, Role::Primary) => Err(LinkError::Violation(
             "split brain: both nodes are primary; demote one of them".into(),
         )),
     }
+}
+
+/// Two secondaries whose data diverged: nothing flows between them, but
+/// the operator learns it now (`status`, `events`, the log), with what the
+/// split-brain policy will do once one of them is promoted.
+fn report_split_brain_between_secondaries(
+    repl: &Replication,
+    peer: &PeerReplica,
+    theirs: &PeerState,
+) {
+    let ours = repl.generation();
+    let diverged = ours.current != 0
+        && super::source::lineage(ours, theirs.generation, (0, repl.config.node.id))
+            == super::source::Lineage::Diverged;
+    if !diverged {
+        return;
+    }
+    let side = |generation, unwritten| super::split_brain::Side {
+        generation,
+        unwritten,
+    };
+    let outlook = super::split_brain::outlook(
+        repl.tunables().after_split_brain,
+        &side(ours, repl.metadata.generation_unwritten()),
+        &side(theirs.generation, theirs.unwritten),
+    );
+    let message = if outlook.starts_with("split brain") {
+        outlook
+    } else {
+        format!("split brain: this node's data and the peer's diverged; {outlook}")
+    };
+    tracing::warn!("{message}");
+    peer.set_last_error(Some(message));
 }
 
 /// Nothing to replicate (two secondaries, or a failed disk on one end):

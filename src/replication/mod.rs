@@ -23,6 +23,7 @@ mod membership;
 pub mod peer;
 pub mod peer_set;
 mod source;
+mod split_brain;
 mod target;
 pub mod transport;
 mod verify;
@@ -766,6 +767,11 @@ impl Replication {
         }
         // After the wait: a peer that fell behind there misses this write.
         self.fork_generation_if_pending()?;
+        // The first write in a generation we started: from now on it holds
+        // changes of its own (see `split_brain`), durably before any byte.
+        self.metadata
+            .mark_generation_written()
+            .map_err(io::Error::other)?;
         // The extent must be in the persisted activity log before any byte
         // of it changes anywhere, so a crash can find what might differ.
         let _al = enter_activity_log(self.metadata.activity_log(), offset, len).await?;

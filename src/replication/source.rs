@@ -16,9 +16,9 @@ use super::bitmap_exchange;
 use super::link::{our_state, Link, PeerState};
 use super::liveness::{Due, Liveness};
 use super::peer::{Outgoing, PeerMode, PeerReplica};
+use super::split_brain::{self, Decision, Side};
 use super::transport::{FrameWriter, LinkError};
 use super::{Replication, RoleState};
-use crate::config::AfterSplitBrain;
 
 /// Largest resync chunk (contiguous stale blocks sent in one message).
 const MAX_RESYNC_CHUNK: u64 = 256 * 1024;
@@ -69,6 +69,53 @@ pub fn lineage(ours: GenerationIds, theirs: GenerationIds, us: (u64, u32)) -> Li
     }
 }
 
+/// A diverged secondary: `[replication] after_split_brain` decides (see
+/// `split_brain`). Refused, or the peer's bits are set for what it must be
+/// sent: only what it lacks when it wrote nothing since the split and our
+/// bitmaps count from the generation it then holds, everything otherwise.
+fn resolve_split_brain(
+    repl: &Replication,
+    peer: &PeerReplica,
+    theirs: &PeerState,
+    us: (u64, u32),
+) -> Result<(), LinkError> {
+    let policy = repl.tunables().after_split_brain;
+    let ours = Side {
+        generation: repl.generation(),
+        unwritten: repl.metadata.generation_unwritten(),
+    };
+    let their_side = Side {
+        generation: theirs.generation,
+        unwritten: theirs.unwritten,
+    };
+    match split_brain::decide(policy, &ours, &their_side) {
+        Decision::Refuse(why) => Err(LinkError::Violation(why)),
+        Decision::DiscardPeer { made_no_changes } => {
+            // Its own stale blocks would not be in our bitmap: only a peer
+            // whose copy is whole may be diffed.
+            let diffable = made_no_changes
+                && theirs.disk_state == DiskState::UpToDate
+                && lineage(repl.generation(), their_side.as_parent(), us) == Lineage::FromBitmap;
+            if diffable {
+                tracing::warn!(
+                    policy = policy.name(),
+                    peer_generation = format!("{:016x}", theirs.generation.current),
+                    "split brain resolved: the secondary wrote nothing since the split; resyncing what it lacks"
+                );
+            } else {
+                let blocks = peer.bitmap.set_all();
+                tracing::warn!(
+                    blocks,
+                    policy = policy.name(),
+                    peer_generation = format!("{:016x}", theirs.generation.current),
+                    "split brain resolved: the secondary's changes are discarded: full sync"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 pub async fn run(
     repl: &Arc<Replication>,
     peer: &Arc<PeerReplica>,
@@ -105,23 +152,7 @@ pub async fn run(
                 theirs.generation.current
             )))
         }
-        Lineage::Diverged => match repl.tunables().after_split_brain {
-            AfterSplitBrain::Disconnect => {
-                return Err(LinkError::Violation(format!(
-                    "split brain: peer's data (generation {:016x}) and ours ({:016x}) diverged; run `vmsyncctl discard-my-data` on the node whose changes are to go",
-                    theirs.generation.current,
-                    repl.generation().current
-                )))
-            }
-            AfterSplitBrain::DiscardSecondary => {
-                let blocks = peer.bitmap.set_all();
-                tracing::warn!(
-                    blocks,
-                    peer_generation = format!("{:016x}", theirs.generation.current),
-                    "split brain: the secondary's changes are discarded (after_split_brain = discard-secondary): full sync"
-                );
-            }
-        },
+        Lineage::Diverged => resolve_split_brain(repl, peer, &theirs, us)?,
     }
     let Link {
         data_reader: _data_reader,
@@ -322,6 +353,7 @@ pub(super) fn in_sync_state(repl: &Replication) -> Message {
             term,
             generation,
             size,
+            unwritten,
             ..
         } => Message::State {
             role: Role::Primary,
@@ -329,6 +361,7 @@ pub(super) fn in_sync_state(repl: &Replication) -> Message {
             generation,
             disk_state: DiskState::UpToDate,
             size,
+            unwritten,
         },
         other => other,
     }

@@ -207,6 +207,9 @@ impl StoredSuperblock {
 pub struct Metadata {
     file: Arc<MetaFile>,
     superblock: Mutex<StoredSuperblock>,
+    /// `superblock.generation_unwritten`, readable without the lock: the
+    /// write path asks on every write.
+    generation_unwritten: std::sync::atomic::AtomicBool,
     bitmaps: Arc<NodeBitmaps>,
     activity_log: Arc<ActivityLog>,
     recovery: Recovery,
@@ -260,6 +263,7 @@ impl Metadata {
             data_term: 0,
             clean: true,
             inconsistent: false,
+            generation_unwritten: false,
         };
         // Both copies (sequence 1 and 2), so that from the start a damaged
         // copy has a fallback. A crash between them leaves one complete
@@ -323,6 +327,9 @@ impl Metadata {
         let stored = stored.write_next(&file, superblock)?;
         Ok(Metadata {
             file,
+            generation_unwritten: std::sync::atomic::AtomicBool::new(
+                stored.superblock.generation_unwritten,
+            ),
             superblock: Mutex::new(stored),
             bitmaps,
             activity_log,
@@ -416,13 +423,36 @@ impl Metadata {
         self.set_term_and_generations(term, None)
     }
 
-    /// Durably records new data generation ids.
+    /// Durably records new data generation ids: data that has been written
+    /// in (a generation taken from a peer, or one forked by a write).
     pub fn set_generations(&self, generations: GenerationIds) -> Result<(), MetaError> {
-        self.update_superblock(|sb| sb.generations = generations)
+        self.update_superblock(|sb| {
+            sb.generations = generations;
+            sb.generation_unwritten = false;
+        })
     }
 
-    /// Durably records a promotion: a newer term and a new generation, in
-    /// one superblock write.
+    /// Whether this node started the current generation (a promotion) and
+    /// nothing has been written in it yet.
+    pub fn generation_unwritten(&self) -> bool {
+        self.generation_unwritten
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Before the first write in a generation this node started: durably
+    /// records that the generation now holds changes of its own. Cheap
+    /// (no I/O) once done; concurrent callers all return only once the
+    /// record is durable.
+    pub fn mark_generation_written(&self) -> Result<(), MetaError> {
+        if !self.generation_unwritten() {
+            return Ok(());
+        }
+        self.update_superblock(|sb| sb.generation_unwritten = false)
+    }
+
+    /// Durably records a promotion: a newer term and (when given) a new
+    /// generation started here, with nothing written in it yet, in one
+    /// superblock write.
     pub fn set_term_and_generations(
         &self,
         term: u64,
@@ -443,6 +473,7 @@ impl Metadata {
             sb.term = term;
             if let Some(g) = generations {
                 sb.generations = g;
+                sb.generation_unwritten = true;
             }
         })
     }
@@ -479,7 +510,12 @@ impl Metadata {
         let mut stored = self.lock_stored();
         let mut updated = stored.superblock.clone();
         change(&mut updated);
+        let unwritten = updated.generation_unwritten;
         *stored = stored.write_next(&self.file, updated)?;
+        // Still under the lock: a caller that finds the flag clear knows
+        // the update that cleared it is durable.
+        self.generation_unwritten
+            .store(unwritten, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }

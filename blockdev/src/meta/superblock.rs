@@ -10,7 +10,9 @@
 //!   0    8  magic "VMSYNCMD"
 //!   8    4  format version (3)
 //!  12    4  flags: bit 0 = clean (no writer had the metadata open),
-//!           bit 1 = inconsistent (a resync into this replica is unfinished)
+//!           bit 1 = inconsistent (a resync into this replica is unfinished),
+//!           bit 2 = unwritten (this node started the current generation
+//!           and nothing has been written in it yet)
 //!  16    8  device size in bytes
 //!  24    4  block size in bytes
 //!  28    4  this node's id
@@ -61,7 +63,8 @@ pub const MAX_RESOURCE_NAME_LEN: usize = 255;
 
 const FLAG_CLEAN: u32 = 1 << 0;
 const FLAG_INCONSISTENT: u32 = 1 << 1;
-const KNOWN_FLAGS: u32 = FLAG_CLEAN | FLAG_INCONSISTENT;
+const FLAG_UNWRITTEN: u32 = 1 << 2;
+const KNOWN_FLAGS: u32 = FLAG_CLEAN | FLAG_INCONSISTENT | FLAG_UNWRITTEN;
 
 /// DRBD-style data generation identifiers.
 ///
@@ -118,6 +121,11 @@ pub struct Superblock {
     /// A resync into this replica started and has not finished: its data
     /// is a mix of old and new and must not be served or promoted.
     pub inconsistent: bool,
+    /// This node started the current generation (a promotion) and no write
+    /// has been made in it since: its data is its parent generation's. What
+    /// `after_split_brain = "discard-zero-changes"` goes by. False when in
+    /// doubt (a generation taken from a peer, files of older versions).
+    pub generation_unwritten: bool,
 }
 
 /// Why a sector is not an acceptable superblock; the caller adds the path.
@@ -197,6 +205,11 @@ impl Superblock {
         let flags = if self.clean { FLAG_CLEAN } else { 0 }
             | if self.inconsistent {
                 FLAG_INCONSISTENT
+            } else {
+                0
+            }
+            | if self.generation_unwritten {
+                FLAG_UNWRITTEN
             } else {
                 0
             };
@@ -284,6 +297,7 @@ impl Superblock {
             data_term,
             clean: flags & FLAG_CLEAN != 0,
             inconsistent: flags & FLAG_INCONSISTENT != 0,
+            generation_unwritten: flags & FLAG_UNWRITTEN != 0,
         };
         Ok((superblock, sequence))
     }
@@ -315,6 +329,7 @@ mod tests {
             data_term: 6,
             clean: true,
             inconsistent: false,
+            generation_unwritten: false,
         }
     }
 
