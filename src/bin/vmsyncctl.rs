@@ -27,6 +27,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Grow this replica to the configuration's `[resource] size` after
+    /// its backing store grew (needs --config; with the daemon stopped, on
+    /// every node). The new area is resynced from the next primary.
+    Resize {
+        /// The new area is identical on every node (e.g. all zeros): do
+        /// not resync it.
+        #[arg(long)]
+        assume_clean: bool,
+    },
     /// Show role, term, device, peers.
     Status {
         #[arg(long, conflicts_with = "watch")]
@@ -149,6 +158,13 @@ fn run(args: Args) -> Result<ExitCode, String> {
             let config = config.ok_or("create-md needs --config FILE")?;
             vmsync::node::create_metadata(&config, force).map_err(|e| e.to_string())?;
             println!("metadata created: {}", config.node.metadata.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        &Command::Resize { assume_clean } => {
+            let config = config.ok_or("resize needs --config FILE")?;
+            let done =
+                vmsync::node::resize_metadata(&config, assume_clean).map_err(|e| e.to_string())?;
+            println!("{done}");
             return Ok(ExitCode::SUCCESS);
         }
         Command::GenSecret { file, force } => {

@@ -577,6 +577,43 @@ pub fn create_metadata(config: &Config, overwrite: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `vmsyncctl resize`: grows this node's metadata to `[resource] size`
+/// after the backing store grew, with the daemon stopped (see
+/// `blockdev::meta::grow`). Online growth needs the kernel's
+/// `UBLK_U_CMD_UPDATE_SIZE` (Linux 6.16), which the kernels vmsync is
+/// tested on lack. Returns what to tell the operator.
+pub fn resize_metadata(config: &Config, assume_clean: bool) -> anyhow::Result<String> {
+    if std::os::unix::net::UnixStream::connect(&config.node.control_socket).is_ok() {
+        anyhow::bail!(
+            "vmsyncd is running ({} answers): stop it first (`vmsyncctl shutdown`); growing a running device needs UBLK_U_CMD_UPDATE_SIZE (Linux 6.16), which this version does not use",
+            config.node.control_socket.display()
+        );
+    }
+    let size = config.resource.size;
+    // Refuses a backing store smaller than the new size, saying so.
+    drop(BackingStore::open(
+        &config.node.backing,
+        size,
+        BackingOptions::default(),
+    )?);
+    let grown = blockdev::meta::grow(&config.node.metadata, size, assume_clean)?;
+    Ok(if grown.old_size == grown.new_size {
+        format!("metadata already sized for {size} bytes: nothing to do")
+    } else if grown.new_blocks_marked == 0 {
+        format!(
+            "grown from {} to {} bytes; the new area is assumed identical on every node",
+            grown.old_size, grown.new_size
+        )
+    } else {
+        format!(
+            "grown from {} to {} bytes; the new area ({} bytes) is resynced from the next primary to each peer",
+            grown.old_size,
+            grown.new_size,
+            grown.new_size - grown.old_size
+        )
+    })
+}
+
 /// How long a stopping daemon waits for its control clients to read their
 /// last answer (the `shutdown` reply, an events stream's `destroy` line).
 const CONTROL_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);

@@ -46,6 +46,7 @@ mod bitmap;
 mod codec;
 mod error;
 mod file;
+mod grow;
 mod layout;
 mod node_bitmaps;
 mod rle;
@@ -61,6 +62,7 @@ pub use activity_log::{ActivityLog, AlGuard, EvictionHook};
 pub use al_ring::MAX_AL_SLOTS;
 pub use bitmap::Bitmap;
 pub use error::MetaError;
+pub use grow::{grow, Grown};
 pub use layout::{
     Geometry, Layout, DEFAULT_AL_RING_SECTORS, DEFAULT_AL_SLOTS, DEFAULT_BLOCK_SIZE, EXTENT_SIZE,
     MAX_AL_RING_SECTORS, MAX_NODE_SLOTS, MIN_AL_RING_SECTORS, MIN_BLOCK_SIZE,

@@ -1,6 +1,7 @@
 //! File-backed tests of [`Metadata`] and the [`ActivityLog`].
 
 mod activity_log;
+mod grow;
 mod open;
 
 use std::path::PathBuf;
