@@ -448,6 +448,38 @@ async fn resources_are_independent_and_members_must_agree_on_size() {
     expect_refused(big.info().await, &["same size"]);
 }
 
+/// `vmsyncctl resize` goes round the nodes one at a time: a member may come
+/// back larger (the others follow), a member not yet grown is refused and
+/// told to resize, and once it has grown it is accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_may_grow_one_at_a_time_but_never_come_back_smaller() {
+    let dir = Directory::start();
+    let sized = |node: u32, size: u64| {
+        DirectoryClient::new(
+            dir.addr,
+            identity("r", node, SECRET),
+            Member {
+                name: format!("node{node}"),
+                address: free_addr(),
+                lan_group: "home".into(),
+                size,
+            },
+        )
+    };
+    sized(1, SIZE).info().await.unwrap();
+    sized(2, SIZE).info().await.unwrap();
+    sized(1, SIZE * 2).info().await.unwrap();
+    expect_refused(
+        sized(2, SIZE).info().await,
+        &["same size", "vmsyncctl resize"],
+    );
+    expect_refused(sized(3, SIZE).info().await, &["same size"]);
+    expect_refused(sized(3, SIZE * 4).info().await, &["same size"]);
+    sized(2, SIZE * 2).info().await.unwrap();
+    // Back to the old size: refused (shrinking is not a thing).
+    expect_refused(sized(1, SIZE).info().await, &["same size"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_or_malformed_input_closes_only_that_connection() {
     let dir = Directory::start();

@@ -272,14 +272,21 @@ impl Directory {
             )));
         }
         let mut state = res.state.lock().await;
-        if let Some((id, other)) = state
+        // Every copy must have the same size, except while a resize goes
+        // round (`vmsyncctl resize`, node by node): a member may come back
+        // larger than the others, never smaller, and a new member must
+        // match.
+        let growing = state
             .members
-            .iter()
-            .find(|(id, m)| **id != node && m.size != member.size)
-        {
+            .get(&node)
+            .is_some_and(|known| known.size < member.size);
+        if let Some((id, other)) = state.members.iter().find(|(id, m)| {
+            **id != node && (m.size > member.size || (m.size < member.size && !growing))
+        }) {
             return Ok(Err(format!(
                 "node {} (id {node}) has a {}-byte copy of resource '{}', but node {} (id {id}) \
-                 has {} bytes: every member's copy must have the same size",
+                 has {} bytes: every member's copy must have the same size (grow the smaller ones \
+                 with `vmsyncctl resize`)",
                 member.name, member.size, res.name, other.name, other.size
             )));
         }
