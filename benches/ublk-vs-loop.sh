@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# vmsync over ublk vs the kernel loop driver, both with O_DIRECT on a backing
-# file on the same ext4, measured with fio in ONE boot of the test VM
-# (tests/vm/run.sh scenario bench_ublk_vs_loop). Prints a table with the
-# ratio vmsync/loop; absolute numbers are meaningless under TCG.
+# vmsync over ublk vs the kernel loop driver and vs rublk's ublk loop target
+# (the reference ublk server, installed here from crates.io on first use),
+# all with O_DIRECT on backing files on the same ext4, measured with fio in
+# ONE boot of the test VM (tests/vm/run.sh scenario bench_ublk_vs_loop).
+# Prints a table with the ratios vmsync/rublk and vmsync/loop; absolute
+# numbers are meaningless under TCG.
 #
 # Environment: BENCH_RUNTIME (seconds per fio run, 20), BENCH_SIZE_MIB (512),
-# BENCH_ENGINE (libaio|io_uring), BENCH_TESTS, BENCH_SCHED (scheduler on both, none), VMSYNC_BIN_DIR, and everything
+# BENCH_ENGINE (libaio|io_uring), BENCH_TESTS, BENCH_SCHED (scheduler on all,
+# none), BENCH_QUEUES (ublk queues of vmsync and rublk, 1), BENCH_RUBLK
+# (a rublk binary to use; "none": skip rublk), VMSYNC_BIN_DIR, and everything
 # tests/vm/run.sh takes. Console log: tests/vm/.build/bench-console.log.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,19 +19,35 @@ export VM_TIMEOUT=${VM_TIMEOUT:-1500}
 export BENCH_RUNTIME=${BENCH_RUNTIME:-20} BENCH_SIZE_MIB=${BENCH_SIZE_MIB:-512} BENCH_ENGINE=${BENCH_ENGINE:-libaio}
 [ -z "${BENCH_TESTS:-}" ] || export BENCH_TESTS
 [ -z "${BENCH_SCHED+x}" ] || export BENCH_SCHED
+export BENCH_QUEUES=${BENCH_QUEUES:-1}
+
+# rublk 0.2.15 (the version the performance issue names), built once into
+# target/rublk. The guest sees the host's root, so it runs this binary.
+RUBLK_VERSION=0.2.15
+if [ "${BENCH_RUBLK:-}" = none ]; then
+  unset BENCH_RUBLK
+elif [ -z "${BENCH_RUBLK:-}" ]; then
+  BENCH_RUBLK=$REPO/target/rublk/bin/rublk
+  if ! "$BENCH_RUBLK" --version 2>/dev/null | grep -q "$RUBLK_VERSION"; then
+    echo "installing rublk $RUBLK_VERSION into $REPO/target/rublk (once)..." >&2
+    cargo install --quiet --locked rublk --version "$RUBLK_VERSION" --root "$REPO/target/rublk" >&2
+  fi
+  export BENCH_RUBLK
+fi
 
 rc=0
 "$REPO/tests/vm/run.sh" -q bench_ublk_vs_loop || rc=$?
 
 echo
-echo "vmsync (ublk, direct_io) vs loop (--direct-io=on), fio $BENCH_ENGINE, ${BENCH_RUNTIME}s per run, TCG guest"
+echo "vmsync (ublk, direct_io) vs rublk $RUBLK_VERSION (add loop, direct I/O) vs loop (--direct-io=on), $BENCH_QUEUES ublk queue(s), fio $BENCH_ENGINE, ${BENCH_RUNTIME}s per run, TCG guest"
 tr -d '\r' < "$VM_CONSOLE_LOG" | grep -a -E '^BENCH ' | awk '
   function v(k,   i, kv) { for (i = 3; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) return kv[2] } return 0 }
-  BEGIN { printf "%-14s %11s %12s %11s %12s %11s\n", "test", "loop IOPS", "loop MiB/s", "vmsync IOPS", "vmsync MiB/s", "vmsync/loop"; n = 0 }
+  BEGIN { printf "%-14s %10s %10s %10s %10s %10s %10s %13s %12s\n", "test", "loop IOPS", "loop MiB/s", "rublk IOPS", "rublk MiB/s", "vmsync IOPS", "vmsync MiB/s", "vmsync/rublk", "vmsync/loop"; n = 0 }
   {
-    li = v("loop_iops"); lb = v("loop_mibps"); vi = v("vmsync_iops"); vb = v("vmsync_mibps")
+    li = v("loop_iops"); lb = v("loop_mibps"); vi = v("vmsync_iops"); vb = v("vmsync_mibps"); ri = v("rublk_iops"); rb = v("rublk_mibps")
     r = (li > 0) ? vi / li : 0
-    printf "%-14s %11d %12.1f %11d %12.1f %11.2f\n", $2, li, lb, vi, vb, r; n++
+    rr = (ri > 0) ? sprintf("%.2f", vi / ri) : "-"
+    printf "%-14s %10d %10.1f %10d %10.1f %10d %10.1f %13s %12.2f\n", $2, li, lb, ri, rb, vi, vb, rr, r; n++
   }
   END { if (n == 0) { print "(no BENCH results)"; exit 1 } }' || rc=1
 exit "$rc"

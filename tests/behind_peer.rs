@@ -151,6 +151,54 @@ fn a_stalled_behind_peer_costs_bounded_memory_and_no_flush_time_then_converges()
     assert!(result.is_ok(), "{result:?}");
 }
 
+/// A peer falls behind in the middle of an epoch (its link stalls while
+/// unflushed writes wait for it) and then the guest goes quiet: no more
+/// writes, no flush. Once the link moves again the peer must resume and
+/// converge by itself, not stay `behind` until the guest's next flush (the
+/// epoch it must acknowledge to resume was never closed).
+#[test]
+fn a_peer_that_fell_behind_mid_epoch_resumes_while_the_guest_is_quiet() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = runtime();
+    let (cluster, proxy) = proxied_pair(
+        &rt,
+        "C",
+        "[replication]\ncongestion_limit = \"4MiB\"\nmax_peer_wait_ms = 300\n",
+    );
+    let c = client(&rt, &cluster, 1);
+    rt.block_on(c.write(0, vec![1u8; MIB as usize], false))
+        .unwrap();
+    rt.block_on(c.flush()).unwrap();
+    assert!(cluster.wait_peers_up_to_date(1));
+
+    proxy.pause();
+    // Protocol C: the first write waits for the stalled peer's ack, up to
+    // max_peer_wait_ms, and then it falls behind. No flush follows.
+    for n in 0..8u64 {
+        rt.block_on(c.write(n * MIB, vec![2 + n as u8; MIB as usize], false))
+            .unwrap();
+    }
+    assert_eq!(
+        cluster.peer(1, 2)["state"],
+        "behind",
+        "{}",
+        cluster.peer(1, 2)
+    );
+    proxy.resume();
+    assert!(
+        cluster.wait_peers_up_to_date(1),
+        "the peer stayed behind while the guest was quiet: {}",
+        cluster.peer(1, 2)
+    );
+    let mut guest = blake3::Hasher::new();
+    let size = cluster.dir.spec.size;
+    for at in 0..size / MIB {
+        guest.update(&rt.block_on(c.read(at * MIB, MIB as usize)).unwrap());
+    }
+    let result = cluster.wait_identical(Some(guest.finalize()));
+    assert!(result.is_ok(), "{result:?}");
+}
+
 /// The same for a node answering block reads (`Channel::Fetch`): a
 /// requester that sends many reads and takes none of the replies makes the
 /// holder stop reading its requests once a few replies wait, instead of

@@ -12,6 +12,9 @@ use serde::Deserialize;
 /// Highest node id + 1; matches the metadata's bitmap slots.
 pub const MAX_NODES: u32 = blockdev::meta::MAX_NODE_SLOTS;
 
+/// Most ublk queues `[node] ublk_queues` takes (one per CPU is plenty).
+pub const MAX_UBLK_QUEUES: i64 = 64;
+
 /// Replication protocol for LAN peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Protocol {
@@ -54,6 +57,9 @@ pub struct Node {
     pub control_socket: PathBuf,
     pub lan_group: String,
     pub direct_io: bool,
+    /// ublk hardware queues of the device (`nr_hw_queues`): each one a
+    /// thread with its own ring, serving the requests of some CPUs.
+    pub ublk_queues: u16,
     /// When set, a primary serves its device on this Unix socket (the
     /// block-socket protocol) instead of ublk: for tests and benchmarks on
     /// machines whose kernel has no ublk.
@@ -293,6 +299,7 @@ struct RawNode {
     control_socket: PathBuf,
     lan_group: Option<String>,
     direct_io: Option<bool>,
+    ublk_queues: Option<i64>,
     block_socket: Option<PathBuf>,
     control_group: Option<String>,
 }
@@ -531,6 +538,16 @@ impl Validator<'_> {
                 .lan_group
                 .unwrap_or_else(|| DEFAULT_LAN_GROUP.into()),
             direct_io: raw.node.direct_io.unwrap_or(false),
+            ublk_queues: match raw.node.ublk_queues {
+                None => 1,
+                Some(n) if (1..=MAX_UBLK_QUEUES).contains(&n) => n as u16,
+                Some(n) => {
+                    return Err(self.err(
+                        "node.ublk_queues",
+                        format!("{n} is not between 1 and {MAX_UBLK_QUEUES}"),
+                    ))
+                }
+            },
             block_socket: raw.node.block_socket,
             control_group: raw
                 .node

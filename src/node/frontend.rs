@@ -26,6 +26,7 @@ impl Frontend {
     pub async fn start<D: BlockDevice>(
         device: Arc<D>,
         resource: &str,
+        queues: u16,
         block_socket: Option<&PathBuf>,
     ) -> anyhow::Result<Frontend> {
         if let Some(path) = block_socket {
@@ -42,7 +43,10 @@ impl Frontend {
                 server,
             });
         }
-        let options = UblkOptions::new(resource);
+        let options = UblkOptions {
+            queues,
+            ..UblkOptions::new(resource)
+        };
         let frontend = tokio::task::spawn_blocking(move || UblkFrontend::start(device, &options))
             .await
             .context("ublk start-up thread")??;

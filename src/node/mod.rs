@@ -153,12 +153,13 @@ impl Node {
     async fn start_frontend<D: BlockDevice>(&self, device: Arc<D>) -> anyhow::Result<Frontend> {
         let resource = &self.config.resource.name;
         let socket = self.config.node.block_socket.as_ref();
+        let queues = self.config.node.ublk_queues;
         match &self.io_metrics {
             Some(metrics) => {
                 let metered = Metered::new(device, Arc::clone(metrics));
-                Frontend::start(Arc::new(metered), resource, socket).await
+                Frontend::start(Arc::new(metered), resource, queues, socket).await
             }
-            None => Frontend::start(device, resource, socket).await,
+            None => Frontend::start(device, resource, queues, socket).await,
         }
     }
 
@@ -500,6 +501,7 @@ async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
                                 size: repl.local_size(),
                             }),
                             resource,
+                            1,
                             None,
                         )
                         .await?;

@@ -653,6 +653,23 @@ impl Replication {
             .collect()
     }
 
+    /// A peer that fell behind resumes once it has acknowledged the epochs
+    /// it was sent (see `PeerReplica::backlog_drained`). The last of them
+    /// may still be open when the guest goes quiet (no more writes, no
+    /// flush): it would then stay behind until the guest's next flush.
+    /// Called on the link's ping tick: closes that epoch, so its barrier
+    /// goes out and the ack that lets the peer resume can come.
+    pub(super) fn nudge_behind_peer(&self, peer: &PeerReplica) {
+        let open = self
+            .epochs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current;
+        if peer.awaits_ack_of(open) {
+            drop(self.close_epoch(false));
+        }
+    }
+
     /// [`Replication::close_epoch`], also closing it on `resyncing` when it
     /// is a WAN peer (which gets no barriers otherwise: its resync chunks
     /// clear their bits only when a barrier after them is acked).

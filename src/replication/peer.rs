@@ -654,6 +654,11 @@ impl PeerReplica {
             .clone()
     }
 
+    /// Whether writes of `epoch` were sent and not acknowledged yet.
+    pub fn awaits_ack_of(&self, epoch: u64) -> bool {
+        self.lock().unacked.contains_key(&epoch)
+    }
+
     /// Called as the backlog drains (by the sender, and when acks arrive):
     /// a peer that fell behind resumes mirroring, and resyncs what it
     /// missed, once half the send limit is free *and* it has acknowledged

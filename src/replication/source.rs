@@ -262,7 +262,12 @@ pub async fn run(
                 _ => Err(LinkError::Closed),
             },
             due = live.due() => match due {
-                Due::Ping => { let _ = meta_tx.send(Message::Ping); }
+                Due::Ping => {
+                    let _ = meta_tx.send(Message::Ping);
+                    if peer.mode() == PeerMode::Behind {
+                        repl.nudge_behind_peer(peer);
+                    }
+                }
                 Due::Dead(e) => break Err(e),
             },
         }

@@ -186,13 +186,32 @@ impl BackingStore {
         loop {
             // SAFETY: the caller's contract; each submission is awaited
             // (and so finished) before the next one reuses the buffers.
-            let result = unsafe { self.uring.submit(entry.clone()) }.await;
+            let result = unsafe { self.submit(entry.clone()) }.await;
             if retry_transient(result, attempt) {
                 attempt += 1;
                 continue;
             }
             return cqe_to_result(result);
         }
+    }
+
+    /// Submits `entry` and waits for its CQE result: on the ublk queue's own
+    /// ring when called from a queue thread (no thread hops, see
+    /// `ublk::ring`), on the backing store's shared ring otherwise.
+    ///
+    /// # Safety
+    /// As [`BackingStore::run`].
+    async unsafe fn submit(&self, entry: squeue::Entry) -> i32 {
+        if crate::ublk::ring::on_queue_thread() {
+            // SAFETY: the caller's contract; awaited here, on this thread.
+            if let Some(result) =
+                unsafe { crate::ublk::ring::submit_on_queue_ring(entry.clone()) }.await
+            {
+                return result;
+            }
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.uring.submit(entry) }.await
     }
 
     /// Reads exactly `buf.len()` bytes, retrying short reads.
@@ -330,7 +349,7 @@ impl BlockDevice for BackingStore {
             .flags(types::FsyncFlags::DATASYNC)
             .build();
         // SAFETY: fsync references no memory.
-        let result = cqe_to_result(unsafe { self.uring.submit(entry) }.await).map(|_| ());
+        let result = cqe_to_result(unsafe { self.submit(entry) }.await).map(|_| ());
         self.observe("flush", 0, 0, result)
     }
 

@@ -67,6 +67,7 @@ impl Doorbell {
         Rung {
             future,
             doorbell: Arc::clone(self),
+            waker: None,
         }
     }
 }
@@ -75,6 +76,10 @@ impl Doorbell {
 pub struct Rung<F> {
     future: F,
     doorbell: Arc<Doorbell>,
+    /// The ringing waker of the last poll and the task waker it wraps:
+    /// reused while the task's waker stays the same (one allocation per
+    /// request instead of one per poll).
+    waker: Option<(Waker, Waker)>,
 }
 
 struct RingingWaker {
@@ -88,9 +93,13 @@ impl Wake for RingingWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        // Schedule the task first, then wake the thread that will run it.
+        // Schedule the task first, then wake the thread that will run it,
+        // unless that is this thread (a completion reaped from the queue's
+        // own ring): it runs its executor next anyway.
         self.inner.wake_by_ref();
-        self.doorbell.ring();
+        if !super::ring::is_queue_thread_of(&self.doorbell) {
+            self.doorbell.ring();
+        }
     }
 }
 
@@ -100,11 +109,16 @@ impl<F: Future> Future for Rung<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         // SAFETY: `future` is structurally pinned; we never move it.
         let this = unsafe { self.get_unchecked_mut() };
-        let waker = Waker::from(Arc::new(RingingWaker {
-            inner: cx.waker().clone(),
-            doorbell: Arc::clone(&this.doorbell),
-        }));
+        let reusable = matches!(&this.waker, Some((inner, _)) if inner.will_wake(cx.waker()));
+        if !reusable {
+            let ringing = Waker::from(Arc::new(RingingWaker {
+                inner: cx.waker().clone(),
+                doorbell: Arc::clone(&this.doorbell),
+            }));
+            this.waker = Some((cx.waker().clone(), ringing));
+        }
+        let waker = &this.waker.as_ref().expect("set above").1;
         let future = unsafe { Pin::new_unchecked(&mut this.future) };
-        future.poll(&mut Context::from_waker(&waker))
+        future.poll(&mut Context::from_waker(waker))
     }
 }

@@ -10,6 +10,7 @@
 
 mod doorbell;
 mod queue;
+pub(crate) mod ring;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
