@@ -293,3 +293,17 @@ fn verify_rate_defaults_to_100_mib_and_takes_sizes() {
             .contains("replication.verify_rate")
     );
 }
+
+#[test]
+fn ublk_queues_default_to_one_and_are_bounded() {
+    assert_eq!(parse_str(GOOD).unwrap().node.ublk_queues, 1);
+    let with = |n: &str| GOOD.replacen("[node]\n", &format!("[node]\nublk_queues = {n}\n"), 1);
+    assert_eq!(parse_str(&with("4")).unwrap().node.ublk_queues, 4);
+    for bad in ["0", "65", "-1"] {
+        let e = error_of(&with(bad));
+        assert!(
+            e.contains("`node.ublk_queues`") && e.contains("not between 1 and 64"),
+            "{bad}: {e}"
+        );
+    }
+}
