@@ -49,6 +49,15 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Writes zeroes over the range, without transferring a buffer.
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// False when the device promises never to keep a write's `data` (or a
+    /// clone of it) past the completion of that write. A frontend may then
+    /// lend it the request's own buffer instead of a copy. The default,
+    /// true, is always safe (a replicating device queues the data to its
+    /// peers, so it must say true).
+    fn keeps_write_data(&self) -> bool {
+        true
+    }
 }
 
 /// Checks that a request lies inside a device of `size` bytes and is

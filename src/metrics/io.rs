@@ -135,6 +135,10 @@ impl<D: BlockDevice> BlockDevice for Metered<D> {
         self.inner.size()
     }
 
+    fn keeps_write_data(&self) -> bool {
+        self.inner.keeps_write_data()
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         self.timed(0, len, self.inner.read(offset, buf)).await

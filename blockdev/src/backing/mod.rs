@@ -316,6 +316,11 @@ impl BlockDevice for BackingStore {
         self.size
     }
 
+    /// The data is only read by the kernel while the write runs.
+    fn keeps_write_data(&self) -> bool {
+        false
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         check_range(self.size, offset, len)?;

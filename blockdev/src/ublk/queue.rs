@@ -113,8 +113,19 @@ impl TagBuffer {
 
     /// The first `len` bytes as `Bytes` for a write. A write of at least
     /// half the buffer takes it over; a smaller one is copied, so that a
-    /// 4 KiB write queued to a peer does not pin a whole buffer.
-    fn take_write_data(&mut self, len: usize) -> Bytes {
+    /// 4 KiB write queued to a peer does not pin a whole buffer. With
+    /// `lend` (the device keeps no write data past the write, see
+    /// [`BlockDevice::keeps_write_data`]) a small write borrows the buffer.
+    fn take_write_data(&mut self, len: usize, lend: bool) -> Bytes {
+        if lend && len < self.size / 2 {
+            let slice: &[u8] = &self.as_mut_slice()[..len];
+            // SAFETY: the device drops every clone of these bytes before the
+            // write completes (its `keeps_write_data` contract), and this
+            // buffer is neither freed nor refilled until `serve_tag` has
+            // awaited that write and committed the result.
+            let lent = unsafe { std::mem::transmute::<&[u8], &'static [u8]>(slice) };
+            return Bytes::from_static(lent);
+        }
         if len < self.size / 2 {
             return AlignedBuf::copy_from(&self.as_mut_slice()[..len]).into_bytes();
         }
@@ -137,6 +148,7 @@ async fn serve_tag<D: BlockDevice>(
     doorbell: &Arc<Doorbell>,
 ) -> Result<(), UblkError> {
     let mut buf = TagBuffer::new(queue.dev.dev_info.max_io_buf_bytes as usize);
+    let lend = !device.keeps_write_data();
     queue
         .submit_io_prep_cmd(
             tag,
@@ -147,7 +159,9 @@ async fn serve_tag<D: BlockDevice>(
         .await?;
     loop {
         let iod = *queue.get_iod(tag);
-        let result = doorbell.wrap(handle_request(&iod, &mut buf, device)).await;
+        let result = doorbell
+            .wrap(handle_request(&iod, &mut buf, device, lend))
+            .await;
         // The kernel copies read data out of the buffer this names (and the
         // next write's data into it): the one `handle_request` left current.
         // It stays alive in `buf` until a later command names another.
@@ -163,6 +177,7 @@ async fn handle_request<D: BlockDevice>(
     iod: &sys::ublksrv_io_desc,
     buf: &mut TagBuffer,
     device: &D,
+    lend: bool,
 ) -> i32 {
     let op = iod.op_flags & 0xff;
     let offset = iod.start_sector * SECTOR_SIZE;
@@ -179,7 +194,7 @@ async fn handle_request<D: BlockDevice>(
         }
         sys::UBLK_IO_OP_WRITE => {
             // The local write and every replica share these `Bytes`.
-            let data = buf.take_write_data(len as usize);
+            let data = buf.take_write_data(len as usize, lend);
             device.write(offset, data, fua).await
         }
         sys::UBLK_IO_OP_FLUSH => device.flush().await,
