@@ -19,6 +19,20 @@ const MIB: u64 = 1 << 20;
 /// of MiB that it does not show alone (18–61 MiB): one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The BLAKE3 of the whole device as the guest reads it through `client`
+/// on the primary: what every replica must hold.
+fn guest_view(
+    rt: &tokio::runtime::Runtime,
+    client: &blockdev::blocksock::BlockClient,
+    size: u64,
+) -> blake3::Hash {
+    let mut guest = blake3::Hasher::new();
+    for at in 0..size / MIB {
+        guest.update(&rt.block_on(client.read(at * MIB, MIB as usize)).unwrap());
+    }
+    guest.finalize()
+}
+
 /// The resident memory of process `pid`, in bytes (`VmRSS`).
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
@@ -142,12 +156,7 @@ fn a_stalled_behind_peer_costs_bounded_memory_and_no_flush_time_then_converges()
         cluster.peer(1, 2)
     );
     // What the guest sees on the primary, and so what every replica holds.
-    let mut guest = blake3::Hasher::new();
-    for at in 0..size / MIB {
-        guest.update(&rt.block_on(c.read(at * MIB, MIB as usize)).unwrap());
-    }
-    let expected = guest.finalize();
-    let result = cluster.wait_identical(Some(expected));
+    let result = cluster.wait_identical(Some(guest_view(&rt, &c, size)));
     assert!(result.is_ok(), "{result:?}");
 }
 
@@ -190,12 +199,8 @@ fn a_peer_that_fell_behind_mid_epoch_resumes_while_the_guest_is_quiet() {
         "the peer stayed behind while the guest was quiet: {}",
         cluster.peer(1, 2)
     );
-    let mut guest = blake3::Hasher::new();
-    let size = cluster.dir.spec.size;
-    for at in 0..size / MIB {
-        guest.update(&rt.block_on(c.read(at * MIB, MIB as usize)).unwrap());
-    }
-    let result = cluster.wait_identical(Some(guest.finalize()));
+    let expected = guest_view(&rt, &c, cluster.dir.spec.size);
+    let result = cluster.wait_identical(Some(expected));
     assert!(result.is_ok(), "{result:?}");
 }
 

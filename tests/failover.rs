@@ -12,6 +12,7 @@ mod support;
 use std::time::Duration;
 
 use support::cluster::{client, primary_with_proxy};
+use support::workload::write_flushed;
 use support::{runtime, wait_for, ClusterSpec, Model, Workload};
 
 fn spec(nodes: u32, protocol: &'static str) -> ClusterSpec {
@@ -20,21 +21,6 @@ fn spec(nodes: u32, protocol: &'static str) -> ClusterSpec {
         protocol,
         ..ClusterSpec::default()
     }
-}
-
-/// Runs `ops` through `client` on top of `model` and flushes; returns what
-/// the device must now hold.
-fn write_flushed(
-    rt: &tokio::runtime::Runtime,
-    client: &blockdev::blocksock::BlockClient,
-    ops: &[support::Op],
-    model: Model,
-) -> Model {
-    let model = rt
-        .block_on(support::workload::run(client, ops, 16, model))
-        .expect("the workload's writes succeed");
-    rt.block_on(client.flush()).expect("flush");
-    model
 }
 
 /// Waits until node `id` sees its link to `peer` down.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use support::cluster::{client, Cluster, START};
 use support::hash::blake3_of_file;
+use support::workload::write_flushed;
 use support::{runtime, ClusterSpec, Daemon, Model, Workload};
 
 fn ok(out: &std::process::Output) -> String {
@@ -43,15 +44,12 @@ fn resize_grows_every_replica_and_the_new_area_converges() {
     });
     cluster.promote(1);
     let c1 = client(&rt, &cluster, 1);
-    let before = rt
-        .block_on(support::workload::run(
-            &c1,
-            &Workload::new(41, old).ops(300),
-            16,
-            Model::zeroed(old),
-        ))
-        .unwrap();
-    rt.block_on(c1.flush()).unwrap();
+    let before = write_flushed(
+        &rt,
+        &c1,
+        &Workload::new(41, old).ops(300),
+        Model::zeroed(old),
+    );
     drop(c1);
     assert!(cluster.wait_identical(Some(before.blake3())).is_ok());
 
@@ -129,15 +127,7 @@ fn resize_grows_every_replica_and_the_new_area_converges() {
     );
     assert!(start.image()[old as usize..].iter().all(|&b| b == 0));
     let c1 = client(&rt, &cluster, 1);
-    let after = rt
-        .block_on(support::workload::run(
-            &c1,
-            &Workload::new(42, new).ops(300),
-            16,
-            start,
-        ))
-        .unwrap();
-    rt.block_on(c1.flush()).unwrap();
+    let after = write_flushed(&rt, &c1, &Workload::new(42, new).ops(300), start);
     let tail = rt.block_on(c1.read(new - 4096, 4096)).unwrap();
     assert_eq!(tail, after.image()[(new - 4096) as usize..]);
     assert!(cluster.wait_peers_up_to_date(1));

@@ -476,21 +476,18 @@ fn report_split_brain_between_secondaries(
     peer: &PeerReplica,
     theirs: &PeerState,
 ) {
-    let ours = repl.generation();
-    let diverged = ours.current != 0
-        && super::source::lineage(ours, theirs.generation, (0, repl.config.node.id))
+    use super::split_brain::{outlook, Side};
+    let ours = Side::ours(repl);
+    let diverged = ours.generation.current != 0
+        && super::source::lineage(ours.generation, theirs.generation, (0, repl.config.node.id))
             == super::source::Lineage::Diverged;
     if !diverged {
         return;
     }
-    let side = |generation, unwritten| super::split_brain::Side {
-        generation,
-        unwritten,
-    };
-    let outlook = super::split_brain::outlook(
+    let outlook = outlook(
         repl.tunables().after_split_brain,
-        &side(ours, repl.metadata.generation_unwritten()),
-        &side(theirs.generation, theirs.unwritten),
+        &ours,
+        &Side::theirs(theirs),
     );
     let message = if outlook.starts_with("split brain") {
         outlook

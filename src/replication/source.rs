@@ -80,14 +80,8 @@ fn resolve_split_brain(
     us: (u64, u32),
 ) -> Result<(), LinkError> {
     let policy = repl.tunables().after_split_brain;
-    let ours = Side {
-        generation: repl.generation(),
-        unwritten: repl.metadata.generation_unwritten(),
-    };
-    let their_side = Side {
-        generation: theirs.generation,
-        unwritten: theirs.unwritten,
-    };
+    let ours = Side::ours(repl);
+    let their_side = Side::theirs(theirs);
     match split_brain::decide(policy, &ours, &their_side) {
         Decision::Refuse(why) => Err(LinkError::Violation(why)),
         Decision::DiscardPeer { made_no_changes } => {
@@ -95,7 +89,7 @@ fn resolve_split_brain(
             // whose copy is whole may be diffed.
             let diffable = made_no_changes
                 && theirs.disk_state == DiskState::UpToDate
-                && lineage(repl.generation(), their_side.as_parent(), us) == Lineage::FromBitmap;
+                && lineage(ours.generation, their_side.as_parent(), us) == Lineage::FromBitmap;
             if diffable {
                 tracing::warn!(
                     policy = policy.name(),

@@ -41,6 +41,22 @@ pub struct Side {
 }
 
 impl Side {
+    /// This node, as its `State` describes it.
+    pub fn ours(repl: &super::Replication) -> Side {
+        Side {
+            generation: repl.generation(),
+            unwritten: repl.metadata.generation_unwritten(),
+        }
+    }
+
+    /// The peer, as its `State` said.
+    pub fn theirs(state: &super::link::PeerState) -> Side {
+        Side {
+            generation: state.generation,
+            unwritten: state.unwritten,
+        }
+    }
+
     /// Whether `id` is a generation this side holds or descends from.
     fn knows(&self, id: u64) -> bool {
         let g = &self.generation;

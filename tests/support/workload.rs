@@ -236,6 +236,21 @@ impl Model {
     }
 }
 
+/// Runs `ops` through `client` (queue depth 16) on top of `model` and
+/// flushes, from blocking test code; returns what the device must now hold.
+pub fn write_flushed(
+    rt: &tokio::runtime::Runtime,
+    client: &BlockClient,
+    ops: &[Op],
+    model: Model,
+) -> Model {
+    let model = rt
+        .block_on(run(client, ops, 16, model))
+        .expect("the workload's writes succeed");
+    rt.block_on(client.flush()).expect("flush");
+    model
+}
+
 /// Runs `ops` against `client` with up to `qd` in flight, starting from a
 /// device described by `start`; returns the model of the result. The first
 /// failing op stops the run (ops already started still finish) and is named

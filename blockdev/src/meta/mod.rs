@@ -468,9 +468,6 @@ impl Metadata {
                 requested: term,
             });
         }
-        if term == current && generations.is_none() {
-            return Ok(());
-        }
         self.update_superblock(|sb| {
             sb.term = term;
             if let Some(g) = generations {
@@ -483,17 +480,11 @@ impl Metadata {
     /// Durably records the term of the primary whose writes this replica
     /// takes from now on (equal: no-op).
     pub fn set_data_term(&self, term: u64) -> Result<(), MetaError> {
-        if self.lock_stored().superblock.data_term == term {
-            return Ok(());
-        }
         self.update_superblock(|sb| sb.data_term = term)
     }
 
     /// Durably records whether a resync into this replica is unfinished.
     pub fn set_inconsistent(&self, inconsistent: bool) -> Result<(), MetaError> {
-        if self.lock_stored().superblock.inconsistent == inconsistent {
-            return Ok(());
-        }
         self.update_superblock(|sb| sb.inconsistent = inconsistent)
     }
 
@@ -507,11 +498,16 @@ impl Metadata {
         self.update_superblock(|sb| sb.clean = true)
     }
 
-    /// Writes a modified copy and adopts it only once it is durable.
+    /// Writes a modified copy and adopts it only once it is durable. A
+    /// change that changes nothing writes nothing (e.g. concurrent first
+    /// writes of a generation all clearing its unwritten flag).
     fn update_superblock(&self, change: impl FnOnce(&mut Superblock)) -> Result<(), MetaError> {
         let mut stored = self.lock_stored();
         let mut updated = stored.superblock.clone();
         change(&mut updated);
+        if updated == stored.superblock {
+            return Ok(());
+        }
         let unwritten = updated.generation_unwritten;
         *stored = stored.write_next(&self.file, updated)?;
         // Still under the lock: a caller that finds the flag clear knows
