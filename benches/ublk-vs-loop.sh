@@ -9,7 +9,10 @@
 # Environment: BENCH_RUNTIME (seconds per fio run, 20), BENCH_SIZE_MIB (512),
 # BENCH_ENGINE (libaio|io_uring), BENCH_TESTS, BENCH_SCHED (scheduler on all,
 # none), BENCH_QUEUES (ublk queues of vmsync and rublk, 1), BENCH_RUBLK
-# (a rublk binary to use; "none": skip rublk), VMSYNC_BIN_DIR, and everything
+# (a rublk binary to use; "none": skip rublk), BENCH_RUBLK_ARGS (extra
+# `rublk add loop` options; default none: rublk as a user starts it, depth
+# 128 and 512 KiB buffers; "-d 64 -b 1MiB" gives it vmsync's shape),
+# VMSYNC_BIN_DIR, and everything
 # tests/vm/run.sh takes. Console log: tests/vm/.build/bench-console.log.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,6 +23,7 @@ export BENCH_RUNTIME=${BENCH_RUNTIME:-20} BENCH_SIZE_MIB=${BENCH_SIZE_MIB:-512} 
 [ -z "${BENCH_TESTS:-}" ] || export BENCH_TESTS
 [ -z "${BENCH_SCHED+x}" ] || export BENCH_SCHED
 export BENCH_QUEUES=${BENCH_QUEUES:-1}
+export BENCH_RUBLK_ARGS=${BENCH_RUBLK_ARGS:-}
 
 # rublk 0.2.15 (the version the performance issue names), built once into
 # target/rublk. The guest sees the host's root, so it runs this binary.
@@ -39,7 +43,7 @@ rc=0
 "$REPO/tests/vm/run.sh" -q bench_ublk_vs_loop || rc=$?
 
 echo
-echo "vmsync (ublk, direct_io) vs rublk $RUBLK_VERSION (add loop, direct I/O) vs loop (--direct-io=on), $BENCH_QUEUES ublk queue(s), fio $BENCH_ENGINE, ${BENCH_RUNTIME}s per run, TCG guest"
+echo "vmsync (ublk, direct_io) vs rublk $RUBLK_VERSION (add loop${BENCH_RUBLK_ARGS:+ $BENCH_RUBLK_ARGS}, direct I/O) vs loop (--direct-io=on), $BENCH_QUEUES ublk queue(s), fio $BENCH_ENGINE, ${BENCH_RUNTIME}s per run, TCG guest"
 tr -d '\r' < "$VM_CONSOLE_LOG" | grep -a -E '^BENCH ' | awk '
   function v(k,   i, kv) { for (i = 3; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) return kv[2] } return 0 }
   BEGIN { printf "%-14s %10s %10s %10s %10s %10s %10s %13s %12s\n", "test", "loop IOPS", "loop MiB/s", "rublk IOPS", "rublk MiB/s", "vmsync IOPS", "vmsync MiB/s", "vmsync/rublk", "vmsync/loop"; n = 0 }

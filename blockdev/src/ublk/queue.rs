@@ -115,9 +115,9 @@ impl TagBuffer {
     /// half the buffer takes it over; a smaller one is copied, so that a
     /// 4 KiB write queued to a peer does not pin a whole buffer. With
     /// `lend` (the device keeps no write data past the write, see
-    /// [`BlockDevice::keeps_write_data`]) a small write borrows the buffer.
+    /// [`BlockDevice::keeps_write_data`]) every write borrows the buffer.
     fn take_write_data(&mut self, len: usize, lend: bool) -> Bytes {
-        if lend && len < self.size / 2 {
+        if lend {
             let slice: &[u8] = &self.as_mut_slice()[..len];
             // SAFETY: the device drops every clone of these bytes before the
             // write completes (its `keeps_write_data` contract), and this

@@ -11,7 +11,8 @@
 #        BENCH_ENGINE (libaio | io_uring), BENCH_TESTS (all four),
 #        BENCH_SCHED (I/O scheduler forced on every device, "none"; "" = defaults),
 #        BENCH_QUEUES (ublk hardware queues of vmsync and rublk, 1),
-#        BENCH_RUBLK (path of the rublk binary; unset: no rublk column).
+#        BENCH_RUBLK (path of the rublk binary; unset: no rublk column),
+#        BENCH_RUBLK_ARGS (extra `rublk add loop` options, e.g. "-d 64 -b 1MiB").
 . "$REPO/tests/vm/lib.sh"
 require_binaries
 RT=${BENCH_RUNTIME:-20}
@@ -21,6 +22,7 @@ TESTS=${BENCH_TESTS:-randread_4k randwrite_4k seqread_1m seqwrite_1m}
 SCHED=${BENCH_SCHED-none}   # "" keeps each device's default scheduler
 QUEUES=${BENCH_QUEUES:-1}
 RUBLK=${BENCH_RUBLK:-}
+RUBLK_ARGS=${BENCH_RUBLK_ARGS:-}
 RUBLK_ID=9
 
 # Both backing files fully allocated (written, not fallocated: reads of
@@ -38,8 +40,10 @@ echo "$LOOPDEV" > "$W/loopdev"
 RUBLKDEV=
 if [ -n "$RUBLK" ]; then
   [ -x "$RUBLK" ] || fail "BENCH_RUBLK=$RUBLK is not executable"
-  # Same shape as vmsync's device: queue depth 64, 1 MiB buffers.
-  must "$RUBLK" add loop -n "$RUBLK_ID" -q "$QUEUES" -d 64 -b 1MiB --quiet -f "$W/rublk.img"
+  # rublk's own defaults unless BENCH_RUBLK_ARGS says otherwise (its
+  # defaults: depth 128, 512 KiB buffers; vmsync's shape is "-d 64 -b 1MiB").
+  # shellcheck disable=SC2086
+  must "$RUBLK" add loop -n "$RUBLK_ID" -q "$QUEUES" $RUBLK_ARGS --quiet -f "$W/rublk.img"
   RUBLKDEV=/dev/ublkb$RUBLK_ID
   for _ in $(seq 1 50); do [ -b "$RUBLKDEV" ] && break; sleep 0.2; done
   [ -b "$RUBLKDEV" ] || fail "rublk did not create $RUBLKDEV"
