@@ -168,7 +168,7 @@ async fn answer(
         tracing::debug!(offset, len, "asked for blocks this node lacks");
         return refuse(libc::ESTALE);
     }
-    let mut buf = AlignedBuf::zeroed(len as usize);
+    let mut buf = AlignedBuf::with_len(len as usize); // the read fills it
     if let Err(e) = repl.local.read(offset, buf.as_mut_slice()).await {
         tracing::warn!(offset, len, error = %e, "cannot read blocks a peer asked for");
         return refuse(blockdev::device::errno_of(&e));

@@ -397,7 +397,7 @@ async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::i
         let offset = first * block;
         let len = ((end - first) * block).min(repl.local_size() - offset);
         let range = repl.ranges.acquire(offset, len, || {}).await;
-        let mut buf = AlignedBuf::zeroed(len as usize);
+        let mut buf = AlignedBuf::with_len(len as usize); // the read fills it
         repl.local.read(offset, buf.as_mut_slice()).await?;
         let queued = {
             let epochs = repl.epochs.lock().unwrap_or_else(|e| e.into_inner());

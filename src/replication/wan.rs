@@ -481,7 +481,7 @@ async fn push_window(
         None => None,
     };
     let range = repl.ranges.acquire(offset, len, || {}).await;
-    let mut ours = AlignedBuf::zeroed(len as usize);
+    let mut ours = AlignedBuf::with_len(len as usize); // the read fills it
     repl.local.read(offset, ours.as_mut_slice()).await?;
     let ours = ours.into_bytes();
     // Runs of stale blocks that differ: (first block, count).

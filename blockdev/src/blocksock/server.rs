@@ -161,8 +161,10 @@ async fn read_request(reader: &mut BufReader<OwnedReadHalf>) -> io::Result<Optio
     let header =
         RequestHeader::decode(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let payload = if header.op.has_payload() {
-        // Aligned, so an O_DIRECT backing store can use it without a copy.
-        let mut buf = AlignedBuf::zeroed(header.len as usize);
+        // Aligned, so an O_DIRECT backing store can use it without a copy;
+        // not zeroed first, since the read overwrites every byte (and
+        // `with_len` never exposes uninitialised memory).
+        let mut buf = AlignedBuf::with_len(header.len as usize);
         reader.read_exact(buf.as_mut_slice()).await?;
         buf.into_bytes()
     } else {
@@ -181,7 +183,8 @@ async fn execute<D: BlockDevice>(device: &D, request: Request) -> Response {
     let len64 = u64::from(len);
     let (result, data) = match op {
         Op::Read => {
-            let mut buf = AlignedBuf::zeroed(len as usize);
+            // Filled whole by a successful read, dropped unsent otherwise.
+            let mut buf = AlignedBuf::with_len(len as usize);
             match device.read(offset, buf.as_mut_slice()).await {
                 Ok(()) => (Ok(()), Some(buf.into_bytes())),
                 Err(e) => (Err(e), None),
