@@ -29,7 +29,7 @@ mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blockdev::blocksock::BlockClient;
 use bytes::Bytes;
@@ -368,10 +368,8 @@ async fn drive(
     }
     tokio::time::sleep_until(from).await;
     let cpu0 = cpu_seconds(pid);
-    let started = Instant::now();
     tokio::time::sleep_until(end).await;
     let cpu1 = cpu_seconds(pid);
-    let _ = started;
     while tasks.join_next().await.is_some() {}
     client.flush().await.expect("flush");
     let ops = in_window.load(Ordering::Relaxed);

@@ -127,15 +127,6 @@ impl Direction {
     }
 }
 
-impl Drop for Direction {
-    /// Keys do not outlive their connection in freed memory.
-    fn drop(&mut self) {
-        // SAFETY: a valid, aligned, exclusively borrowed array; the volatile
-        // write keeps the compiler from dropping a store to dead memory.
-        unsafe { std::ptr::write_volatile(&mut self.key, [0u8; 32]) };
-    }
-}
-
 /// Seals frames for one direction of a connection.
 pub struct Sealer {
     state: Direction,
