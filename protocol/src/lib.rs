@@ -57,7 +57,8 @@ pub use types::{Channel, DiskState, GenerationIds, Role};
 /// 4: `ResyncFrom`: resync by reference, for the WAN postmaster.
 /// 5: `State` says whether the sender's generation is unwritten.
 /// 6: records are sealed with AEGIS-256X4 instead of AES-256-GCM.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: `ResyncPacked` may carry zstd (codec 2); a `Ping` is not answered.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The node id the directory server uses in handshakes (never a node's).
 pub const DIRECTORY_NODE_ID: u32 = u32::MAX;

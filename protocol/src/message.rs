@@ -394,7 +394,8 @@ messages! {
         offset: u64,
         /// Length of the data once decompressed, at most [`MAX_DATA_LEN`].
         len: u32,
-        /// How `data` is compressed: [`crate::compress::CODEC_LZ4`].
+        /// How `data` is compressed: [`crate::compress::CODEC_ZSTD`] or
+        /// [`crate::compress::CODEC_LZ4`].
         codec: u8,
         /// The compressed contents, at most [`MAX_DATA_LEN`] bytes.
         data: Bytes,
@@ -464,10 +465,12 @@ messages! {
 
     // ---- keepalive (meta channel, both directions) --------------------------
 
-    /// Liveness probe; the receiver answers [`Message::PingAck`].
+    /// Liveness probe. Each side sends one every ping interval while the
+    /// link is up; the receiver does not answer (since version 7).
     Ping = 0x0401,
 
-    /// Answer to [`Message::Ping`].
+    /// The answer to [`Message::Ping`] of versions before 7; accepted and
+    /// ignored.
     PingAck = 0x0402,
 
     // ---- directory (Channel::Directory) -------------------------------------

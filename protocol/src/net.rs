@@ -93,6 +93,13 @@ impl FrameReader {
     }
 }
 
+/// The most a pump batches into one flush. Without a bound a producer
+/// that refills the channel as fast as the pump seals (a holder reading
+/// 1 MiB replies from the page cache for a requester that reads none)
+/// kept the batch growing and the socket never got its write: every
+/// requested reply ended up in memory at once (hundreds of MiB).
+pub const MAX_BATCH: usize = 1 << 20;
+
 /// Sending half of a connection.
 ///
 /// Messages are encoded into `buf`. Before the handshake is done (and on
@@ -141,14 +148,16 @@ impl FrameWriter {
 
     /// Sends every message from `rx` until the channel closes (the meta
     /// connection's writer task). Whatever is queued when the socket is free
-    /// goes out in one write: under load, dozens of acks share a syscall.
+    /// goes out in one write, up to [`MAX_BATCH`] bytes: under load, dozens
+    /// of acks share a syscall.
     pub async fn pump(
         mut self,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<Message>,
     ) -> Result<(), LinkError> {
         while let Some(msg) = rx.recv().await {
             self.queue(&msg)?;
-            while let Ok(more) = rx.try_recv() {
+            while self.buffered() < MAX_BATCH {
+                let Ok(more) = rx.try_recv() else { break };
                 self.queue(&more)?;
             }
             self.flush().await?;
@@ -164,7 +173,8 @@ impl FrameWriter {
     ) -> Result<(), LinkError> {
         while let Some(msg) = rx.recv().await {
             self.queue(&msg)?;
-            while let Ok(more) = rx.try_recv() {
+            while self.buffered() < MAX_BATCH {
+                let Ok(more) = rx.try_recv() else { break };
                 self.queue(&more)?;
             }
             self.flush().await?;
@@ -254,20 +264,27 @@ pub fn set_dead_peer_timeout(timeout: Duration) {
     DEAD_PEER_TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Lets the kernel notice a dead peer too, within about the dead-peer
-/// timeout: `TCP_USER_TIMEOUT` drops the connection when sent data stays
-/// unacknowledged that long (a crashed host, a cut cable: otherwise TCP
-/// retransmits for ~15 minutes), and keepalive probes find an idle one.
-/// The application's pings still catch a peer whose kernel answers but
-/// whose process does not (SIGSTOP). Best effort: failures are ignored.
+/// Lets the kernel notice a dead peer too: `TCP_USER_TIMEOUT` drops the
+/// connection when sent data stays unacknowledged for the dead-peer timeout
+/// (a crashed host, a cut cable: otherwise TCP retransmits for ~15
+/// minutes), and keepalive probes find a dead idle one within about twice
+/// the timeout. The first probe waits for a whole timeout of silence: a
+/// link's meta connection carries pings and never needs one, and the idle
+/// ones (a link's data connection between two secondaries, a fetch
+/// connection) cost two packets per timeout instead of four per second —
+/// on a WAN, a probe every second on each idle connection was most of the
+/// traffic of an idle cluster. The application's pings still catch a peer
+/// whose kernel answers but whose process does not (SIGSTOP). Best effort:
+/// failures are ignored.
 pub fn configure_socket(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let timeout =
         Duration::from_millis(DEAD_PEER_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed));
+    let idle = timeout.max(Duration::from_secs(1));
     let probe = (timeout / 4).max(Duration::from_secs(1));
     let socket = socket2::SockRef::from(stream);
     let keepalive = socket2::TcpKeepalive::new()
-        .with_time(probe)
+        .with_time(idle)
         .with_interval(probe)
         .with_retries(4);
     let _ = socket.set_tcp_keepalive(&keepalive);

@@ -109,6 +109,9 @@ pub struct Replication {
     /// bytes per second on the wire (0: unlimited). While the guest is
     /// busy the push trickles well below it (see `replication::wan`).
     pub wan_rate: u64,
+    /// How the lazy push compresses what it sends to WAN peers (the frame
+    /// names the codec; the receiver decodes either).
+    pub wan_compression: protocol::compress::Codec,
     /// Longest a guest I/O waits for a block this node lacks while no node
     /// holding it answers, before it fails with EIO (milliseconds).
     pub fetch_timeout_ms: u64,
@@ -180,6 +183,7 @@ impl Default for Replication {
             // (c-max-rate); verify reads the whole device on both sides.
             verify_rate: 100 << 20,
             wan_rate: 0,
+            wan_compression: protocol::compress::Codec::Zstd,
             fetch_timeout_ms: 30_000,
             ping_interval_ms: 1000,
             ping_timeout_ms: 5000,
@@ -336,6 +340,7 @@ struct RawReplication {
     sync_rate: Option<RawSize>,
     verify_rate: Option<RawSize>,
     wan_rate: Option<RawSize>,
+    wan_compression: Option<String>,
     fetch_timeout_ms: Option<i64>,
     ping_interval_ms: Option<i64>,
     ping_timeout_ms: Option<i64>,
@@ -612,6 +617,18 @@ impl Validator<'_> {
                     }
                     bytes => self.size("replication.wan_rate", bytes)?,
                 };
+            }
+            if let Some(name) = r.wan_compression {
+                replication.wan_compression = protocol::compress::Codec::from_name(&name)
+                    .ok_or_else(|| {
+                        self.err(
+                            "replication.wan_compression",
+                            format!(
+                                "'{name}' is not one of: {}",
+                                protocol::compress::Codec::NAMES
+                            ),
+                        )
+                    })?;
             }
             if let Some(ms) = r.fetch_timeout_ms {
                 replication.fetch_timeout_ms = self.count("replication.fetch_timeout_ms", ms)?;

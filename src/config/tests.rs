@@ -112,6 +112,29 @@ fn wan_rates_take_bits_per_second_or_sizes() {
 }
 
 #[test]
+fn wan_compression_is_zstd_unless_set_and_an_unknown_codec_is_named() {
+    use protocol::compress::Codec;
+    let with = |value: &str| format!("{GOOD}\n[replication]\nwan_compression = \"{value}\"\n");
+    assert_eq!(
+        parse(Path::new("t.toml"), GOOD)
+            .unwrap()
+            .replication
+            .wan_compression,
+        Codec::Zstd
+    );
+    for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
+        let c = parse(Path::new("t.toml"), &with(codec.name())).unwrap();
+        assert_eq!(c.replication.wan_compression, codec);
+    }
+    let e = error_of(&with("gzip"));
+    assert!(
+        e.contains("`replication.wan_compression`")
+            && e.contains("'gzip' is not one of: zstd, lz4, none"),
+        "{e}"
+    );
+}
+
+#[test]
 fn errors_name_the_file_the_key_and_the_reason() {
     let e = error_of(&GOOD.replace("\"16GiB\"", "\"16XB\""));
     assert!(

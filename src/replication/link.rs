@@ -516,8 +516,8 @@ async fn idle(
                 let msg = msg?;
                 live.heard();
                 match msg {
-                    Message::Ping => link.meta_writer.send(&Message::PingAck).await?,
-                    Message::PingAck => {}
+                    // Liveness only: see `liveness` for why no answer.
+                    Message::Ping | Message::PingAck => {}
                     // The peer changed role: start over so the right session runs.
                     Message::State { term, .. } => {
                         repl.check_peer_term(term, &peer.config.name)?;

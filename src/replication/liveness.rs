@@ -7,6 +7,12 @@
 //! session's `select!` fires: a per-read `timeout()` inside a `select!` that
 //! also ticks is re-armed on every tick and never fires, which is how a frozen
 //! peer (SIGSTOP: sockets open, nothing answers) stayed "connected" forever.
+//!
+//! A Ping is not answered (since protocol version 7): both sides ping on
+//! their own, so an answer would only double the idle traffic — on an
+//! idle WAN link the pings, their answers and the TCP acks of each were
+//! most of what crossed. So a live peer is heard at least once per ping
+//! interval, not twice: whoever judges silence allows two intervals.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -527,7 +527,8 @@ impl Replication {
     /// data). Bumps the term and starts a new data generation.
     ///
     /// With `force`, a connected primary peer that has sent nothing for more
-    /// than a ping interval (frozen, or its host or network hangs) does not
+    /// than two ping intervals (frozen, or its host or network hangs; a live
+    /// one pings once per interval) does not
     /// block the promotion: it is fenced by our newer term when it wakes.
     /// One that is answering still does: demote it first.
     pub fn promote(&self, force: bool) -> Result<RoleState, String> {
@@ -537,9 +538,9 @@ impl Replication {
         if self.disk_is_failed() {
             return Err("this node's backing device failed (disk state failed): promote a peer; restart vmsyncd here once the device works again, and it resyncs".into());
         }
-        let ping_interval = Duration::from_millis(self.tunables().ping_interval_ms);
+        let silence = 2 * Duration::from_millis(self.tunables().ping_interval_ms);
         for p in self.peers.load().iter().filter(|p| p.is_peer_primary()) {
-            let silent = p.silent_for().is_none_or(|t| t > ping_interval);
+            let silent = p.silent_for().is_none_or(|t| t > silence);
             if force && silent {
                 tracing::warn!(peer = %p.config.name, silent_ms = p.silent_for().map(|t| t.as_millis() as u64),
                     "forced promotion over a connected primary peer that has stopped answering");

@@ -233,8 +233,8 @@ pub async fn run(
                     Message::WriteNack { seq, errno } => {
                         break Err(LinkError::Violation(format!("peer's disk failed write {seq} (errno {errno}); it is marked stale")));
                     }
-                    Message::Ping => { let _ = meta_tx.send(Message::PingAck); }
-                    Message::PingAck => {}
+                    // Liveness only: see `liveness` for why no answer.
+                    Message::Ping | Message::PingAck => {}
                     Message::State { term, .. } => {
                         if let Err(e) = repl.check_peer_term(term, &peer.config.name) {
                             break Err(e);

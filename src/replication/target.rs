@@ -253,8 +253,8 @@ pub async fn run(
                 };
                 live.heard();
                 match msg {
-                    Message::Ping => { let _ = meta_tx.send(Message::PingAck); }
-                    Message::PingAck => {}
+                    // Liveness only: see `liveness` for why no answer.
+                    Message::Ping | Message::PingAck => {}
                     Message::State { disk_state: DiskState::UpToDate, generation, term, .. } => {
                         // A fenced primary must not rewrite our generation either.
                         if let Err(e) = check_term(repl, term) {

@@ -83,6 +83,56 @@ pub fn fill_pattern(seed: u64, buf: &mut [u8]) {
     }
 }
 
+/// Fills `buf` with text-like data for the write with this `seed`: lines
+/// of words from a 4096-word vocabulary of made-up words, picked with a
+/// skew (short, common words most), and numbers. It compresses about as
+/// well as source code or logs do (zstd about 2.5x, LZ4 about 1.7x: the
+/// WAN benchmark prints the figures), unlike [`fill_pattern`], and no two
+/// writes are alike.
+pub fn fill_text(seed: u64, buf: &mut [u8]) {
+    let mut state = splitmix64(seed);
+    let mut next = move || {
+        state = splitmix64(state);
+        state
+    };
+    let mut at = 0;
+    let mut column = 0;
+    while at < buf.len() {
+        let r = next();
+        // Zipf's law, as in natural language: word n comes up about 1/n
+        // as often as the first (log-uniform over the vocabulary).
+        let u = (r & 0xff_ffff) as f64 / (1u64 << 24) as f64;
+        let index = 4096f64.powf(u) as u64 - 1;
+        let piece = if (r >> 40) % 11 == 0 {
+            ((r >> 44) % 10_000).to_string().into_bytes()
+        } else {
+            made_up_word(index)
+        };
+        for &b in piece.iter().chain(if column > 60 { b"\n" } else { b" " }) {
+            if at == buf.len() {
+                return;
+            }
+            buf[at] = b;
+            at += 1;
+        }
+        column = if column > 60 {
+            0
+        } else {
+            column + piece.len() + 1
+        };
+    }
+}
+
+/// Word number `index` of the made-up vocabulary: 2 to 11 lower-case
+/// letters, longer for higher numbers.
+fn made_up_word(index: u64) -> Vec<u8> {
+    let h = splitmix64(index ^ 0x5EED);
+    let len = 2 + ((index + 1).ilog2() as u64 / 2 + h % 4) as usize;
+    (0..len.min(11))
+        .map(|i| b'a' + ((h >> (i * 5)) % 26) as u8)
+        .collect()
+}
+
 fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
