@@ -186,20 +186,28 @@ fn main() {
             "–".to_string()
         }
     );
-    println!(
-        "| WAN bytes, both ways (2 remote nodes vs rsync to 1) | {:.2} MB | rsync {:.2} MB in {:.1} s | {:.3} | < 1 |",
-        (vmsync_bytes + vmsync_back) as f64 / 1e6,
-        (rsync.bytes + rsync.back) as f64 / 1e6,
-        rsync.seconds,
-        (vmsync_bytes + vmsync_back) as f64 / (rsync.bytes + rsync.back) as f64
+    let vmsync_total = vmsync_bytes + vmsync_back;
+    let against = |label: &str, name: &str, r: &Rsync, target: &str| {
+        println!(
+            "| {label} | {:.2} MB | {name} {:.2} MB in {:.1} s | {:.3} | {target} |",
+            vmsync_total as f64 / 1e6,
+            (r.bytes + r.back) as f64 / 1e6,
+            r.seconds,
+            vmsync_total as f64 / (r.bytes + r.back) as f64
+        )
+    };
+    against(
+        "WAN bytes, both ways (2 remote nodes vs rsync to 1)",
+        "rsync",
+        &rsync,
+        "< 1",
     );
     if let Some(z) = &rsync_z {
-        println!(
-            "| ... against rsync -z (it picks zstd, one stream for the whole image) | {:.2} MB | rsync -z {:.2} MB in {:.1} s | {:.3} | – |",
-            (vmsync_bytes + vmsync_back) as f64 / 1e6,
-            (z.bytes + z.back) as f64 / 1e6,
-            z.seconds,
-            (vmsync_bytes + vmsync_back) as f64 / (z.bytes + z.back) as f64
+        against(
+            "... against rsync -z (it picks zstd, one stream for the whole image)",
+            "rsync -z",
+            z,
+            "–",
         );
     }
     println!(
