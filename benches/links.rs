@@ -103,24 +103,20 @@ fn main() {
 /// Issue 10, target 3: the primary's CPU per request for each extra peer
 /// ((2-peer − local) ÷ 2) as a fraction of the local CPU per request.
 fn print_cpu_per_peer(rows: &[Row]) {
-    let cpu = |config: &str, workload: &str, net: bool| {
+    let cpu = |config: &str, workload: &str, of: fn(&Row) -> f64| {
         rows.iter()
             .find(|r| r.config == config && r.workload == workload)
-            .map(|r| {
-                if net {
-                    r.cpu_net_us_per_op
-                } else {
-                    r.cpu_us_per_op
-                }
-            })
+            .map(of)
     };
     for (two, workload, target) in [
         ("1gbit-2p", SEQ_1M.name, 0.5),
         ("100mbit-2p", SEQ_1M.name, 0.5),
     ] {
-        for (net, what) in [(false, "all CPU"), (true, "net of idle CPU")] {
+        let all: fn(&Row) -> f64 = |r| r.cpu_us_per_op;
+        let net: fn(&Row) -> f64 = |r| r.cpu_net_us_per_op;
+        for (of, what) in [(all, "all CPU"), (net, "net of idle CPU")] {
             if let (Some(local), Some(two_peers)) =
-                (cpu("local", workload, net), cpu(two, workload, net))
+                (cpu("local", workload, of), cpu(two, workload, of))
             {
                 let per_peer = (two_peers - local) / 2.0;
                 println!(

@@ -506,6 +506,18 @@ impl Validator<'_> {
             .ok_or_else(|| self.err(key, format!("{n} must be a positive number")))
     }
 
+    /// One of a fixed set of named values (`names` lists them for the
+    /// error).
+    fn choice<T>(
+        &self,
+        key: &str,
+        name: &str,
+        from_name: impl Fn(&str) -> Option<T>,
+        names: &str,
+    ) -> Result<T, ConfigError> {
+        from_name(name).ok_or_else(|| self.err(key, format!("'{name}' is not one of: {names}")))
+    }
+
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let size = self.size("resource.size", raw.resource.size)?;
         if size == 0 || size % 4096 != 0 {
@@ -619,16 +631,12 @@ impl Validator<'_> {
                 };
             }
             if let Some(name) = r.wan_compression {
-                replication.wan_compression = protocol::compress::Codec::from_name(&name)
-                    .ok_or_else(|| {
-                        self.err(
-                            "replication.wan_compression",
-                            format!(
-                                "'{name}' is not one of: {}",
-                                protocol::compress::Codec::NAMES
-                            ),
-                        )
-                    })?;
+                replication.wan_compression = self.choice(
+                    "replication.wan_compression",
+                    &name,
+                    protocol::compress::Codec::from_name,
+                    protocol::compress::Codec::NAMES,
+                )?;
             }
             if let Some(ms) = r.fetch_timeout_ms {
                 replication.fetch_timeout_ms = self.count("replication.fetch_timeout_ms", ms)?;
@@ -640,13 +648,12 @@ impl Validator<'_> {
                 replication.ping_timeout_ms = self.count("replication.ping_timeout_ms", ms)?;
             }
             if let Some(policy) = r.after_split_brain {
-                replication.after_split_brain =
-                    AfterSplitBrain::from_name(&policy).ok_or_else(|| {
-                        self.err(
-                            "replication.after_split_brain",
-                            format!("'{policy}' is not one of: {}", AfterSplitBrain::NAMES),
-                        )
-                    })?;
+                replication.after_split_brain = self.choice(
+                    "replication.after_split_brain",
+                    &policy,
+                    AfterSplitBrain::from_name,
+                    AfterSplitBrain::NAMES,
+                )?;
             }
             // A timeout of less than two ping intervals drops healthy links
             // whenever one ping is a little late.

@@ -157,19 +157,21 @@ fn tunable_changes(old: &config::Replication, new: &config::Replication) -> Vec<
         new.ping_interval_ms,
     );
     compare("ping_timeout_ms", old.ping_timeout_ms, new.ping_timeout_ms);
-    if old.wan_compression != new.wan_compression {
-        changes.push(format!(
-            "wan_compression {} → {}",
+    for (key, old, new) in [
+        (
+            "wan_compression",
             old.wan_compression.name(),
-            new.wan_compression.name()
-        ));
-    }
-    if old.after_split_brain != new.after_split_brain {
-        changes.push(format!(
-            "after_split_brain {} → {}",
+            new.wan_compression.name(),
+        ),
+        (
+            "after_split_brain",
             old.after_split_brain.name(),
-            new.after_split_brain.name()
-        ));
+            new.after_split_brain.name(),
+        ),
+    ] {
+        if old != new {
+            changes.push(format!("{key} {old} → {new}"));
+        }
     }
     changes
 }

@@ -134,7 +134,7 @@ async fn answer_hashes(
     if repl.local.stale_bitmap().any_in_bytes(offset, len) {
         return refuse(libc::ESTALE);
     }
-    let mut buf = AlignedBuf::zeroed(len as usize);
+    let mut buf = AlignedBuf::with_len(len as usize); // the read fills it
     if let Err(e) = repl.local.read(offset, buf.as_mut_slice()).await {
         tracing::warn!(offset, len, error = %e, "cannot read blocks a peer asked hashes of");
         return refuse(blockdev::device::errno_of(&e));

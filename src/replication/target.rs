@@ -187,7 +187,7 @@ impl Applier {
 /// Whether our copy of the range already hashes to `hash` (then a relay
 /// has nothing to read: e.g. the initial sync of identical replicas).
 async fn holds_already(local: &LocalDisk, offset: u64, len: u64, hash: &[u8; 32]) -> bool {
-    let mut ours = blockdev::buffer::AlignedBuf::zeroed(len as usize);
+    let mut ours = blockdev::buffer::AlignedBuf::with_len(len as usize); // the read fills it
     local.read(offset, ours.as_mut_slice()).await.is_ok()
         && blake3::hash(ours.as_slice()).as_bytes() == hash
 }

@@ -254,7 +254,7 @@ impl Replication {
         // Ours, read under the range lock so no guest write is half done.
         let ours = {
             let _range = self.ranges.acquire(offset, len, || {}).await;
-            let mut buf = AlignedBuf::zeroed(len as usize);
+            let mut buf = AlignedBuf::with_len(len as usize); // the read fills it
             self.local
                 .read(offset, buf.as_mut_slice())
                 .await

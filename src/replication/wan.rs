@@ -616,7 +616,7 @@ async fn relay_pass(
             drop(range);
             continue;
         }
-        let mut ours = AlignedBuf::zeroed(len as usize);
+        let mut ours = AlignedBuf::with_len(len as usize); // the read fills it
         repl.local.read(offset, ours.as_mut_slice()).await?;
         let term = repl.role().term;
         let mut wire = 0;
