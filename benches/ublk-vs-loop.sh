@@ -44,14 +44,27 @@ rc=0
 
 echo
 echo "vmsync (ublk, direct_io) vs rublk $RUBLK_VERSION (add loop${BENCH_RUBLK_ARGS:+ $BENCH_RUBLK_ARGS}, direct I/O) vs loop (--direct-io=on), $BENCH_QUEUES ublk queue(s), fio $BENCH_ENGINE, ${BENCH_RUNTIME}s per run, TCG guest"
-tr -d '\r' < "$VM_CONSOLE_LOG" | grep -a -E '^BENCH ' | awk '
+results=$(tr -d '\r' < "$VM_CONSOLE_LOG" | grep -a -E '^BENCH ' || true)
+[ -n "$results" ] || { echo "(no BENCH results)"; exit 1; }
+echo "$results" | awk '
   function v(k,   i, kv) { for (i = 3; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) return kv[2] } return 0 }
-  BEGIN { printf "%-14s %10s %10s %10s %10s %10s %10s %13s %12s\n", "test", "loop IOPS", "loop MiB/s", "rublk IOPS", "rublk MiB/s", "vmsync IOPS", "vmsync MiB/s", "vmsync/rublk", "vmsync/loop"; n = 0 }
+  BEGIN { printf "%-14s %10s %10s %10s %10s %10s %10s %13s %12s\n", "test", "loop IOPS", "loop MiB/s", "rublk IOPS", "rublk MiB/s", "vmsync IOPS", "vmsync MiB/s", "vmsync/rublk", "vmsync/loop" }
   {
     li = v("loop_iops"); lb = v("loop_mibps"); vi = v("vmsync_iops"); vb = v("vmsync_mibps"); ri = v("rublk_iops"); rb = v("rublk_mibps")
     r = (li > 0) ? vi / li : 0
     rr = (ri > 0) ? sprintf("%.2f", vi / ri) : "-"
-    printf "%-14s %10d %10.1f %10d %10.1f %10d %10.1f %13s %12.2f\n", $2, li, lb, ri, rb, vi, vb, rr, r; n++
-  }
-  END { if (n == 0) { print "(no BENCH results)"; exit 1 } }' || rc=1
+    printf "%-14s %10d %10.1f %10d %10.1f %10d %10.1f %13s %12.2f\n", $2, li, lb, ri, rb, vi, vb, rr, r
+  }'
+# CPU per request, the figure a TCG guest measures best: the whole guest
+# (fio, kernel, server) and the ublk server process alone.
+echo
+echo "CPU time per I/O in the guest (µs): all CPUs busy time, and the ublk server's own threads"
+echo "$results" | awk '
+  function v(k,   i, kv) { for (i = 3; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) return kv[2] } return "-" }
+  function ratio(a, b) { return (a != "-" && b != "-" && b > 0) ? sprintf("%.2f", a / b) : "-" }
+  BEGIN { printf "%-14s %10s %10s %11s %11s %11s %13s %13s\n", "test", "loop all", "rublk all", "vmsync all", "rublk srv", "vmsync srv", "all v/rublk", "srv v/rublk" }
+  {
+    lc = v("loop_cpu"); rc = v("rublk_cpu"); vc = v("vmsync_cpu"); rs = v("rublk_srv"); vs = v("vmsync_srv")
+    printf "%-14s %10s %10s %11s %11s %11s %13s %13s\n", $2, lc, rc, vc, rs, vs, ratio(vc, rc), ratio(vs, rs)
+  }'
 exit "$rc"

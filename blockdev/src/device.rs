@@ -8,6 +8,7 @@
 use bytes::Bytes;
 use std::future::Future;
 use std::io;
+use std::os::fd::RawFd;
 
 /// Size of the sector unit the kernel addresses ublk requests in.
 pub const SECTOR_SIZE: u64 = 512;
@@ -57,6 +58,17 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// peers, so it must say true).
     fn keeps_write_data(&self) -> bool {
         true
+    }
+
+    /// The files this device's reads and writes reach in the end (the
+    /// backing store's), for a frontend to register with the io_uring it
+    /// serves requests on: an operation on a registered file skips the
+    /// per-request lookup and reference count of its descriptor. Each must
+    /// stay open as long as the device exists (the frontend matches them by
+    /// number). A layer passes on the files of the layer under it; the
+    /// default is none.
+    fn io_files(&self) -> Vec<RawFd> {
+        Vec::new()
     }
 }
 

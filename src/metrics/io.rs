@@ -139,6 +139,10 @@ impl<D: BlockDevice> BlockDevice for Metered<D> {
         self.inner.keeps_write_data()
     }
 
+    fn io_files(&self) -> Vec<std::os::fd::RawFd> {
+        self.inner.io_files()
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         self.timed(0, len, self.inner.read(offset, buf)).await

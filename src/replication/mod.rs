@@ -963,6 +963,10 @@ impl BlockDevice for ReplicatedDevice {
         self.0.local.size()
     }
 
+    fn io_files(&self) -> Vec<std::os::fd::RawFd> {
+        self.0.local.io_files()
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         self.0.check_primary(offset, len)?;

@@ -26,6 +26,26 @@ const RING_ENTRIES: u32 = 256;
 /// Largest single zero-fill write when a backing cannot zero a range itself.
 const ZERO_FILL_CHUNK: u64 = 1 << 20;
 
+/// How an io_uring operation names the backing file: by descriptor, or by
+/// its slot among the files registered with the ring it goes to (a ublk
+/// queue ring; see `ublk::ring`).
+#[derive(Clone, Copy)]
+enum FileRef {
+    Fd(types::Fd),
+    Slot(types::Fixed),
+}
+
+/// Builds an operation on a [`FileRef`]: `op!(file, |f| opcode::X::new(f, ..).build())`
+/// (one expression, type-checked for a descriptor and for a slot).
+macro_rules! op {
+    ($file:expr, |$f:ident| $build:expr) => {
+        match $file {
+            FileRef::Fd($f) => $build,
+            FileRef::Slot($f) => $build,
+        }
+    };
+}
+
 /// How the backing store is opened.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BackingOptions {
@@ -171,22 +191,23 @@ impl BackingStore {
         types::Fd(self.file.as_raw_fd())
     }
 
-    /// Runs one operation. A result of -EINTR or -EAGAIN means the kernel
+    /// Runs one operation, built by `build` for the file reference of the
+    /// ring it goes to. A result of -EINTR or -EAGAIN means the kernel
     /// did not perform it (no byte transferred), so it is submitted again,
     /// a few times, rather than failing a guest request on a transient
     /// condition; any other result, or a transient one that persists, is
     /// returned.
     ///
     /// # Safety
-    /// As [`Uring::submit`]: every buffer `entry` points to must stay valid
-    /// and unaliased until the returned future completes (it is awaited
-    /// here, so until this future completes or is dropped).
-    async unsafe fn run(&self, entry: squeue::Entry) -> io::Result<usize> {
+    /// As [`Uring::submit`]: every buffer the entries point to must stay
+    /// valid and unaliased until the returned future completes (it is
+    /// awaited here, so until this future completes or is dropped).
+    async unsafe fn run(&self, build: impl Fn(FileRef) -> squeue::Entry) -> io::Result<usize> {
         let mut attempt = 0;
         loop {
             // SAFETY: the caller's contract; each submission is awaited
             // (and so finished) before the next one reuses the buffers.
-            let result = unsafe { self.submit(entry.clone()) }.await;
+            let result = unsafe { self.submit(&build) }.await;
             if retry_transient(result, attempt) {
                 attempt += 1;
                 continue;
@@ -201,28 +222,37 @@ impl BackingStore {
     ///
     /// # Safety
     /// As [`BackingStore::run`].
-    async unsafe fn submit(&self, entry: squeue::Entry) -> i32 {
+    async unsafe fn submit(&self, build: impl Fn(FileRef) -> squeue::Entry) -> i32 {
         if crate::ublk::ring::on_queue_thread() {
+            let file = match crate::ublk::ring::queue_file_slot(self.file.as_raw_fd()) {
+                Some(slot) => FileRef::Slot(types::Fixed(slot)),
+                None => FileRef::Fd(self.fd()),
+            };
             // SAFETY: the caller's contract; awaited here, on this thread.
             if let Some(result) =
-                unsafe { crate::ublk::ring::submit_on_queue_ring(entry.clone()) }.await
+                unsafe { crate::ublk::ring::submit_on_queue_ring(build(file)) }.await
             {
                 return result;
             }
         }
         // SAFETY: the caller's contract.
-        unsafe { self.uring.submit(entry) }.await
+        unsafe { self.uring.submit(build(FileRef::Fd(self.fd()))) }.await
     }
 
     /// Reads exactly `buf.len()` bytes, retrying short reads.
     async fn read_exact_at(&self, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
         while !buf.is_empty() {
             let len = chunk_len(buf.len());
-            let entry = opcode::Read::new(self.fd(), buf.as_mut_ptr(), len)
-                .offset(offset)
-                .build();
+            // The address as an integer: a raw pointer would keep the
+            // future from being `Send`.
+            let addr = buf.as_mut_ptr() as usize;
+            let read = |file| {
+                op!(file, |f| opcode::Read::new(f, addr as *mut u8, len)
+                    .offset(offset)
+                    .build())
+            };
             // SAFETY: `buf` is borrowed until the op completes (UringOp waits on drop).
-            let done = unsafe { self.run(entry) }.await?.min(buf.len());
+            let done = unsafe { self.run(read) }.await?.min(buf.len());
             if done == 0 {
                 // Past the end of a file: the rest reads as zeroes, like a hole.
                 buf.fill(0);
@@ -239,12 +269,15 @@ impl BackingStore {
         let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
         while !data.is_empty() {
             let len = chunk_len(data.len());
-            let entry = opcode::Write::new(self.fd(), data.as_ptr(), len)
-                .offset(offset)
-                .rw_flags(rw_flags)
-                .build();
+            let addr = data.as_ptr() as usize; // as in `read_exact_at`
+            let write = |file| {
+                op!(file, |f| opcode::Write::new(f, addr as *const u8, len)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build())
+            };
             // SAFETY: `data` is borrowed until the op completes.
-            let done = unsafe { self.run(entry) }.await?.min(data.len());
+            let done = unsafe { self.run(write) }.await?.min(data.len());
             if done == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -258,12 +291,14 @@ impl BackingStore {
     }
 
     async fn fallocate(&self, offset: u64, len: u64, mode: i32) -> io::Result<()> {
-        let entry = opcode::Fallocate::new(self.fd(), len)
-            .offset(offset)
-            .mode(mode)
-            .build();
+        let fallocate = |file| {
+            op!(file, |f| opcode::Fallocate::new(f, len)
+                .offset(offset)
+                .mode(mode)
+                .build())
+        };
         // SAFETY: fallocate references no memory.
-        unsafe { self.run(entry) }.await.map(|_| ())
+        unsafe { self.run(fallocate) }.await.map(|_| ())
     }
 
     /// Punches a hole, or writes zeroes where holes are not supported.
@@ -321,6 +356,10 @@ impl BlockDevice for BackingStore {
         false
     }
 
+    fn io_files(&self) -> Vec<std::os::fd::RawFd> {
+        vec![self.file.as_raw_fd()]
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         check_range(self.size, offset, len)?;
@@ -350,11 +389,13 @@ impl BlockDevice for BackingStore {
     }
 
     async fn flush(&self) -> io::Result<()> {
-        let entry = opcode::Fsync::new(self.fd())
-            .flags(types::FsyncFlags::DATASYNC)
-            .build();
+        let fsync = |file| {
+            op!(file, |f| opcode::Fsync::new(f)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build())
+        };
         // SAFETY: fsync references no memory.
-        let result = cqe_to_result(unsafe { self.submit(entry) }.await).map(|_| ());
+        let result = cqe_to_result(unsafe { self.submit(fsync) }.await).map(|_| ());
         self.observe("flush", 0, 0, result)
     }
 

@@ -760,6 +760,10 @@ impl<D: BlockDevice> BlockDevice for LazyDevice<D> {
         self.shared.size
     }
 
+    fn io_files(&self) -> Vec<std::os::fd::RawFd> {
+        self.shared.inner.io_files()
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         check_range(self.shared.size, offset, len)?;

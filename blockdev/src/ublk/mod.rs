@@ -193,9 +193,11 @@ fn serve<D: BlockDevice>(
         }
     };
     let size = device.size();
+    let io_files = device.io_files();
     let resource = options.resource.clone();
     let init = move |dev: &mut UblkDev| {
         set_params(dev, size);
+        register_io_files(dev, &io_files);
         dev.set_target_json(serde_json::json!({ TARGET_JSON_KEY: { "resource": resource } }));
         Ok(())
     };
@@ -249,6 +251,26 @@ fn build_ctrl(options: &UblkOptions, recover_id: Option<u32>) -> Result<UblkCtrl
             .id(-1)
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build(),
+    }
+}
+
+/// Adds the device's backing files to the target's files, which libublk
+/// registers with every queue ring (after the ublk char device in slot 0);
+/// see `ring`. Files beyond libublk's table are left out: their I/O uses
+/// the descriptor instead.
+fn register_io_files(dev: &mut UblkDev, files: &[std::os::fd::RawFd]) {
+    let tgt = &mut dev.tgt;
+    for &fd in files {
+        let slot = tgt.nr_fds as usize;
+        if slot >= tgt.fds.len() {
+            tracing::debug!(
+                fd,
+                "no room to register a backing file with the queue rings"
+            );
+            break;
+        }
+        tgt.fds[slot] = fd;
+        tgt.nr_fds += 1;
     }
 }
 

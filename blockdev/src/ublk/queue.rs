@@ -37,7 +37,8 @@ pub fn run_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, device: Arc<D>) {
     };
     // From here on this thread's backing I/O goes on the queue's own ring
     // (see `ring`), and wake-ups from this thread need no doorbell.
-    let _on_queue = super::ring::enter_queue_thread(&doorbell);
+    let files = &dev.tgt.fds[..dev.tgt.nr_fds as usize];
+    let _on_queue = super::ring::enter_queue_thread(&doorbell, files);
     let executor = Rc::new(smol::LocalExecutor::new());
     let tags: Vec<u16> = queue.tags().collect();
     let live_tags = Rc::new(std::cell::Cell::new(tags.len()));

@@ -13,8 +13,16 @@
 //! here is awaited here. That holds because a future first polled on a
 //! queue thread stays on its local executor (it is never handed to tokio
 //! mid-flight), and a future spawned elsewhere sees no queue ring.
+//!
+//! The queue's ring also has the backing files registered (libublk
+//! registers the target's files with every queue ring; the device names
+//! them through [`crate::BlockDevice::io_files`]), and an operation on the
+//! queue ring names its file by slot: the kernel then skips looking up and
+//! reference-counting the descriptor on every request, as rublk's loop
+//! target does.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use io_uring::squeue;
@@ -26,12 +34,15 @@ use super::doorbell::Doorbell;
 std::thread_local! {
     /// The doorbell of the queue this thread serves, if it serves one.
     static QUEUE_DOORBELL: Cell<*const Doorbell> = const { Cell::new(std::ptr::null()) };
+    /// The files registered with this thread's queue ring, by slot.
+    static QUEUE_FILES: RefCell<Vec<RawFd>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Marks this thread as serving the queue of `doorbell` until the guard is
-/// dropped.
-pub(super) fn enter_queue_thread(doorbell: &Arc<Doorbell>) -> QueueThread {
+/// Marks this thread as serving the queue of `doorbell`, whose ring has
+/// `files` registered (slot = index), until the guard is dropped.
+pub(super) fn enter_queue_thread(doorbell: &Arc<Doorbell>, files: &[RawFd]) -> QueueThread {
     QUEUE_DOORBELL.with(|d| d.set(Arc::as_ptr(doorbell)));
+    QUEUE_FILES.with(|f| *f.borrow_mut() = files.to_vec());
     QueueThread(())
 }
 
@@ -40,7 +51,14 @@ pub(super) struct QueueThread(());
 impl Drop for QueueThread {
     fn drop(&mut self) {
         QUEUE_DOORBELL.with(|d| d.set(std::ptr::null()));
+        QUEUE_FILES.with(|f| f.borrow_mut().clear());
     }
+}
+
+/// The slot of `fd` among the files registered with this thread's queue
+/// ring, if this is a queue thread and `fd` is one of them.
+pub(crate) fn queue_file_slot(fd: RawFd) -> Option<u32> {
+    QUEUE_FILES.with(|f| f.borrow().iter().position(|&r| r == fd).map(|i| i as u32))
 }
 
 /// Whether this thread serves the queue `doorbell` belongs to.
