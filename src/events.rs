@@ -131,6 +131,8 @@ pub fn props<const N: usize>(pairs: [(&str, Value); N]) -> BTreeMap<String, Valu
 pub struct EventBus {
     sender: broadcast::Sender<Event>,
     seq: AtomicU64,
+    /// Told of every new subscriber (see [`EventBus::until_subscribed`]).
+    subscribed: tokio::sync::Notify,
 }
 
 impl Default for EventBus {
@@ -138,6 +140,7 @@ impl Default for EventBus {
         EventBus {
             sender: broadcast::channel(CAPACITY).0,
             seq: AtomicU64::new(0),
+            subscribed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -179,11 +182,23 @@ impl EventBus {
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.sender.subscribe()
+        let receiver = self.sender.subscribe();
+        // A stored permit if nobody waits yet: a subscriber that comes
+        // between a waiter's look and its wait is not missed.
+        self.subscribed.notify_one();
+        receiver
     }
 
     pub fn has_subscribers(&self) -> bool {
         self.sender.receiver_count() > 0
+    }
+
+    /// Returns once there is a subscriber (at once if there is one now),
+    /// so that samplers sleep instead of polling while nobody listens.
+    pub async fn until_subscribed(&self) {
+        while !self.has_subscribers() {
+            self.subscribed.notified().await;
+        }
     }
 }
 
@@ -245,5 +260,23 @@ mod tests {
         assert_eq!(second.props["role"], json!("secondary"));
         assert_eq!(second.seq, first.seq + 1);
         assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_sampler_waiting_for_subscribers_wakes_for_the_first_one() {
+        let bus = std::sync::Arc::new(EventBus::default());
+        let waiter = tokio::spawn({
+            let bus = std::sync::Arc::clone(&bus);
+            async move { bus.until_subscribed().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "returned with nobody subscribed");
+        let _rx = bus.subscribe();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("still waiting after a subscriber came")
+            .unwrap();
+        // With a subscriber present it returns at once.
+        bus.until_subscribed().await;
     }
 }

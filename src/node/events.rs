@@ -73,7 +73,8 @@ impl Node {
     }
 
     /// Announces progress of long work and the transitions of the
-    /// background sync and verify, while anyone is subscribed. Runs for the
+    /// background sync and verify, while anyone is subscribed; without a
+    /// subscriber it sleeps (no wake-ups of an idle daemon). Runs for the
     /// life of the daemon.
     pub(super) async fn report_progress(self: Arc<Self>) {
         let mut last_progress = tokio::time::Instant::now();
@@ -81,9 +82,13 @@ impl Node {
         let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
             if !self.events.has_subscribers() {
                 last = None;
+                self.events.until_subscribed().await;
+                tick.reset();
+            }
+            tick.tick().await;
+            if !self.events.has_subscribers() {
                 continue;
             }
             let status = self.status().await;
