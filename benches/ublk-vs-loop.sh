@@ -46,25 +46,43 @@ echo
 echo "vmsync (ublk, direct_io) vs rublk $RUBLK_VERSION (add loop${BENCH_RUBLK_ARGS:+ $BENCH_RUBLK_ARGS}, direct I/O) vs loop (--direct-io=on), $BENCH_QUEUES ublk queue(s), fio $BENCH_ENGINE, ${BENCH_RUNTIME}s per run, TCG guest"
 results=$(tr -d '\r' < "$VM_CONSOLE_LOG" | grep -a -E '^BENCH ' || true)
 [ -n "$results" ] || { echo "(no BENCH results)"; exit 1; }
-echo "$results" | awk '
+# Each figure is the mean over the passes (with rublk: two, vmsync and
+# rublk on swapped backing files).
+means() {
+  awk '
+    { t = $2; if (!(t in seen)) { seen[t] = 1; order[++n] = t }
+      passes[t]++
+      for (i = 3; i <= NF; i++) { split($i, kv, "="); if (kv[1] != "pass") sum[t, kv[1]] += kv[2] } }
+    END { for (j = 1; j <= n; j++) { t = order[j]; line = "BENCH " t " passes=" passes[t]
+            for (key in sum) { split(key, k, SUBSEP); if (k[1] == t) line = line " " k[2] "=" sum[key] / passes[t] }
+            print line } }'
+}
+mean_results=$(echo "$results" | means)
+echo "$mean_results" | awk '
   function v(k,   i, kv) { for (i = 3; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) return kv[2] } return 0 }
-  BEGIN { printf "%-14s %10s %10s %10s %10s %10s %10s %13s %12s\n", "test", "loop IOPS", "loop MiB/s", "rublk IOPS", "rublk MiB/s", "vmsync IOPS", "vmsync MiB/s", "vmsync/rublk", "vmsync/loop" }
+  BEGIN { printf "%-14s %7s %10s %10s %10s %10s %10s %10s %13s %12s\n", "test", "passes", "loop IOPS", "loop MiB/s", "rublk IOPS", "rublk MiB/s", "vmsync IOPS", "vmsync MiB/s", "vmsync/rublk", "vmsync/loop" }
   {
     li = v("loop_iops"); lb = v("loop_mibps"); vi = v("vmsync_iops"); vb = v("vmsync_mibps"); ri = v("rublk_iops"); rb = v("rublk_mibps")
     r = (li > 0) ? vi / li : 0
     rr = (ri > 0) ? sprintf("%.2f", vi / ri) : "-"
-    printf "%-14s %10d %10.1f %10d %10.1f %10d %10.1f %13s %12.2f\n", $2, li, lb, ri, rb, vi, vb, rr, r
+    printf "%-14s %7d %10d %10.1f %10d %10.1f %10d %10.1f %13s %12.2f\n", $2, v("passes"), li, lb, ri, rb, vi, vb, rr, r
   }'
 # CPU per request, the figure a TCG guest measures best: the whole guest
 # (fio, kernel, server) and the ublk server process alone.
 echo
 echo "CPU time per I/O in the guest (µs): all CPUs busy time, and the ublk server's own threads"
-echo "$results" | awk '
+echo "$mean_results" | awk '
   function v(k,   i, kv) { for (i = 3; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) return kv[2] } return "-" }
   function ratio(a, b) { return (a != "-" && b != "-" && b > 0) ? sprintf("%.2f", a / b) : "-" }
+  function us(a) { return (a == "-") ? a : sprintf("%.1f", a) }
   BEGIN { printf "%-14s %10s %10s %11s %11s %11s %13s %13s\n", "test", "loop all", "rublk all", "vmsync all", "rublk srv", "vmsync srv", "all v/rublk", "srv v/rublk" }
   {
     lc = v("loop_cpu"); rc = v("rublk_cpu"); vc = v("vmsync_cpu"); rs = v("rublk_srv"); vs = v("vmsync_srv")
-    printf "%-14s %10s %10s %11s %11s %11s %13s %13s\n", $2, lc, rc, vc, rs, vs, ratio(vc, rc), ratio(vs, rs)
+    printf "%-14s %10s %10s %11s %11s %11s %13s %13s\n", $2, us(lc), us(rc), us(vc), us(rs), us(vs), ratio(vc, rc), ratio(vs, rs)
   }'
+echo
+echo "Each pass (vmsync/rublk IOPS):"
+echo "$results" | awk '
+  function v(k,   i, kv) { for (i = 3; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) return kv[2] } return 0 }
+  { ri = v("rublk_iops"); printf "  %-14s pass %s: %s\n", $2, v("pass"), (ri > 0) ? sprintf("%.2f", v("vmsync_iops") / ri) : "-" }'
 exit "$rc"
