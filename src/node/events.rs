@@ -88,9 +88,6 @@ impl Node {
                 tick.reset();
             }
             tick.tick().await;
-            if !self.events.has_subscribers() {
-                continue;
-            }
             let status = self.status().await;
             if let Some(before) = &last {
                 announce_transitions(&self.events, before, &status);

@@ -34,10 +34,11 @@ RUBLK_ID=9
 # The backing files, fully allocated (written, not fallocated: reads of
 # unwritten extents would cost nothing). Which file a device gets matters
 # more than expected: giving vmsync the file rublk had (and rublk vmsync's)
-# moved vmsync/rublk for 4 KiB random writes from 0.82-0.87 to 1.13. So
+# moved vmsync/rublk for 4 KiB random writes from 0.73-0.87 to 1.01-1.13. So
 # with rublk the tests run in two passes, vmsync and rublk swapping files
 # between them, and benches/ublk-vs-loop.sh prints the mean of the two.
 FILE_A=$W/a.img FILE_B=$W/b.img
+[ -z "$RUBLK" ] || [ -x "$RUBLK" ] || fail "BENCH_RUBLK=$RUBLK is not executable"
 for f in "$FILE_A" "$W/loop.img" ${RUBLK:+"$FILE_B"}; do
   must dd if=/dev/zero of="$f" bs=1M count="$SZ" conv=fsync status=none
 done
@@ -51,6 +52,7 @@ set_scheduler() {
   [ -z "$SCHED" ] || echo "$SCHED" > "$q/scheduler" || fail "cannot set scheduler $SCHED on $1"
   log "$1: nr_requests=$(cat $q/nr_requests) max_sectors_kb=$(cat $q/max_sectors_kb) lbs=$(cat $q/logical_block_size) rotational=$(cat $q/rotational) scheduler=$(cat $q/scheduler)"
 }
+log "loop: $LOOPDEV (dio=$(cat /sys/block/${LOOPDEV#/dev/}/loop/dio 2>/dev/null))"
 set_scheduler "$LOOPDEV"
 
 # server_ticks PID: CPU time of PID (all threads, user + system) so far, in
