@@ -70,6 +70,28 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn io_files(&self) -> Vec<RawFd> {
         Vec::new()
     }
+
+    /// The file this device *is*, when its reads, writes and flushes may
+    /// go straight to that file with nothing of the device's own around
+    /// them: device offset = file offset, no bookkeeping, no other copy.
+    /// Only the bottom of a stack with nothing on it qualifies (a
+    /// standalone node's backing store); every other layer keeps the
+    /// default, none. A frontend may then serve those requests itself, one
+    /// io_uring operation each, as the reference ublk loop target does; it
+    /// still calls this device's methods for everything else (other
+    /// operations, errors, short transfers). The file must stay open as
+    /// long as the device exists.
+    fn direct_file(&self) -> Option<DirectFile> {
+        None
+    }
+}
+
+/// See [`BlockDevice::direct_file`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectFile {
+    pub fd: RawFd,
+    /// The device's size: requests beyond it go through the device.
+    pub size: u64,
 }
 
 /// Checks that a request lies inside a device of `size` bytes and is

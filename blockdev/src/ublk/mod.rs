@@ -8,6 +8,7 @@
 //! Re-issuing is safe for a block device: a request that had not completed
 //! may be applied twice, which leaves the same bytes.
 
+mod direct;
 mod doorbell;
 mod queue;
 pub(crate) mod ring;
@@ -201,9 +202,16 @@ fn serve<D: BlockDevice>(
         dev.set_target_json(serde_json::json!({ TARGET_JSON_KEY: { "resource": resource } }));
         Ok(())
     };
+    // A device that is one file gets the direct queue (see `direct`).
+    let direct_file = device.direct_file().filter(|_| !device.keeps_write_data());
     let queue_device = Arc::clone(&device);
-    let run_queue =
-        move |qid: u16, dev: &UblkDev| queue::run_queue(qid, dev, Arc::clone(&queue_device));
+    let run_queue = move |qid: u16, dev: &UblkDev| {
+        let device = Arc::clone(&queue_device);
+        match direct_file.and_then(|file| direct::DirectTarget::registered(dev, file)) {
+            Some(target) => direct::run_direct_queue(qid, dev, device, target),
+            None => queue::run_queue(qid, dev, device),
+        }
+    };
     let started_ready = ready.clone();
     let on_started = move |ctrl: &UblkCtrl| {
         let dev_id = ctrl.dev_info().dev_id;
@@ -227,6 +235,10 @@ fn serve<D: BlockDevice>(
 }
 
 fn build_ctrl(options: &UblkOptions, recover_id: Option<u32>) -> Result<UblkCtrl, UblkError> {
+    // Each queue thread stays on one CPU of its queue's mask (libublk picks
+    // one), as rublk's do by default: a thread that wanders between CPUs
+    // pays for it on every request it serves.
+    let affinity = UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY;
     let ctrl_flags = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
     let builder = UblkCtrlBuilder::default()
         .name("vmsync")
@@ -242,14 +254,14 @@ fn build_ctrl(options: &UblkOptions, recover_id: Option<u32>) -> Result<UblkCtrl
             );
             let ctrl = builder
                 .id(id as i32)
-                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV | affinity)
                 .build()?;
             ctrl.start_user_recover()?;
             Ok(ctrl)
         }
         None => builder
             .id(-1)
-            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV | affinity)
             .build(),
     }
 }

@@ -172,30 +172,63 @@ async fn serve_tag<D: BlockDevice>(
     }
 }
 
-/// Executes one kernel request; returns what the kernel expects: the byte
-/// count for reads and writes, 0 for the rest, or a negative errno.
+/// Where a request's data lives while [`execute`] runs it: the tag's buffer.
+pub(super) trait RequestBuffer {
+    /// Bytes the buffer holds (larger requests are refused).
+    fn size(&self) -> usize;
+    /// The first `len` bytes, for a read to fill.
+    fn for_read(&mut self, len: usize) -> &mut [u8];
+    /// The first `len` bytes as a write's data.
+    fn write_data(&mut self, len: usize) -> Bytes;
+}
+
+/// A tag buffer of the async queue, with whether writes may borrow it.
+struct Lending<'a> {
+    buf: &'a mut TagBuffer,
+    lend: bool,
+}
+
+impl RequestBuffer for Lending<'_> {
+    fn size(&self) -> usize {
+        self.buf.size
+    }
+    fn for_read(&mut self, len: usize) -> &mut [u8] {
+        &mut self.buf.as_mut_slice()[..len]
+    }
+    fn write_data(&mut self, len: usize) -> Bytes {
+        self.buf.take_write_data(len, self.lend)
+    }
+}
+
 async fn handle_request<D: BlockDevice>(
     iod: &sys::ublksrv_io_desc,
     buf: &mut TagBuffer,
     device: &D,
     lend: bool,
 ) -> i32 {
+    execute(iod, &mut Lending { buf, lend }, device).await
+}
+
+/// Executes one kernel request on `device`; returns what the kernel
+/// expects: the byte count for reads and writes, 0 for the rest, or a
+/// negative errno.
+pub(super) async fn execute<D: BlockDevice>(
+    iod: &sys::ublksrv_io_desc,
+    buf: &mut impl RequestBuffer,
+    device: &D,
+) -> i32 {
     let op = iod.op_flags & 0xff;
     let offset = iod.start_sector * SECTOR_SIZE;
     let len = iod.nr_sectors as u64 * SECTOR_SIZE;
     let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
     let outcome = match op {
-        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE if len as usize > buf.size => {
+        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE if len as usize > buf.size() => {
             return -libc::EINVAL;
         }
-        sys::UBLK_IO_OP_READ => {
-            device
-                .read(offset, &mut buf.as_mut_slice()[..len as usize])
-                .await
-        }
+        sys::UBLK_IO_OP_READ => device.read(offset, buf.for_read(len as usize)).await,
         sys::UBLK_IO_OP_WRITE => {
             // The local write and every replica share these `Bytes`.
-            let data = buf.take_write_data(len as usize, lend);
+            let data = buf.write_data(len as usize);
             device.write(offset, data, fua).await
         }
         sys::UBLK_IO_OP_FLUSH => device.flush().await,

@@ -64,9 +64,19 @@ server_ticks() {
 # busy_ticks: the guest's busy CPU time so far (user, nice, system, irq,
 # softirq; all CPUs), in USER_HZ ticks.
 busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+# switch_counts: the guest's context switches and its rescheduling and
+# function-call IPIs so far (all CPUs): how often a request made some
+# CPU change task or poke another.
+switch_counts() {
+  local ctxt ipis
+  ctxt=$(awk '/^ctxt / { print $2 }' /proc/stat)
+  ipis=$(awk '$1 == "RES:" || $1 == "CAL:" { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts)
+  echo "$ctxt $ipis"
+}
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
-# fio_run DEV TEST [SERVER_PID] -> "iops kib_per_s guest_us_per_io server_us_per_io"
+# fio_run DEV TEST [SERVER_PID] -> "iops kib_per_s guest_us_per_io server_us_per_io
+#   switches_per_io ipis_per_io"
 # CPU is sampled over fio's measured window (after its 2 s ramp) by a
 # background sampler.
 fio_run() {
@@ -80,9 +90,9 @@ fio_run() {
   esac
   (
     sleep 2
-    echo "$(busy_ticks) $(server_ticks "$pid")" > "$W/cpu.0"
+    echo "$(busy_ticks) $(server_ticks "$pid") $(switch_counts)" > "$W/cpu.0"
     sleep "$RT"
-    echo "$(busy_ticks) $(server_ticks "$pid")" > "$W/cpu.1"
+    echo "$(busy_ticks) $(server_ticks "$pid") $(switch_counts)" > "$W/cpu.1"
   ) &
   sampler=$!
   out=$(fio --name="$t" --filename="$dev" --direct=1 --ioengine="$ENGINE" --iodepth="$qd" \
@@ -98,7 +108,8 @@ fio_run() {
       split(c0, a, " "); split(c1, b, " ")
       ios = iops * rt
       if (ios <= 0) ios = 1
-      printf "%s %s %.1f %.1f\n", iops, kib, (b[1] - a[1]) * tick / ios, (b[2] - a[2]) * tick / ios }'
+      printf "%s %s %.1f %.1f %.2f %.2f\n", iops, kib, (b[1] - a[1]) * tick / ios, (b[2] - a[2]) * tick / ios,
+        (b[3] - a[3]) / ios, (b[4] - a[4]) / ios }'
 }
 
 mibps() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1024}'; }
@@ -106,7 +117,7 @@ mibps() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1024}'; }
 # run_pass N VMSYNC_FILE [RUBLK_FILE]: both ublk devices up over these
 # files, every test on the three devices, both devices down again.
 run_pass() {
-  local pass=$1 vfile=$2 rfile=${3:-} t res_l res_v res_r li lb lc vi vb vc vs ri rb rc_ rs line
+  local pass=$1 vfile=$2 rfile=${3:-} t res_l res_v res_r li lb lc vi vb vc vs ri rb rc_ rs lx li_ vx vi_ rx ri_ line
   make_config "vm$pass" "$SZ" true "$vfile"
   [ "$QUEUES" = 1 ] || echo "ublk_queues = $QUEUES" >> "$CFG"
   create_md
@@ -140,13 +151,13 @@ run_pass() {
         log "threads after $t: $p $(cat "$task/comm") $(sed 's/.*) //' "$task/stat" | awk '{ print $12 + $13 }') ticks"
       done
     done
-    read -r li lb lc _ <<<"$res_l"
-    read -r vi vb vc vs <<<"$res_v"
+    read -r li lb lc _ lx li_ <<<"$res_l"
+    read -r vi vb vc vs vx vi_ <<<"$res_v"
     line="BENCH $t pass=$pass loop_iops=$li loop_mibps=$(mibps "$lb") vmsync_iops=$vi vmsync_mibps=$(mibps "$vb")"
-    line="$line loop_cpu=$lc vmsync_cpu=$vc vmsync_srv=$vs"
+    line="$line loop_cpu=$lc vmsync_cpu=$vc vmsync_srv=$vs loop_ctxsw=$lx vmsync_ctxsw=$vx loop_ipi=$li_ vmsync_ipi=$vi_"
     if [ -n "$res_r" ]; then
-      read -r ri rb rc_ rs <<<"$res_r"
-      line="$line rublk_iops=$ri rublk_mibps=$(mibps "$rb") rublk_cpu=$rc_ rublk_srv=$rs"
+      read -r ri rb rc_ rs rx ri_ <<<"$res_r"
+      line="$line rublk_iops=$ri rublk_mibps=$(mibps "$rb") rublk_cpu=$rc_ rublk_srv=$rs rublk_ctxsw=$rx rublk_ipi=$ri_"
     fi
     echo "$line"
   done
