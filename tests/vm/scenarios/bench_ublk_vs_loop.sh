@@ -51,6 +51,8 @@ set_scheduler() {
   local q=/sys/block/${1#/dev/}/queue
   [ -z "$SCHED" ] || echo "$SCHED" > "$q/scheduler" || fail "cannot set scheduler $SCHED on $1"
   log "$1: nr_requests=$(cat $q/nr_requests) max_sectors_kb=$(cat $q/max_sectors_kb) lbs=$(cat $q/logical_block_size) rotational=$(cat $q/rotational) scheduler=$(cat $q/scheduler)"
+  # Every other queue attribute, on one line, to compare devices by.
+  log "$1 queue: $(cd "$q" && grep -s . * 2>/dev/null | tr '\n' ' ')"
 }
 log "loop: $LOOPDEV (dio=$(cat /sys/block/${LOOPDEV#/dev/}/loop/dio 2>/dev/null))"
 set_scheduler "$LOOPDEV"
