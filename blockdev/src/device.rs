@@ -9,6 +9,7 @@ use bytes::Bytes;
 use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
+use std::time::Instant;
 
 /// Size of the sector unit the kernel addresses ublk requests in.
 pub const SECTOR_SIZE: u64 = 512;
@@ -84,6 +85,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn direct_file(&self) -> Option<DirectFile> {
         None
     }
+
+    /// Told of each request a frontend served straight from
+    /// [`BlockDevice::direct_file`] (and that succeeded), when that file
+    /// asked for it (`report`): how a layer that counts requests (metrics)
+    /// sees the ones that never reached its methods. `started` is when the
+    /// request reached the frontend. Requests the frontend hands to the
+    /// device's methods instead are not reported here.
+    fn served_directly(&self, _op: DirectOp, _bytes: u64, _started: Instant) {}
 }
 
 /// See [`BlockDevice::direct_file`].
@@ -92,6 +101,17 @@ pub struct DirectFile {
     pub fd: RawFd,
     /// The device's size: requests beyond it go through the device.
     pub size: u64,
+    /// Whether to call [`BlockDevice::served_directly`] for each request
+    /// served from the file (it costs a clock read per request).
+    pub report: bool,
+}
+
+/// A request a frontend can serve from a [`DirectFile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectOp {
+    Read,
+    Write,
+    Flush,
 }
 
 /// Checks that a request lies inside a device of `size` bytes and is

@@ -14,5 +14,5 @@ pub mod lazy;
 pub mod meta;
 
 pub use backing::{BackingError, BackingOptions, BackingStore};
-pub use device::{BlockDevice, DirectFile};
+pub use device::{BlockDevice, DirectFile, DirectOp};
 pub mod ublk;

@@ -143,6 +143,25 @@ impl<D: BlockDevice> BlockDevice for Metered<D> {
         self.inner.io_files()
     }
 
+    /// Requests may bypass this layer if the frontend counts them here
+    /// (`served_directly`).
+    fn direct_file(&self) -> Option<blockdev::DirectFile> {
+        self.inner.direct_file().map(|file| blockdev::DirectFile {
+            report: true,
+            ..file
+        })
+    }
+
+    fn served_directly(&self, op: blockdev::DirectOp, bytes: u64, started: Instant) {
+        let index = match op {
+            blockdev::DirectOp::Read => 0,
+            blockdev::DirectOp::Write => 1,
+            blockdev::DirectOp::Flush => 2,
+        };
+        self.metrics.record(index, bytes, started, true);
+        self.inner.served_directly(op, bytes, started);
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         self.timed(0, len, self.inner.read(offset, buf)).await
@@ -226,6 +245,39 @@ mod tests {
             "vmsync_request_bytes_total{op=\"read\"} 512",
             "vmsync_requests_total{op=\"flush\"} 1",
             "vmsync_request_duration_seconds_count{op=\"write\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn requests_served_directly_by_the_frontend_are_counted_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backing");
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let store = blockdev::BackingStore::open(&path, 8192, Default::default()).unwrap();
+        let below = store
+            .direct_file()
+            .expect("a backing store is a direct file");
+        assert!(!below.report);
+        let metrics = Arc::new(IoMetrics::default());
+        let device = Metered::new(Arc::new(store), Arc::clone(&metrics));
+        // The frontend may bypass the layer, but must report to it.
+        let file = device.direct_file().expect("passed on");
+        assert_eq!((file.fd, file.size, file.report), (below.fd, 8192, true));
+        device.served_directly(blockdev::DirectOp::Read, 4096, Instant::now());
+        device.served_directly(blockdev::DirectOp::Write, 512, Instant::now());
+        device.served_directly(blockdev::DirectOp::Flush, 0, Instant::now());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "vmsync_requests_total{op=\"read\"} 1",
+            "vmsync_request_bytes_total{op=\"read\"} 4096",
+            "vmsync_request_bytes_total{op=\"write\"} 512",
+            "vmsync_requests_total{op=\"flush\"} 1",
+            "vmsync_request_duration_seconds_count{op=\"write\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
         }

@@ -368,6 +368,7 @@ impl BlockDevice for BackingStore {
         Some(crate::device::DirectFile {
             fd: self.file.as_raw_fd(),
             size: self.size,
+            report: false,
         })
     }
 

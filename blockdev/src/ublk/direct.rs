@@ -21,9 +21,10 @@
 //! (`IORING_OP_MSG_RING`), so the queue thread needs no second thing to
 //! wait on.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring};
@@ -32,7 +33,7 @@ use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, BufDescList, UblkIORes};
 
 use super::queue::{execute, RequestBuffer};
-use crate::device::{BlockDevice, DirectFile, SECTOR_SIZE};
+use crate::device::{BlockDevice, DirectFile, DirectOp, SECTOR_SIZE};
 
 /// Marks a CQE that the slow lane posted (carrying a request's result);
 /// libublk leaves this bit of a target operation's user data to us.
@@ -44,6 +45,8 @@ pub(super) struct DirectTarget {
     /// Its slot among the files registered with every queue ring.
     slot: u32,
     size: u64,
+    /// Tell the device of each request served (`served_directly`).
+    report: bool,
 }
 
 impl DirectTarget {
@@ -55,6 +58,7 @@ impl DirectTarget {
         Some(DirectTarget {
             slot: slot as u32,
             size: file.size,
+            report: file.report,
         })
     }
 
@@ -104,6 +108,15 @@ fn complete_result(iod: &sys::ublksrv_io_desc) -> i32 {
     }
 }
 
+/// What `iod` was, as [`BlockDevice::served_directly`] names it.
+fn direct_op(iod: &sys::ublksrv_io_desc) -> DirectOp {
+    match iod.op_flags & 0xff {
+        sys::UBLK_IO_OP_READ => DirectOp::Read,
+        sys::UBLK_IO_OP_WRITE => DirectOp::Write,
+        _ => DirectOp::Flush,
+    }
+}
+
 /// What a queue thread runs until the device stops.
 pub(super) fn run_direct_queue<D: BlockDevice>(
     qid: u16,
@@ -125,7 +138,7 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
         }
     };
     let ring_fd = libublk::with_task_io_ring(|ring| ring.as_raw_fd());
-    let lane = match SlowLane::start(device, ring_fd, dev_id, qid) {
+    let lane = match SlowLane::start(Arc::clone(&device), ring_fd, dev_id, qid) {
         Ok(lane) => lane,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the queue's slow lane");
@@ -141,39 +154,63 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
         }
     };
     tracing::info!("serving reads, writes and flushes straight from the backing file");
-    queue.wait_and_handle_io(|q, tag, cqe| on_cqe(q, tag, cqe, &bufs[tag as usize], target, &lane));
+    let handler = Handler {
+        device: &*device,
+        target,
+        bufs: &bufs,
+        lane: &lane,
+        started: (0..bufs.len()).map(|_| Cell::new(None)).collect(),
+    };
+    queue.wait_and_handle_io(|q, tag, cqe| handler.on_cqe(q, tag, cqe));
     lane.finish();
     tracing::debug!("ublk queue stopped");
 }
 
-/// One CQE for `tag`: a new request, a direct operation's result, or the
-/// slow lane's result.
-fn on_cqe(
-    q: &UblkQueue<'_>,
-    tag: u16,
-    cqe: &UblkIOCtx,
-    buf: &IoBuf<u8>,
+/// The queue thread's state between CQEs.
+struct Handler<'a, D> {
+    device: &'a D,
     target: DirectTarget,
-    lane: &SlowLane,
-) {
-    let iod = *q.get_iod(tag);
-    if !cqe.is_tgt_io() {
-        // A new request. (libublk hands us only fetches that succeeded.)
-        let submitted = target.operation(&iod, buf).is_some_and(|op| {
-            let op = op.user_data(UblkIOCtx::build_user_data(tag, 0, 0, true));
-            q.ublk_submit_sqe_sync(op).is_ok()
-        });
-        if !submitted {
-            lane.run(tag, iod, buf);
+    /// Each tag's buffer.
+    bufs: &'a [IoBuf<u8>],
+    lane: &'a SlowLane,
+    /// When each tag's request arrived (only with `target.report`).
+    started: Vec<Cell<Option<Instant>>>,
+}
+
+impl<D: BlockDevice> Handler<'_, D> {
+    /// One CQE for `tag`: a new request, a direct operation's result, or
+    /// the slow lane's result.
+    fn on_cqe(&self, q: &UblkQueue<'_>, tag: u16, cqe: &UblkIOCtx) {
+        let iod = *q.get_iod(tag);
+        let buf = &self.bufs[tag as usize];
+        if !cqe.is_tgt_io() {
+            // A new request. (libublk hands us only fetches that succeeded.)
+            let submitted = self.target.operation(&iod, buf).is_some_and(|op| {
+                let op = op.user_data(UblkIOCtx::build_user_data(tag, 0, 0, true));
+                q.ublk_submit_sqe_sync(op).is_ok()
+            });
+            if !submitted {
+                self.lane.run(tag, iod, buf);
+            } else if self.target.report {
+                self.started[tag as usize].set(Some(Instant::now()));
+            }
+            return;
         }
-        return;
-    }
-    let result = cqe.result();
-    if cqe.user_data() & SLOW_LANE_DONE != 0 || result == complete_result(&iod) {
-        commit(q, tag, buf, result);
-    } else {
-        // Short, failed, or worth another try: the device's methods decide.
-        lane.run(tag, iod, buf);
+        let result = cqe.result();
+        if cqe.user_data() & SLOW_LANE_DONE != 0 {
+            // The device's methods ran it (and counted it, if they count).
+            commit(q, tag, buf, result);
+        } else if result == complete_result(&iod) {
+            if let Some(started) = self.started[tag as usize].take() {
+                let bytes = result as u64;
+                self.device.served_directly(direct_op(&iod), bytes, started);
+            }
+            commit(q, tag, buf, result);
+        } else {
+            // Short, failed, or worth another try: the device's methods decide.
+            self.started[tag as usize].set(None);
+            self.lane.run(tag, iod, buf);
+        }
     }
 }
 
@@ -343,7 +380,11 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
     /// A 1 MiB device whose file sits in slot 1.
-    const TARGET: DirectTarget = DirectTarget { slot: 1, size: MIB };
+    const TARGET: DirectTarget = DirectTarget {
+        slot: 1,
+        size: MIB,
+        report: false,
+    };
 
     fn request(op: u32, offset: u64, len: u64) -> sys::ublksrv_io_desc {
         sys::ublksrv_io_desc {

@@ -3,7 +3,9 @@
 # straight from its backing (the direct queue, one io_uring operation per
 # request) and sends everything else through the device's own methods (the
 # queue's slow lane). What a user relies on, on both paths:
-#  1. the daemon says its queue serves directly;
+#  1. the daemon says its queue serves directly, with metrics on (every
+#     request served directly is counted all the same: the counts equal
+#     the kernel's own for the device);
 #  2. fio, 32 requests in flight of 4 KiB to 1 MiB, random writes then
 #     verified reads: every block reads back as written, and the backing
 #     holds exactly the device's bytes;
@@ -37,6 +39,8 @@ dm_table() { # linear|error
 cleanup_dm() { dmsetup remove vmt_sd 2>/dev/null; losetup -d "$LOOP" 2>/dev/null; }
 
 make_config sd "$MIB_SIZE" true "$BACKING"
+METRICS=127.0.0.1:19187
+printf '\n[metrics]\nlisten = "%s"\n' "$METRICS" >> "$CFG"
 create_md
 start_daemon
 wait_device
@@ -52,6 +56,16 @@ out=$(fio --name=direct --filename="$DEV" --direct=1 --ioengine=libaio --iodepth
 cmp <(read_dev "$DEV" 0 $((MIB_SIZE * MiB))) <(read_dev "$BACKING" 0 $((MIB_SIZE * MiB))) \
   || fail "the backing does not hold the device's bytes after fio"
 log "fio verified; backing equals device"
+# metric OP: vmsync's count of guest requests of kind OP.
+metric() {
+  python3 -c "import urllib.request; print(urllib.request.urlopen('http://$METRICS/metrics').read().decode())" \
+    | awk -v op="$1" '$1 == "vmsync_requests_total{op=\"" op "\"}" { print $2 }'
+}
+read -r k_reads _ _ _ k_writes _ < "/sys/block/$DEV_NAME/stat"
+m_reads=$(metric read) m_writes=$(metric write)
+log "requests: the kernel sent $k_reads reads and $k_writes writes; vmsync counted $m_reads and $m_writes"
+[ "$k_writes" -gt 0 ] && [ "$m_reads" = "$k_reads" ] && [ "$m_writes" = "$k_writes" ] \
+  || fail "vmsync's request counts ($m_reads reads, $m_writes writes) are not the kernel's ($k_reads, $k_writes)"
 
 # 3. Write-zeroes and discard between known data, FUA writes and flushes.
 head -c $((8 * MiB)) /dev/urandom > "$W/pattern"
