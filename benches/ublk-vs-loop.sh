@@ -12,6 +12,8 @@
 # (a rublk binary to use; "none": skip rublk), BENCH_RUBLK_ARGS (extra
 # `rublk add loop` options; default none: rublk as a user starts it, depth
 # 128 and 512 KiB buffers; "-d 64 -b 1MiB" gives it vmsync's shape),
+# BENCH_PEER=1 (vmsync as a replicated primary with one peer on the guest's
+# loopback, protocol C: the replication layer's path, not the standalone's),
 # VMSYNC_BIN_DIR, and everything
 # tests/vm/run.sh takes. Console log: tests/vm/.build/bench-console.log.
 set -euo pipefail
@@ -43,7 +45,7 @@ rc=0
 "$REPO/tests/vm/run.sh" -q bench_ublk_vs_loop || rc=$?
 
 echo
-echo "vmsync (ublk, direct_io) vs rublk $RUBLK_VERSION (add loop${BENCH_RUBLK_ARGS:+ $BENCH_RUBLK_ARGS}, direct I/O) vs loop (--direct-io=on), $BENCH_QUEUES ublk queue(s), fio $BENCH_ENGINE, ${BENCH_RUNTIME}s per run, TCG guest"
+echo "vmsync (ublk, direct_io${BENCH_PEER:+, replicated primary with 1 peer}) vs rublk $RUBLK_VERSION (add loop${BENCH_RUBLK_ARGS:+ $BENCH_RUBLK_ARGS}, direct I/O) vs loop (--direct-io=on), $BENCH_QUEUES ublk queue(s), fio $BENCH_ENGINE, ${BENCH_RUNTIME}s per run, TCG guest"
 results=$(tr -d '\r' < "$VM_CONSOLE_LOG" | grep -a -E '^BENCH ' || true)
 [ -n "$results" ] || { echo "(no BENCH results)"; exit 1; }
 # Each figure is the mean over the passes (with rublk: two, vmsync and

@@ -93,6 +93,25 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// request reached the frontend. Requests the frontend hands to the
     /// device's methods instead are not reported here.
     fn served_directly(&self, _op: DirectOp, _bytes: u64, _started: Instant) {}
+
+    /// For a device that serves *some* reads straight from a file (a
+    /// replicated primary's own disk, for the blocks it holds): that file.
+    /// A frontend may then ask [`BlockDevice::read_directly`] before each
+    /// read and, on yes, read the file itself. Every layer that can pass
+    /// reads through unchanged passes its inner device's on; the default
+    /// is none.
+    fn read_file(&self) -> Option<DirectFile> {
+        None
+    }
+
+    /// Whether the read of `len` bytes at `offset` may go straight to
+    /// [`BlockDevice::read_file`] now (this device would do nothing but
+    /// read the same bytes from it), having done the bookkeeping a read
+    /// does. No sends the read through [`BlockDevice::read`]. Called on
+    /// the frontend's thread: it must not block.
+    fn read_directly(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 /// See [`BlockDevice::direct_file`].

@@ -152,6 +152,17 @@ impl<D: BlockDevice> BlockDevice for Metered<D> {
         })
     }
 
+    fn read_file(&self) -> Option<blockdev::DirectFile> {
+        self.inner.read_file().map(|file| blockdev::DirectFile {
+            report: true,
+            ..file
+        })
+    }
+
+    fn read_directly(&self, offset: u64, len: u64) -> bool {
+        self.inner.read_directly(offset, len)
+    }
+
     fn served_directly(&self, op: blockdev::DirectOp, bytes: u64, started: Instant) {
         let index = match op {
             blockdev::DirectOp::Read => 0,

@@ -372,6 +372,14 @@ impl BlockDevice for BackingStore {
         })
     }
 
+    fn read_file(&self) -> Option<crate::device::DirectFile> {
+        self.direct_file()
+    }
+
+    fn read_directly(&self, offset: u64, len: u64) -> bool {
+        check_range(self.size, offset, len).is_ok()
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         check_range(self.size, offset, len)?;

@@ -764,6 +764,21 @@ impl<D: BlockDevice> BlockDevice for LazyDevice<D> {
         self.shared.inner.io_files()
     }
 
+    /// Reads of blocks this node holds go to the inner device unchanged.
+    fn read_file(&self) -> Option<crate::device::DirectFile> {
+        self.shared.inner.read_file()
+    }
+
+    /// As `read` decides: a range with no stale block (or with fetching
+    /// over) is read from the inner device as it is.
+    fn read_directly(&self, offset: u64, len: u64) -> bool {
+        if check_range(self.shared.size, offset, len).is_err() {
+            return false;
+        }
+        self.shared.guest_io();
+        !self.needs_fetch(offset, len) && self.shared.inner.read_directly(offset, len)
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         check_range(self.shared.size, offset, len)?;

@@ -107,6 +107,12 @@ impl BlockDevice for Counting {
     fn size(&self) -> u64 {
         self.store.size()
     }
+    fn read_file(&self) -> Option<crate::device::DirectFile> {
+        self.store.read_file()
+    }
+    fn read_directly(&self, offset: u64, len: u64) -> bool {
+        self.store.read_directly(offset, len)
+    }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.store.read(offset, buf).await
     }
@@ -235,6 +241,26 @@ impl Fixture {
             self.dev.sync_stats()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_lets_only_reads_of_blocks_it_holds_go_to_the_file_directly() {
+    let f = fixture(8, |b| b == 2);
+    let file = f.dev.read_file().expect("the store's file is passed on");
+    assert_eq!(Some(file), f.dev.inner().store.read_file());
+    // Not active (no switch under way): every read passes through.
+    assert!(f.dev.read_directly(2 * BS, BS));
+    f.activate();
+    assert!(!f.dev.read_directly(2 * BS, BS), "a stale block");
+    assert!(
+        !f.dev.read_directly(BS, 2 * BS),
+        "a range with a stale block"
+    );
+    assert!(f.dev.read_directly(3 * BS, 5 * BS));
+    assert!(!f.dev.read_directly(7 * BS, 2 * BS), "past the end");
+    // Once fetched, the block is this node's like any other.
+    assert_eq!(f.read(2 * BS, BS).await, f.newest(2 * BS, BS));
+    assert!(f.dev.read_directly(2 * BS, BS));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,6 +98,44 @@ impl DirectTarget {
     }
 }
 
+impl DirectTarget {
+    /// For the async queue (`queue`), on its thread: serves a read straight
+    /// from the file when `device` says it may ([`BlockDevice::read_file`],
+    /// [`BlockDevice::read_directly`]). Some(result) when the whole read
+    /// was done; None to run the request through the device (not a read,
+    /// not now, or the file gave less than asked).
+    pub(super) async fn read<D: BlockDevice>(
+        &self,
+        iod: &sys::ublksrv_io_desc,
+        buf: &mut [u8],
+        device: &D,
+    ) -> Option<i32> {
+        let offset = iod.start_sector * SECTOR_SIZE;
+        let len = iod.nr_sectors as u64 * SECTOR_SIZE;
+        let in_range = len <= buf.len() as u64 && offset.checked_add(len)? <= self.size;
+        if iod.op_flags & 0xff != sys::UBLK_IO_OP_READ || !in_range {
+            return None;
+        }
+        if !device.read_directly(offset, len) {
+            return None;
+        }
+        let started = self.report.then(Instant::now);
+        let read = opcode::Read::new(types::Fixed(self.slot), buf.as_mut_ptr(), len as u32)
+            .offset(offset)
+            .build();
+        // SAFETY: `buf` stays borrowed until the read completes: it is
+        // awaited here, on this queue thread.
+        let result = unsafe { super::ring::submit_on_queue_ring(read) }.await?;
+        if result != len as i32 {
+            return None;
+        }
+        if let Some(started) = started {
+            device.served_directly(DirectOp::Read, len, started);
+        }
+        Some(result)
+    }
+}
+
 /// The CQE result of a direct operation that served `iod` completely.
 fn complete_result(iod: &sys::ublksrv_io_desc) -> i32 {
     match iod.op_flags & 0xff {

@@ -13,6 +13,7 @@ use libublk::io::{UblkDev, UblkQueue};
 use libublk::sys;
 use libublk::{BufDesc, UblkError};
 
+use super::direct::DirectTarget;
 use super::doorbell::Doorbell;
 use crate::buffer::AlignedBuf;
 use crate::device::{errno_of, BlockDevice, SECTOR_SIZE};
@@ -40,6 +41,11 @@ pub fn run_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, device: Arc<D>) {
     let files = &dev.tgt.fds[..dev.tgt.nr_fds as usize];
     let _on_queue = super::ring::enter_queue_thread(&doorbell, files);
     let executor = Rc::new(smol::LocalExecutor::new());
+    // Reads the device lets through go straight to its file (see
+    // `direct::DirectTarget::read`).
+    let read_target = device
+        .read_file()
+        .and_then(|file| super::direct::DirectTarget::registered(dev, file));
     let tags: Vec<u16> = queue.tags().collect();
     let live_tags = Rc::new(std::cell::Cell::new(tags.len()));
 
@@ -50,7 +56,7 @@ pub fn run_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, device: Arc<D>) {
         let doorbell = Arc::clone(&doorbell);
         let live_tags = Rc::clone(&live_tags);
         tasks.push(executor.spawn(async move {
-            match serve_tag(&queue, tag, &*device, &doorbell).await {
+            match serve_tag(&queue, tag, &*device, &doorbell, read_target).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => tracing::error!(tag, error = %e, "ublk tag task failed"),
             }
@@ -147,6 +153,7 @@ async fn serve_tag<D: BlockDevice>(
     tag: u16,
     device: &D,
     doorbell: &Arc<Doorbell>,
+    read_target: Option<DirectTarget>,
 ) -> Result<(), UblkError> {
     let mut buf = TagBuffer::new(queue.dev.dev_info.max_io_buf_bytes as usize);
     let lend = !device.keeps_write_data();
@@ -160,9 +167,18 @@ async fn serve_tag<D: BlockDevice>(
         .await?;
     loop {
         let iod = *queue.get_iod(tag);
-        let result = doorbell
-            .wrap(handle_request(&iod, &mut buf, device, lend))
-            .await;
+        let direct = match &read_target {
+            Some(target) => target.read(&iod, buf.as_mut_slice(), device).await,
+            None => None,
+        };
+        let result = match direct {
+            Some(result) => result,
+            None => {
+                doorbell
+                    .wrap(handle_request(&iod, &mut buf, device, lend))
+                    .await
+            }
+        };
         // The kernel copies read data out of the buffer this names (and the
         // next write's data into it): the one `handle_request` left current.
         // It stays alive in `buf` until a later command names another.

@@ -18,7 +18,10 @@
 #        BENCH_SCHED (I/O scheduler forced on every device, "none"; "" = defaults),
 #        BENCH_QUEUES (ublk hardware queues of vmsync and rublk, 1),
 #        BENCH_RUBLK (path of the rublk binary; unset: no rublk column),
-#        BENCH_RUBLK_ARGS (extra `rublk add loop` options, e.g. "-d 64 -b 1MiB").
+#        BENCH_RUBLK_ARGS (extra `rublk add loop` options, e.g. "-d 64 -b 1MiB"),
+#        BENCH_PEER=1 (vmsync as a replicated primary: a second vmsyncd on the
+#        guest's loopback is its peer, protocol C, links protected; reads
+#        are then served by the replication layer, writes wait for the peer).
 . "$REPO/tests/vm/lib.sh"
 require_binaries
 RT=${BENCH_RUNTIME:-20}
@@ -30,6 +33,7 @@ QUEUES=${BENCH_QUEUES:-1}
 RUBLK=${BENCH_RUBLK:-}
 RUBLK_ARGS=${BENCH_RUBLK_ARGS:-}
 RUBLK_ID=9
+PEER=${BENCH_PEER:-}
 
 # The backing files, fully allocated (written, not fallocated: reads of
 # unwritten extents would cost nothing). Which file a device gets matters
@@ -120,11 +124,15 @@ mibps() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1024}'; }
 # files, every test on the three devices, both devices down again.
 run_pass() {
   local pass=$1 vfile=$2 rfile=${3:-} t res_l res_v res_r li lb lc vi vb vc vs ri rb rc_ rs lx li_ vx vi_ rx ri_ line
-  make_config "vm$pass" "$SZ" true "$vfile"
-  [ "$QUEUES" = 1 ] || echo "ublk_queues = $QUEUES" >> "$CFG"
-  create_md
-  start_daemon
-  wait_device
+  if [ -n "$PEER" ]; then
+    start_replicated "$pass" "$vfile"
+  else
+    make_config "vm$pass" "$SZ" true "$vfile"
+    [ "$QUEUES" = 1 ] || echo "ublk_queues = $QUEUES" >> "$CFG"
+    create_md
+    start_daemon
+    wait_device
+  fi
   set_scheduler "$DEV"
   RUBLKDEV= RUBLK_PID=
   if [ -n "$rfile" ]; then
@@ -165,6 +173,52 @@ run_pass() {
   done
   [ -z "$RUBLKDEV" ] || { must "$RUBLK" del -n "$RUBLK_ID"; wait_gone "$RUBLKDEV" 20 || fail "$RUBLKDEV still present"; }
   stop_daemon_clean
+  if [ -n "$PEER" ]; then
+    DAEMON_PID=$PEER_PID
+    stop_daemon
+  fi
+}
+
+# start_replicated PASS FILE: vmsync as the primary of resource "bench"
+# over FILE with one peer (its backing on $W, sparse); returns once the
+# device is up and the peer up to date. Sets DEV, DAEMON_PID (primary),
+# PEER_PID, CFG.
+start_replicated() {
+  local pass=$1 vfile=$2 id p js t0
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/secret"
+  truncate -s "${SZ}M" "$W/peer$pass.img"
+  for id in 1 2; do
+    p=$((3 - id))
+    {
+      printf '[resource]\nname = "bench%s"\nsize = "%sMiB"\nprotocol = "C"\n\n' "$pass" "$SZ"
+      printf '[node]\nid = %s\nname = "n%s"\nmetadata = "%s"\ndirect_io = true\n' "$id" "$id" "$W/n$id.$pass.meta"
+      if [ "$id" = 1 ]; then printf 'backing = "%s"\n' "$vfile"; else printf 'backing = "%s"\n' "$W/peer$pass.img"; fi
+      [ "$QUEUES" = 1 ] || printf 'ublk_queues = %s\n' "$QUEUES"
+      printf 'listen = "127.0.0.1:%s"\ncontrol_socket = "/run/vmsync/bench%s-%s.sock"\nlan_group = "home"\n\n' "$((17890 + id))" "$pass" "$id"
+      printf '[security]\nsecret_file = "%s"\n\n' "$W/secret"
+      printf '[[peer]]\nid = %s\nname = "n%s"\naddress = "127.0.0.1:%s"\nlan_group = "home"\n' "$p" "$p" "$((17890 + p))"
+    } > "$W/n$id.$pass.toml"
+    create_md "$W/n$id.$pass.toml"
+  done
+  start_daemon "$W/n2.$pass.toml"
+  PEER_PID=$DAEMON_PID
+  start_daemon "$W/n1.$pass.toml"
+  CFG=$W/n1.$pass.toml SIZE_BYTES=$((SZ * MiB))
+  t0=$(date +%s)
+  until "$VMSYNCCTL" --config "$CFG" status --json 2>/dev/null | grep -q '"state": "secondary"'; do
+    [ $(($(date +%s) - t0)) -lt 60 ] || fail "the bench nodes did not link"
+    sleep 1
+  done
+  must "$VMSYNCCTL" --config "$CFG" promote
+  wait_device "$CFG"
+  t0=$(date +%s)
+  while :; do
+    js=$(status_json "$CFG") || js=""
+    grep -q '"state": "up-to-date"' <<<"$js" && ! grep -q '"stale_bytes": [1-9]' <<<"$js" && break
+    [ $(($(date +%s) - t0)) -lt 600 ] || fail "the peer did not get up to date: $js"
+    sleep 2
+  done
+  log "replicated primary $DEV up, peer up to date after $(($(date +%s) - t0))s"
 }
 
 if [ -n "$RUBLK" ]; then
