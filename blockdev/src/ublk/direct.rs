@@ -20,6 +20,11 @@
 //! slow lane posts its result into the queue's ring as a CQE of its own
 //! (`IORING_OP_MSG_RING`), so the queue thread needs no second thing to
 //! wait on.
+//!
+//! The async queue borrows one piece of this: for a device that lets some
+//! reads through to a file ([`BlockDevice::read_file`], e.g. a replicated
+//! primary's reads of blocks it holds), [`DirectTarget::read`] reads the
+//! file by its slot on the queue ring instead of calling the device.
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, RawFd};
