@@ -67,14 +67,23 @@ impl DirectTarget {
         })
     }
 
+    /// The byte range (offset, length) of `iod`, if it lies within the
+    /// file and fits a buffer of `buf_len` bytes.
+    fn range_within(&self, iod: &sys::ublksrv_io_desc, buf_len: usize) -> Option<(u64, u64)> {
+        let offset = iod.start_sector * SECTOR_SIZE;
+        let len = iod.nr_sectors as u64 * SECTOR_SIZE;
+        let fits = len <= buf_len as u64 && offset.checked_add(len)? <= self.size;
+        fits.then_some((offset, len))
+    }
+
     /// The one operation that serves `iod` straight from the file, or None
     /// when the request is not one this queue serves directly.
     fn operation(&self, iod: &sys::ublksrv_io_desc, buf: &IoBuf<u8>) -> Option<squeue::Entry> {
         let file = types::Fixed(self.slot);
         let op = iod.op_flags & 0xff;
-        let offset = iod.start_sector * SECTOR_SIZE;
-        let len = iod.nr_sectors as u64 * SECTOR_SIZE;
-        let in_range = len <= buf.len() as u64 && offset.checked_add(len)? <= self.size;
+        let range = self.range_within(iod, buf.len());
+        let (offset, len) = range.unwrap_or_default();
+        let in_range = range.is_some();
         // The kernel copies data in and out of the tag's buffer; the
         // operation reaches it by address while the tag is ours.
         let addr = buf.as_ptr() as *mut u8;
@@ -115,12 +124,10 @@ impl DirectTarget {
         buf: &mut [u8],
         device: &D,
     ) -> Option<i32> {
-        let offset = iod.start_sector * SECTOR_SIZE;
-        let len = iod.nr_sectors as u64 * SECTOR_SIZE;
-        let in_range = len <= buf.len() as u64 && offset.checked_add(len)? <= self.size;
-        if iod.op_flags & 0xff != sys::UBLK_IO_OP_READ || !in_range {
+        if iod.op_flags & 0xff != sys::UBLK_IO_OP_READ {
             return None;
         }
+        let (offset, len) = self.range_within(iod, buf.len())?;
         if !device.read_directly(offset, len) {
             return None;
         }
