@@ -60,6 +60,10 @@ pub struct Node {
     /// ublk hardware queues of the device (`nr_hw_queues`): each one a
     /// thread with its own ring, serving the requests of some CPUs.
     pub ublk_queues: u16,
+    /// Serve a standalone node's disk with ublk zero copy where the kernel
+    /// has it (Linux 6.16+): the driver no longer copies each request's
+    /// data. On by default; off keeps the copying data path everywhere.
+    pub ublk_zero_copy: bool,
     /// When set, a primary serves its device on this Unix socket (the
     /// block-socket protocol) instead of ublk: for tests and benchmarks on
     /// machines whose kernel has no ublk.
@@ -304,6 +308,7 @@ struct RawNode {
     lan_group: Option<String>,
     direct_io: Option<bool>,
     ublk_queues: Option<i64>,
+    ublk_zero_copy: Option<bool>,
     block_socket: Option<PathBuf>,
     control_group: Option<String>,
 }
@@ -565,6 +570,7 @@ impl Validator<'_> {
                     ))
                 }
             },
+            ublk_zero_copy: raw.node.ublk_zero_copy.unwrap_or(true),
             block_socket: raw.node.block_socket,
             control_group: raw
                 .node

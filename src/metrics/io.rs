@@ -130,6 +130,15 @@ impl<D: BlockDevice> Metered<D> {
     }
 }
 
+/// Where the metrics keep a directly served operation's counts.
+fn op_index(op: blockdev::DirectOp) -> usize {
+    match op {
+        blockdev::DirectOp::Read => 0,
+        blockdev::DirectOp::Write => 1,
+        blockdev::DirectOp::Flush => 2,
+    }
+}
+
 impl<D: BlockDevice> BlockDevice for Metered<D> {
     fn size(&self) -> u64 {
         self.inner.size()
@@ -164,13 +173,20 @@ impl<D: BlockDevice> BlockDevice for Metered<D> {
     }
 
     fn served_directly(&self, op: blockdev::DirectOp, bytes: u64, started: Instant) {
-        let index = match op {
-            blockdev::DirectOp::Read => 0,
-            blockdev::DirectOp::Write => 1,
-            blockdev::DirectOp::Flush => 2,
-        };
-        self.metrics.record(index, bytes, started, true);
+        self.metrics.record(op_index(op), bytes, started, true);
         self.inner.served_directly(op, bytes, started);
+    }
+
+    fn failed_directly(
+        &self,
+        op: blockdev::DirectOp,
+        offset: u64,
+        len: u64,
+        started: Instant,
+        error: &io::Error,
+    ) {
+        self.metrics.record(op_index(op), len, started, false);
+        self.inner.failed_directly(op, offset, len, started, error);
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -27,6 +27,7 @@ impl Frontend {
         device: Arc<D>,
         resource: &str,
         queues: u16,
+        zero_copy: bool,
         block_socket: Option<&PathBuf>,
     ) -> anyhow::Result<Frontend> {
         if let Some(path) = block_socket {
@@ -45,6 +46,7 @@ impl Frontend {
         }
         let options = UblkOptions {
             queues,
+            zero_copy,
             ..UblkOptions::new(resource)
         };
         let frontend = tokio::task::spawn_blocking(move || UblkFrontend::start(device, &options))

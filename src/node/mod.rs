@@ -154,12 +154,13 @@ impl Node {
         let resource = &self.config.resource.name;
         let socket = self.config.node.block_socket.as_ref();
         let queues = self.config.node.ublk_queues;
+        let zero_copy = self.config.node.ublk_zero_copy;
         match &self.io_metrics {
             Some(metrics) => {
                 let metered = Metered::new(device, Arc::clone(metrics));
-                Frontend::start(Arc::new(metered), resource, queues, socket).await
+                Frontend::start(Arc::new(metered), resource, queues, zero_copy, socket).await
             }
-            None => Frontend::start(device, resource, queues, socket).await,
+            None => Frontend::start(device, resource, queues, zero_copy, socket).await,
         }
     }
 
@@ -502,6 +503,7 @@ async fn start_serving(node: &Arc<Node>) -> anyhow::Result<()> {
                             }),
                             resource,
                             1,
+                            false,
                             None,
                         )
                         .await?;

@@ -8,6 +8,8 @@
 #
 # Environment:
 #   VM_KVER      kernel version to use (default: newest /boot/vmlinuz-6.12.*)
+#   VM_KERNEL_ROOT  directory holding boot/vmlinuz-<kver> and lib/modules/<kver>
+#                (default: /; fetch-kernel.sh unpacks a newer kernel elsewhere)
 #   VM_BUILD_DIR cache directory (default: tests/vm/.build)
 #   VM_FORCE=1   rebuild even if the cache looks fresh
 set -euo pipefail
@@ -25,8 +27,9 @@ else
   KVER=$(ls /boot/vmlinuz-6.12.* 2>/dev/null | sed 's|^/boot/vmlinuz-||' | sort -V | tail -n1 || true)
   [ -n "$KVER" ] || die "no /boot/vmlinuz-6.12.* found; run scripts/setup.sh"
 fi
-KERNEL=/boot/vmlinuz-$KVER
-MODDIR=/lib/modules/$KVER
+KROOT=${VM_KERNEL_ROOT:-}
+KERNEL=$KROOT/boot/vmlinuz-$KVER
+MODDIR=$KROOT/lib/modules/$KVER
 [ -r "$KERNEL" ] || die "$KERNEL not readable"
 [ -r "$MODDIR/modules.dep" ] || die "$MODDIR/modules.dep missing"
 BUSYBOX=$(command -v busybox || true)
@@ -78,7 +81,16 @@ else
     done
     order+=("$n:$p")
   }
-  for m in "${WANT[@]}"; do add_mod "${m//-/_}"; done
+  for m in "${WANT[@]}"; do
+    m=${m//-/_}
+    # Newer kernels dropped or renamed some helpers (libcrc32c, crc16...):
+    # what a kernel does not have, nothing of it needs.
+    if [ -z "${builtin[$m]:-}" ] && [ -z "${path[$m]:-}" ]; then
+      echo "build-initramfs: no module $m in $KVER; skipped" >&2
+      continue
+    fi
+    add_mod "$m"
+  done
 
   stage=$(mktemp -d "$BUILD/stage.XXXXXX")
   trap 'rm -rf "$stage"' EXIT

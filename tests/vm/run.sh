@@ -18,6 +18,9 @@
 #   VM_SCRATCH_SIZE   sparse scratch disk (ext4 in the guest) [4G]
 #   VM_DISK_CACHE     qemu cache mode of the scratch disk [writeback]
 #   VM_APPEND         extra kernel command line
+#   VM_KVER, VM_KERNEL_ROOT  another guest kernel (see build-initramfs.sh;
+#                     `eval "$(tests/vm/fetch-kernel.sh)"` sets both for a
+#                     kernel with ublk zero copy)
 #   VMT_* BENCH_* RUST_LOG   passed through to the guest scenarios
 set -euo pipefail
 
@@ -26,7 +29,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 BUILD=${VM_BUILD_DIR:-$HERE/.build}
 ALL_SCENARIOS="smoke fs_basic standalone_direct raw_equals_backing crash_recovery discard replicated_fs machine_switch crash_torture failing_disk superseded_primary resize package_install"
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 QUIET=0; SHELL_AFTER=0
 scen=()
 while [ $# -gt 0 ]; do

@@ -49,6 +49,8 @@ const SLOW_LANE_DONE: u64 = libublk::UblkUringData::NonAsync as u64;
 pub(super) struct DirectTarget {
     /// Its slot among the files registered with every queue ring.
     slot: u32,
+    /// Its descriptor.
+    fd: RawFd,
     size: u64,
     /// Tell the device of each request served (`served_directly`).
     report: bool,
@@ -62,6 +64,7 @@ impl DirectTarget {
         let slot = fds.iter().position(|&fd| fd == file.fd)?;
         Some(DirectTarget {
             slot: slot as u32,
+            fd: file.fd,
             size: file.size,
             report: file.report,
         })
@@ -77,37 +80,114 @@ impl DirectTarget {
     }
 
     /// The one operation that serves `iod` straight from the file, or None
-    /// when the request is not one this queue serves directly.
-    fn operation(&self, iod: &sys::ublksrv_io_desc, buf: &IoBuf<u8>) -> Option<squeue::Entry> {
-        let file = types::Fixed(self.slot);
+    /// when the request is not one this queue serves directly. `done`
+    /// bytes of it are already transferred (only zero copy continues a
+    /// short transfer itself; see `Handler::on_result`).
+    fn operation(
+        &self,
+        iod: &sys::ublksrv_io_desc,
+        memory: Memory<'_>,
+        done: u64,
+        via: Via,
+    ) -> Option<squeue::Entry> {
+        // The same operation on the registered slot or on a descriptor.
+        macro_rules! on_file {
+            (|$file:ident| $build:expr) => {
+                match via {
+                    Via::Slot => {
+                        let $file = types::Fixed(self.slot);
+                        $build
+                    }
+                    Via::Descriptor(fd) => {
+                        let $file = types::Fd(fd);
+                        $build
+                    }
+                }
+            };
+        }
         let op = iod.op_flags & 0xff;
-        let range = self.range_within(iod, buf.len());
+        let range = self
+            .range_within(iod, memory.limit())
+            .filter(|&(_, len)| done < len);
         let (offset, len) = range.unwrap_or_default();
+        let (offset, len) = (offset + done, (len - done) as u32);
         let in_range = range.is_some();
-        // The kernel copies data in and out of the tag's buffer; the
-        // operation reaches it by address while the tag is ours.
-        let addr = buf.as_ptr() as *mut u8;
-        match op {
-            sys::UBLK_IO_OP_READ if in_range => Some(
-                opcode::Read::new(file, addr, len as u32)
+        let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
+        let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
+        match (op, memory) {
+            (sys::UBLK_IO_OP_FLUSH, _) => Some(on_file!(|file| opcode::Fsync::new(file)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build())),
+            (sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE, _) if !in_range => None,
+            // The kernel copies data in and out of the tag's buffer; the
+            // operation reaches it by address while the tag is ours.
+            (sys::UBLK_IO_OP_READ, Memory::Buffer(buf)) => {
+                let addr = buf.as_ptr() as *mut u8;
+                Some(on_file!(|file| opcode::Read::new(file, addr, len)
                     .offset(offset)
-                    .build(),
-            ),
-            sys::UBLK_IO_OP_WRITE if in_range => {
-                let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
-                Some(
-                    opcode::Write::new(file, addr, len as u32)
-                        .offset(offset)
-                        .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
-                        .build(),
-                )
+                    .build()))
             }
-            sys::UBLK_IO_OP_FLUSH => Some(
-                opcode::Fsync::new(file)
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build(),
-            ),
+            (sys::UBLK_IO_OP_WRITE, Memory::Buffer(buf)) => {
+                let addr = buf.as_ptr() as *mut u8;
+                Some(on_file!(|file| opcode::Write::new(file, addr, len)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build()))
+            }
+            // The request's own pages, registered at `index`; the address
+            // of a kernel-registered buffer is the offset into it.
+            (sys::UBLK_IO_OP_READ, Memory::Registered { index, .. }) => {
+                Some(on_file!(|file| opcode::ReadFixed::new(
+                    file,
+                    done as *mut u8,
+                    len,
+                    index
+                )
+                .offset(offset)
+                .build()))
+            }
+            (sys::UBLK_IO_OP_WRITE, Memory::Registered { index, .. }) => {
+                Some(on_file!(|file| opcode::WriteFixed::new(
+                    file,
+                    done as *const u8,
+                    len,
+                    index
+                )
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build()))
+            }
             _ => None,
+        }
+    }
+}
+
+/// Which way an operation reaches the backing file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// Its slot among the queue ring's registered files.
+    Slot,
+    /// A descriptor: zero copy's second, buffered one (see
+    /// `zero_copy::reopen_buffered`).
+    Descriptor(RawFd),
+}
+
+/// Where a request's data is while the direct queue serves it.
+#[derive(Clone, Copy)]
+enum Memory<'a> {
+    /// The tag's buffer, which the kernel copies the data through.
+    Buffer(&'a IoBuf<u8>),
+    /// Zero copy: the request's pages, in the queue ring's buffer table at
+    /// `index`; requests are at most `limit` bytes.
+    Registered { index: u16, limit: usize },
+}
+
+impl Memory<'_> {
+    /// The largest request this memory holds.
+    fn limit(&self) -> usize {
+        match self {
+            Memory::Buffer(buf) => buf.len(),
+            Memory::Registered { limit, .. } => *limit,
         }
     }
 }
@@ -175,11 +255,16 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
     target: DirectTarget,
 ) {
     let dev_id = dev.dev_info.dev_id;
-    let span = tracing::info_span!("ublk_queue", dev_id, qid, direct = true);
+    let zero_copy = super::zero_copy::in_use(dev);
+    let span = tracing::info_span!("ublk_queue", dev_id, qid, direct = true, zero_copy);
     let _entered = span.enter();
     // Declared before the lane: the lane is joined (no request still uses
-    // a buffer) before the buffers are freed.
-    let bufs = dev.alloc_queue_io_bufs();
+    // a buffer) before the buffers are freed. Zero copy needs none.
+    let bufs = if zero_copy {
+        Vec::new()
+    } else {
+        dev.alloc_queue_io_bufs()
+    };
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => q,
         Err(e) => {
@@ -195,7 +280,15 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
             return;
         }
     };
-    let queue = match queue.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))) {
+    let registrations: Vec<_> = (0..dev.dev_info.queue_depth)
+        .map(super::zero_copy::registration)
+        .collect();
+    let fetch = if zero_copy {
+        BufDescList::AutoRegs(&registrations)
+    } else {
+        BufDescList::Slices(Some(&bufs))
+    };
+    let queue = match queue.submit_fetch_commands_unified(fetch) {
         Ok(q) => q,
         Err(e) => {
             tracing::error!(error = %e, "cannot fetch ublk requests");
@@ -203,13 +296,34 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
             return;
         }
     };
-    tracing::info!("serving reads, writes and flushes straight from the backing file");
+    if zero_copy {
+        tracing::info!(
+            "serving reads, writes and flushes straight from the backing file, zero copy"
+        );
+    } else {
+        tracing::info!("serving reads, writes and flushes straight from the backing file");
+    }
+    let buffered = zero_copy
+        .then(|| match super::zero_copy::reopen_buffered(target.fd) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                let error = e.to_string();
+                tracing::warn!(%error, "no buffered descriptor of the backing file: requests with memory it cannot take directly will fail");
+                None
+            }
+        })
+        .flatten();
     let handler = Handler {
         device: &*device,
         target,
+        buffered: buffered.as_ref().map(|fd| fd.as_raw_fd()),
+        told_unaligned: Cell::new(false),
         bufs: &bufs,
+        max_io_bytes: dev.dev_info.max_io_buf_bytes as usize,
         lane: &lane,
-        started: (0..bufs.len()).map(|_| Cell::new(None)).collect(),
+        tags: (0..dev.dev_info.queue_depth)
+            .map(|_| Cell::new(TagState::default()))
+            .collect(),
     };
     queue.wait_and_handle_io(|q, tag, cqe| handler.on_cqe(q, tag, cqe));
     lane.finish();
@@ -220,55 +334,204 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
 struct Handler<'a, D> {
     device: &'a D,
     target: DirectTarget,
-    /// Each tag's buffer.
+    /// Zero copy: the backing file opened again without `O_DIRECT`.
+    buffered: Option<RawFd>,
+    /// Whether the log has said that some requests take `buffered`.
+    told_unaligned: Cell<bool>,
+    /// Each tag's buffer; none with zero copy.
     bufs: &'a [IoBuf<u8>],
+    /// The largest request the kernel sends.
+    max_io_bytes: usize,
     lane: &'a SlowLane,
-    /// When each tag's request arrived (only with `target.report`).
-    started: Vec<Cell<Option<Instant>>>,
+    tags: Vec<Cell<TagState>>,
 }
 
+/// Where a tag's current request stands.
+#[derive(Clone, Copy, Default)]
+struct TagState {
+    /// When it arrived (only with `target.report`).
+    started: Option<Instant>,
+    /// Bytes transferred so far (zero copy continues short transfers).
+    done: u32,
+    /// Operations that did nothing and may be tried again (-EAGAIN).
+    retries: u8,
+    /// Zero copy: the request goes through the buffered descriptor.
+    buffered: bool,
+}
+
+/// How often zero copy submits an operation again that the kernel did not
+/// carry out (-EAGAIN, -EINTR) before it fails the request.
+const ZERO_COPY_RETRIES: u8 = 3;
+
 impl<D: BlockDevice> Handler<'_, D> {
+    /// Where `tag`'s request data is.
+    fn memory(&self, tag: u16) -> Memory<'_> {
+        match self.bufs.get(tag as usize) {
+            Some(buf) => Memory::Buffer(buf),
+            None => Memory::Registered {
+                index: tag,
+                limit: self.max_io_bytes,
+            },
+        }
+    }
+
+    fn zero_copy(&self) -> bool {
+        self.bufs.is_empty()
+    }
+
+    /// Submits the operation for what is left of `tag`'s request `iod`;
+    /// false if it has none or it could not be queued.
+    fn submit(&self, q: &UblkQueue<'_>, tag: u16, iod: &sys::ublksrv_io_desc) -> bool {
+        let state = self.tags[tag as usize].get();
+        let via = match self.buffered {
+            Some(fd) if state.buffered => Via::Descriptor(fd),
+            _ => Via::Slot,
+        };
+        let op = self
+            .target
+            .operation(iod, self.memory(tag), state.done as u64, via);
+        op.is_some_and(|op| {
+            let op = op.user_data(UblkIOCtx::build_user_data(tag, 0, 0, true));
+            q.ublk_submit_sqe_sync(op).is_ok()
+        })
+    }
+
     /// One CQE for `tag`: a new request, a direct operation's result, or
     /// the slow lane's result.
     fn on_cqe(&self, q: &UblkQueue<'_>, tag: u16, cqe: &UblkIOCtx) {
         let iod = *q.get_iod(tag);
-        let buf = &self.bufs[tag as usize];
+        let state = &self.tags[tag as usize];
         if !cqe.is_tgt_io() {
             // A new request. (libublk hands us only fetches that succeeded.)
-            let submitted = self.target.operation(&iod, buf).is_some_and(|op| {
-                let op = op.user_data(UblkIOCtx::build_user_data(tag, 0, 0, true));
-                q.ublk_submit_sqe_sync(op).is_ok()
+            state.set(TagState {
+                started: self.target.report.then(Instant::now),
+                ..TagState::default()
             });
-            if !submitted {
-                self.lane.run(tag, iod, buf);
-            } else if self.target.report {
-                self.started[tag as usize].set(Some(Instant::now()));
+            if !self.submit(q, tag, &iod) {
+                self.to_slow_lane(q, tag, iod);
             }
             return;
         }
         let result = cqe.result();
         if cqe.user_data() & SLOW_LANE_DONE != 0 {
             // The device's methods ran it (and counted it, if they count).
-            commit(q, tag, buf, result);
+            self.commit(q, tag, result);
+        } else if self.zero_copy() {
+            self.on_zero_copy_result(q, tag, &iod, result);
         } else if result == complete_result(&iod) {
-            if let Some(started) = self.started[tag as usize].take() {
-                let bytes = result as u64;
-                self.device.served_directly(direct_op(&iod), bytes, started);
-            }
-            commit(q, tag, buf, result);
+            self.served(tag, &iod);
+            self.commit(q, tag, result);
         } else {
             // Short, failed, or worth another try: the device's methods decide.
-            self.started[tag as usize].set(None);
-            self.lane.run(tag, iod, buf);
+            self.to_slow_lane(q, tag, iod);
         }
     }
-}
 
-/// Hands `result` to the kernel and fetches the tag's next request.
-fn commit(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, result: i32) {
-    let done = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(result)));
-    if let Err(e) = done {
-        tracing::error!(tag, error = %e, "cannot commit a ublk request");
+    /// A zero-copy operation's result. The slow lane cannot take over a
+    /// read or write here (the data never passes through this process),
+    /// so this queue finishes the request itself: it continues a short
+    /// transfer, tries again what the kernel did not do, and reports a
+    /// failure to the device as the device's own methods would.
+    fn on_zero_copy_result(
+        &self,
+        q: &UblkQueue<'_>,
+        tag: u16,
+        iod: &sys::ublksrv_io_desc,
+        result: i32,
+    ) {
+        let state = &self.tags[tag as usize];
+        let mut now = state.get();
+        let whole = complete_result(iod);
+        let retry = result == -libc::EAGAIN || result == -libc::EINTR;
+        // The direct descriptor refuses memory that is not aligned to the
+        // file's sectors; the buffered one takes any.
+        let unaligned = result == -libc::EINVAL
+            && !now.buffered
+            && self.buffered.is_some()
+            && matches!(direct_op(iod), DirectOp::Read | DirectOp::Write);
+        let progress = result > 0 && (now.done as i64 + result as i64) < whole as i64;
+        if result >= 0 && now.done as i64 + result as i64 == whole as i64 {
+            self.served(tag, iod);
+            self.commit(q, tag, whole);
+            return;
+        }
+        if progress {
+            now.done += result as u32;
+            now.retries = 0;
+        } else if retry && now.retries < ZERO_COPY_RETRIES {
+            now.retries += 1;
+        } else if unaligned {
+            if !self.told_unaligned.replace(true) {
+                tracing::info!("a request's memory is not aligned for the O_DIRECT backing file: such requests go through a buffered descriptor of it");
+            }
+            now.buffered = true;
+        } else {
+            // An error, an end of file inside the device, or a transient
+            // error that persists.
+            let errno = if result < 0 { -result } else { libc::EIO };
+            self.failed(q, tag, iod, errno);
+            return;
+        }
+        state.set(now);
+        if !self.submit(q, tag, iod) {
+            self.failed(q, tag, iod, libc::EIO);
+        }
+    }
+
+    /// Fails `tag`'s request with `errno` after telling the device.
+    fn failed(&self, q: &UblkQueue<'_>, tag: u16, iod: &sys::ublksrv_io_desc, errno: i32) {
+        let offset = iod.start_sector * SECTOR_SIZE;
+        let len = iod.nr_sectors as u64 * SECTOR_SIZE;
+        let error = std::io::Error::from_raw_os_error(errno);
+        let op = direct_op(iod);
+        tracing::warn!(?op, offset, len, %error, "request failed");
+        let started = self.tags[tag as usize].get().started;
+        self.device.failed_directly(
+            op,
+            offset,
+            len,
+            started.unwrap_or_else(Instant::now),
+            &error,
+        );
+        self.commit(q, tag, -errno);
+    }
+
+    /// Tells the device of a request served in full, if it asked.
+    fn served(&self, tag: u16, iod: &sys::ublksrv_io_desc) {
+        if let Some(started) = self.tags[tag as usize].get().started {
+            let bytes = complete_result(iod) as u64;
+            self.device.served_directly(direct_op(iod), bytes, started);
+        }
+    }
+
+    /// Runs `tag`'s request through the device's methods instead.
+    fn to_slow_lane(&self, q: &UblkQueue<'_>, tag: u16, iod: sys::ublksrv_io_desc) {
+        match self.memory(tag) {
+            Memory::Buffer(buf) => self.lane.run(tag, iod, TagMemory::of(buf)),
+            Memory::Registered { .. } => match iod.op_flags & 0xff {
+                // Only requests without data may go (the device's methods
+                // cannot reach a request's registered pages).
+                sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES | sys::UBLK_IO_OP_FLUSH => {
+                    self.lane.run(tag, iod, TagMemory::none())
+                }
+                sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => {
+                    self.failed(q, tag, &iod, libc::EINVAL)
+                }
+                _ => self.commit(q, tag, -libc::EOPNOTSUPP),
+            },
+        }
+    }
+
+    /// Hands `result` to the kernel and fetches the tag's next request.
+    fn commit(&self, q: &UblkQueue<'_>, tag: u16, result: i32) {
+        let next = match self.memory(tag) {
+            Memory::Buffer(buf) => BufDesc::Slice(buf),
+            Memory::Registered { .. } => BufDesc::AutoReg(super::zero_copy::registration(tag)),
+        };
+        let done = q.complete_io_cmd_unified(tag, next, Ok(UblkIORes::Result(result)));
+        if let Err(e) = done {
+            tracing::error!(tag, error = %e, "cannot commit a ublk request");
+        }
     }
 }
 
@@ -282,6 +545,23 @@ struct TagMemory {
 // SAFETY: the buffer outlives the lane (joined before the buffers are
 // freed), and while a request is in the lane nothing else uses it.
 unsafe impl Send for TagMemory {}
+
+impl TagMemory {
+    fn of(buf: &IoBuf<u8>) -> Self {
+        TagMemory {
+            ptr: buf.as_ptr() as *mut u8,
+            size: buf.len(),
+        }
+    }
+
+    /// No memory: for requests without data (zero copy has no buffers).
+    fn none() -> Self {
+        TagMemory {
+            ptr: std::ptr::NonNull::dangling().as_ptr(),
+            size: 0,
+        }
+    }
+}
 
 impl RequestBuffer for TagMemory {
     fn size(&self) -> usize {
@@ -339,11 +619,7 @@ impl SlowLane {
 
     /// Runs `tag`'s request `iod` through the device; its result comes back
     /// as a CQE on the queue's ring.
-    fn run(&self, tag: u16, iod: sys::ublksrv_io_desc, buf: &IoBuf<u8>) {
-        let memory = TagMemory {
-            ptr: buf.as_ptr() as *mut u8,
-            size: buf.len(),
-        };
+    fn run(&self, tag: u16, iod: sys::ublksrv_io_desc, memory: TagMemory) {
         if self.jobs.try_send(Job { tag, iod, memory }).is_err() {
             // Only after `finish`, which runs once the queue is down.
             tracing::error!(tag, "slow lane gone; request left unanswered");
@@ -432,6 +708,7 @@ mod tests {
     /// A 1 MiB device whose file sits in slot 1.
     const TARGET: DirectTarget = DirectTarget {
         slot: 1,
+        fd: 7,
         size: MIB,
         report: false,
     };
@@ -460,15 +737,15 @@ mod tests {
         );
         let flush = request(sys::UBLK_IO_OP_FLUSH, 0, 0);
         assert_eq!(
-            opcode_of(TARGET.operation(&read, &buf)),
+            opcode_of(TARGET.operation(&read, Memory::Buffer(&buf), 0, Via::Slot)),
             Some(opcode::Read::CODE)
         );
         assert_eq!(
-            opcode_of(TARGET.operation(&last_write, &buf)),
+            opcode_of(TARGET.operation(&last_write, Memory::Buffer(&buf), 0, Via::Slot)),
             Some(opcode::Write::CODE)
         );
         assert_eq!(
-            opcode_of(TARGET.operation(&flush, &buf)),
+            opcode_of(TARGET.operation(&flush, Memory::Buffer(&buf), 0, Via::Slot)),
             Some(opcode::Fsync::CODE)
         );
     }
@@ -495,10 +772,128 @@ mod tests {
         ];
         for iod in others {
             assert!(
-                TARGET.operation(&iod, &buf).is_none(),
+                TARGET
+                    .operation(&iod, Memory::Buffer(&buf), 0, Via::Slot)
+                    .is_none(),
                 "{iod:?} would go to the file directly"
             );
+            let registered = Memory::Registered {
+                index: 3,
+                limit: 64 << 10,
+            };
+            assert!(
+                TARGET.operation(&iod, registered, 0, Via::Slot).is_none(),
+                "{iod:?} would go to the file directly with zero copy"
+            );
         }
+    }
+
+    /// The fields of a submission entry a test looks at.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Sqe {
+        opcode: u8,
+        flags: u8,
+        fd: i32,
+        offset: u64,
+        addr: u64,
+        len: u32,
+        rw_flags: u32,
+        buf_index: u16,
+    }
+
+    fn fields(entry: squeue::Entry) -> Sqe {
+        // SAFETY: an entry is the kernel's 64-byte `io_uring_sqe`
+        // (`#[repr(C)]` around it); the offsets are the kernel ABI's.
+        let raw: [u8; 64] = unsafe { std::mem::transmute(entry) };
+        let u32_at = |i: usize| u32::from_ne_bytes(raw[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_ne_bytes(raw[i..i + 8].try_into().unwrap());
+        Sqe {
+            opcode: raw[0],
+            flags: raw[1],
+            fd: u32_at(4) as i32,
+            offset: u64_at(8),
+            addr: u64_at(16),
+            len: u32_at(24),
+            rw_flags: u32_at(28),
+            buf_index: u16::from_ne_bytes([raw[40], raw[41]]),
+        }
+    }
+
+    #[test]
+    fn zero_copy_reads_and_writes_use_the_requests_registered_pages() {
+        let registered = Memory::Registered {
+            index: 5,
+            limit: 1 << 20,
+        };
+        let read = request(sys::UBLK_IO_OP_READ, 8192, 65536);
+        let op = TARGET.operation(&read, registered, 0, Via::Slot).unwrap();
+        let sqe = fields(op);
+        assert_eq!(sqe.opcode, opcode::ReadFixed::CODE);
+        assert_eq!(
+            sqe.flags & squeue::Flags::FIXED_FILE.bits(),
+            squeue::Flags::FIXED_FILE.bits()
+        );
+        assert_eq!((sqe.fd, sqe.offset, sqe.addr, sqe.len), (1, 8192, 0, 65536));
+        assert_eq!(sqe.buf_index, 5);
+
+        let fua_write = request(sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_F_FUA, 0, 4096);
+        let sqe = fields(
+            TARGET
+                .operation(&fua_write, registered, 0, Via::Slot)
+                .unwrap(),
+        );
+        assert_eq!(sqe.opcode, opcode::WriteFixed::CODE);
+        assert_eq!(sqe.rw_flags, libc::RWF_DSYNC as u32);
+        assert_eq!(sqe.buf_index, 5);
+    }
+
+    #[test]
+    fn zero_copy_continues_a_short_transfer_where_it_stopped() {
+        let registered = Memory::Registered {
+            index: 2,
+            limit: 1 << 20,
+        };
+        let write = request(sys::UBLK_IO_OP_WRITE, 1 << 16, 1 << 16);
+        // 12 KiB of 64 KiB went through: the rest starts 12 KiB further,
+        // both in the file and in the request's pages.
+        let sqe = fields(
+            TARGET
+                .operation(&write, registered, 12288, Via::Slot)
+                .unwrap(),
+        );
+        assert_eq!(
+            (sqe.offset, sqe.addr, sqe.len),
+            ((1 << 16) + 12288, 12288, (1 << 16) - 12288)
+        );
+        // Nothing is left once all of it went through.
+        assert!(TARGET
+            .operation(&write, registered, 1 << 16, Via::Slot)
+            .is_none());
+    }
+
+    #[test]
+    fn the_buffered_descriptor_gets_the_same_operation() {
+        let registered = Memory::Registered {
+            index: 9,
+            limit: 1 << 20,
+        };
+        let read = request(sys::UBLK_IO_OP_READ, 4096, 4096);
+        let direct = fields(TARGET.operation(&read, registered, 0, Via::Slot).unwrap());
+        let buffered = fields(
+            TARGET
+                .operation(&read, registered, 0, Via::Descriptor(42))
+                .unwrap(),
+        );
+        assert_eq!(buffered.fd, 42);
+        assert_eq!(buffered.flags & squeue::Flags::FIXED_FILE.bits(), 0);
+        assert_eq!(
+            Sqe {
+                fd: direct.fd,
+                flags: direct.flags,
+                ..buffered
+            },
+            direct
+        );
     }
 
     #[test]

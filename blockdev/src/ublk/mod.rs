@@ -12,6 +12,7 @@ mod direct;
 mod doorbell;
 mod queue;
 pub(crate) mod ring;
+mod zero_copy;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +38,9 @@ pub struct UblkOptions {
     pub depth: u16,
     /// Largest single request the kernel sends us.
     pub max_io_bytes: u32,
+    /// Serve a device that is one file (see [`BlockDevice::direct_file`])
+    /// without copying its data, where the kernel can (see [`zero_copy`]).
+    pub zero_copy: bool,
 }
 
 impl UblkOptions {
@@ -47,6 +51,7 @@ impl UblkOptions {
             depth: 64,
             // 1 MiB: a 1 MiB guest write reaches us whole instead of split.
             max_io_bytes: 1 << 20,
+            zero_copy: true,
         }
     }
 }
@@ -99,7 +104,22 @@ impl UblkFrontend {
         device: Arc<D>,
         options: &UblkOptions,
     ) -> Result<Self, FrontendError> {
-        let recover_id = find_recoverable(&options.resource)?;
+        let mut recover_id = find_recoverable(&options.resource)?;
+        if let Some(id) = recover_id {
+            // A device keeps the data path it was created with, and only a
+            // device that is one file can serve zero copy.
+            let direct = device.direct_file().is_some() && !device.keeps_write_data();
+            if zero_copy::device_uses_it(id) && !direct {
+                tracing::warn!(
+                    dev_id = id,
+                    "the device a previous daemon left was made for zero copy (a standalone node), which this stack cannot serve: removing it (the I/O it held fails) and adding a new one"
+                );
+                if let Err(e) = UblkCtrl::new_simple(id as i32).and_then(|ctrl| ctrl.del_dev()) {
+                    tracing::warn!(dev_id = id, error = %e, "removing the old device");
+                }
+                recover_id = None;
+            }
+        }
         let (ready_tx, ready_rx) = mpsc::channel::<Result<u32, FrontendError>>();
         let stopping = Arc::new(AtomicBool::new(false));
         let options = options.clone();
@@ -186,7 +206,11 @@ fn serve<D: BlockDevice>(
 ) {
     let span = tracing::info_span!("ublk", resource = %options.resource);
     let _entered = span.enter();
-    let ctrl = match build_ctrl(&options, recover_id) {
+    // A device that is one file gets the direct queue (see `direct`), and
+    // zero copy where the kernel has it.
+    let direct_file = device.direct_file().filter(|_| !device.keeps_write_data());
+    let zero_copy = direct_file.is_some() && options.zero_copy && zero_copy::supported();
+    let ctrl = match build_ctrl(&options, recover_id, zero_copy) {
         Ok(ctrl) => ctrl,
         Err(e) => {
             let _ = ready.send(Err(e.into()));
@@ -202,13 +226,14 @@ fn serve<D: BlockDevice>(
         dev.set_target_json(serde_json::json!({ TARGET_JSON_KEY: { "resource": resource } }));
         Ok(())
     };
-    // A device that is one file gets the direct queue (see `direct`).
-    let direct_file = device.direct_file().filter(|_| !device.keeps_write_data());
     let queue_device = Arc::clone(&device);
     let run_queue = move |qid: u16, dev: &UblkDev| {
         let device = Arc::clone(&queue_device);
         match direct_file.and_then(|file| direct::DirectTarget::registered(dev, file)) {
             Some(target) => direct::run_direct_queue(qid, dev, device, target),
+            None if zero_copy::in_use(dev) => {
+                tracing::error!(qid, "a zero-copy device needs its backing file registered with the queue ring; queue not served");
+            }
             None => queue::run_queue(qid, dev, device),
         }
     };
@@ -234,12 +259,19 @@ fn serve<D: BlockDevice>(
     }
 }
 
-fn build_ctrl(options: &UblkOptions, recover_id: Option<u32>) -> Result<UblkCtrl, UblkError> {
+fn build_ctrl(
+    options: &UblkOptions,
+    recover_id: Option<u32>,
+    zero_copy: bool,
+) -> Result<UblkCtrl, UblkError> {
     // Each queue thread stays on one CPU of its queue's mask (libublk picks
     // one), as rublk's do by default: a thread that wanders between CPUs
     // pays for it on every request it serves.
     let affinity = UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY;
-    let ctrl_flags = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+    let mut ctrl_flags = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+    if zero_copy && recover_id.is_none() {
+        ctrl_flags |= zero_copy::CTRL_FLAGS;
+    }
     let builder = UblkCtrlBuilder::default()
         .name("vmsync")
         .nr_queues(options.queues)
