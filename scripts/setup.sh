@@ -49,6 +49,11 @@ if [ ${#need_pkgs[@]} -gt 0 ] || [ "$need_kernel" -eq 1 ]; then
   fi
 fi
 
+# A newer Debian kernel (6.16+, from Debian 13's backports), unpacked under
+# tests/vm/.build only, for the VM tests of ublk zero copy; the host's
+# packages and apt configuration are left as they are.
+tests/vm/fetch-kernel.sh >/dev/null
+
 # Toolchain components the test command uses.
 if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true

@@ -3,7 +3,9 @@
 #   1. host tests: `cargo test` over the workspace (unit, property and
 #      multi-process integration tests on loopback; no ublk needed);
 #   2. VM tests: the real /dev/ublkbN inside a qemu guest with Debian's 6.12
-#      kernel (tests/vm/run.sh), using the release binaries built here.
+#      kernel (tests/vm/run.sh), using the release binaries built here; then
+#      the standalone scenarios again in a guest with a 6.16+ kernel, where
+#      the queue serves with ublk zero copy (tests/vm/fetch-kernel.sh).
 # Prints one closing line "N passed, N failed" over both.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +29,8 @@ host_failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log_dir/cargo-test.
 
 vm_passed=0
 vm_failed=0
+# Standalone scenarios, run again on the zero-copy kernel.
+ZERO_COPY_SCENARIOS="standalone_direct fs_basic raw_equals_backing crash_recovery discard"
 if [ "${VMSYNC_SKIP_VM:-0}" != 1 ]; then
   echo "== VM tests (real ublk in a qemu guest)"
   cargo build --release --workspace --bins
@@ -40,6 +44,25 @@ if [ "${VMSYNC_SKIP_VM:-0}" != 1 ]; then
   if [ "$vm_passed" -eq 0 ] && [ "$vm_failed" -eq 0 ]; then
     echo "VM tests produced no result"; vm_failed=1; status=1
   fi
+
+  # The same product on a kernel with ublk zero copy (Linux 6.16+): the
+  # standalone scenarios, whose queue then serves without copying.
+  echo "== VM tests on a kernel with ublk zero copy"
+  if zc_kernel=$(tests/vm/fetch-kernel.sh); then
+    eval "$zc_kernel"
+    VM_KERNEL_ROOT=$VM_KERNEL_ROOT VM_KVER=$VM_KVER VM_CONSOLE_LOG="$log_dir/vm-zc-console.log" \
+      tests/vm/run.sh $ZERO_COPY_SCENARIOS 2>&1 | tee "$log_dir/vm-zc-tests.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    zc_passed=$(grep -cE '^  PASS  ' "$log_dir/vm-zc-tests.log" || true)
+    zc_failed=$(grep -cE '^  (FAIL|NONE)  ' "$log_dir/vm-zc-tests.log" || true)
+    if [ "$zc_passed" -eq 0 ] && [ "$zc_failed" -eq 0 ]; then
+      echo "zero-copy VM tests produced no result"; zc_failed=1; status=1
+    fi
+  else
+    echo "cannot fetch a kernel with ublk zero copy (tests/vm/fetch-kernel.sh)"; zc_passed=0; zc_failed=1; status=1
+  fi
+  vm_passed=$((vm_passed + zc_passed))
+  vm_failed=$((vm_failed + zc_failed))
 fi
 
 echo "== summary: host $host_passed passed / $host_failed failed; VM $vm_passed passed / $vm_failed failed"

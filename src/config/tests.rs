@@ -318,6 +318,15 @@ fn verify_rate_defaults_to_100_mib_and_takes_sizes() {
 }
 
 #[test]
+fn ublk_zero_copy_is_on_unless_turned_off() {
+    assert!(parse_str(GOOD).unwrap().node.ublk_zero_copy);
+    let off = GOOD.replacen("[node]\n", "[node]\nublk_zero_copy = false\n", 1);
+    assert!(!parse_str(&off).unwrap().node.ublk_zero_copy);
+    let bad = GOOD.replacen("[node]\n", "[node]\nublk_zero_copy = \"yes\"\n", 1);
+    assert!(parse_str(&bad).is_err());
+}
+
+#[test]
 fn ublk_queues_default_to_one_and_are_bounded() {
     assert_eq!(parse_str(GOOD).unwrap().node.ublk_queues, 1);
     let with = |n: &str| GOOD.replacen("[node]\n", &format!("[node]\nublk_queues = {n}\n"), 1);
