@@ -4,8 +4,8 @@
 #      multi-process integration tests on loopback; no ublk needed);
 #   2. VM tests: the real /dev/ublkbN inside a qemu guest with Debian's 6.12
 #      kernel (tests/vm/run.sh), using the release binaries built here; then
-#      the standalone scenarios again in a guest with a 6.16+ kernel, where
-#      the queue serves with ublk zero copy (tests/vm/fetch-kernel.sh).
+#      some of them again in a guest with a 6.16+ kernel, where the queues
+#      serve with ublk zero copy (tests/vm/fetch-kernel.sh).
 # Prints one closing line "N passed, N failed" over both.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +29,9 @@ host_failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log_dir/cargo-test.
 
 vm_passed=0
 vm_failed=0
-# Standalone scenarios, run again on the zero-copy kernel.
-ZERO_COPY_SCENARIOS="standalone_direct fs_basic raw_equals_backing crash_recovery discard"
+# Run again on the zero-copy kernel: a standalone node's direct queue and a
+# replicated primary's queue, each through faults.
+ZERO_COPY_SCENARIOS="standalone_direct fs_basic crash_recovery replicated_fs machine_switch failing_disk"
 if [ "${VMSYNC_SKIP_VM:-0}" != 1 ]; then
   echo "== VM tests (real ublk in a qemu guest)"
   cargo build --release --workspace --bins
@@ -45,8 +46,8 @@ if [ "${VMSYNC_SKIP_VM:-0}" != 1 ]; then
     echo "VM tests produced no result"; vm_failed=1; status=1
   fi
 
-  # The same product on a kernel with ublk zero copy (Linux 6.16+): the
-  # standalone scenarios, whose queue then serves without copying.
+  # The same product on a kernel with ublk zero copy (Linux 6.16+), where
+  # the queues serve without the driver's copy.
   echo "== VM tests on a kernel with ublk zero copy"
   if zc_kernel=$(tests/vm/fetch-kernel.sh); then
     eval "$zc_kernel"

@@ -94,24 +94,6 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// device's methods instead are not reported here.
     fn served_directly(&self, _op: DirectOp, _bytes: u64, _started: Instant) {}
 
-    /// Told of each request a frontend served straight from
-    /// [`BlockDevice::direct_file`] that failed there and could not be
-    /// handed to this device's methods instead (zero copy: the data never
-    /// passed through the frontend). The device learns of the failure as if
-    /// its own method had met it: a layer that counts requests counts an
-    /// error, the backing store calls its failure hook. The frontend fails
-    /// the request with `error`. Unlike [`BlockDevice::served_directly`],
-    /// this is called whatever `report` says.
-    fn failed_directly(
-        &self,
-        _op: DirectOp,
-        _offset: u64,
-        _len: u64,
-        _started: Instant,
-        _error: &io::Error,
-    ) {
-    }
-
     /// For a device that serves *some* reads straight from a file (a
     /// replicated primary's own disk, for the blocks it holds): that file.
     /// A frontend may then ask [`BlockDevice::read_directly`] before each

@@ -60,9 +60,9 @@ pub struct Node {
     /// ublk hardware queues of the device (`nr_hw_queues`): each one a
     /// thread with its own ring, serving the requests of some CPUs.
     pub ublk_queues: u16,
-    /// Serve a standalone node's disk with ublk zero copy where the kernel
-    /// has it (Linux 6.16+): the driver no longer copies each request's
-    /// data. On by default; off keeps the copying data path everywhere.
+    /// Create the ublk device for zero copy where the kernel has it (Linux
+    /// 6.16+): the driver no longer copies each request's data. On by
+    /// default; off keeps the copying data path.
     pub ublk_zero_copy: bool,
     /// When set, a primary serves its device on this Unix socket (the
     /// block-socket protocol) instead of ublk: for tests and benchmarks on

@@ -123,6 +123,14 @@ create_md() {
   [ -z "$out" ] || printf '%s\n' "$out" | sed 's/^/    /'
 }
 
+# kernel_has_zero_copy: true on a kernel whose ublk has zero copy
+# (UBLK_F_AUTO_BUF_REG, Linux 6.16), which the daemon then uses.
+kernel_has_zero_copy() {
+  local k
+  k=$(uname -r)
+  printf '6.16\n%s\n' "${k%%[-+]*}" | sort -V -C
+}
+
 # ---- daemon -------------------------------------------------------------------
 # start_daemon [CFG]: vmsyncd --config CFG in the background; sets DAEMON_PID.
 start_daemon() {

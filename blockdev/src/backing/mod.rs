@@ -376,23 +376,6 @@ impl BlockDevice for BackingStore {
         self.direct_file()
     }
 
-    fn failed_directly(
-        &self,
-        op: crate::device::DirectOp,
-        offset: u64,
-        len: u64,
-        _started: std::time::Instant,
-        error: &io::Error,
-    ) {
-        let op = match op {
-            crate::device::DirectOp::Read => "read",
-            crate::device::DirectOp::Write => "write",
-            crate::device::DirectOp::Flush => "flush",
-        };
-        let error = io::Error::new(error.kind(), error.to_string());
-        let _ = self.observe::<()>(op, offset, len, Err(error));
-    }
-
     fn read_directly(&self, offset: u64, len: u64) -> bool {
         check_range(self.size, offset, len).is_ok()
     }

@@ -38,6 +38,8 @@ use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, BufDescList, UblkIORes};
 
 use super::queue::{execute, RequestBuffer};
+use super::zero_copy::UserCopy;
+use crate::buffer::AlignedBuf;
 use crate::device::{BlockDevice, DirectFile, DirectOp, SECTOR_SIZE};
 
 /// Marks a CQE that the slow lane posted (carrying a request's result);
@@ -49,8 +51,6 @@ const SLOW_LANE_DONE: u64 = libublk::UblkUringData::NonAsync as u64;
 pub(super) struct DirectTarget {
     /// Its slot among the files registered with every queue ring.
     slot: u32,
-    /// Its descriptor.
-    fd: RawFd,
     size: u64,
     /// Tell the device of each request served (`served_directly`).
     report: bool,
@@ -64,7 +64,6 @@ impl DirectTarget {
         let slot = fds.iter().position(|&fd| fd == file.fd)?;
         Some(DirectTarget {
             slot: slot as u32,
-            fd: file.fd,
             size: file.size,
             report: file.report,
         })
@@ -80,96 +79,52 @@ impl DirectTarget {
     }
 
     /// The one operation that serves `iod` straight from the file, or None
-    /// when the request is not one this queue serves directly. `done`
-    /// bytes of it are already transferred (only zero copy continues a
-    /// short transfer itself; see `Handler::on_result`).
-    fn operation(
-        &self,
-        iod: &sys::ublksrv_io_desc,
-        memory: Memory<'_>,
-        done: u64,
-        via: Via,
-    ) -> Option<squeue::Entry> {
-        // The same operation on the registered slot or on a descriptor.
-        macro_rules! on_file {
-            (|$file:ident| $build:expr) => {
-                match via {
-                    Via::Slot => {
-                        let $file = types::Fixed(self.slot);
-                        $build
-                    }
-                    Via::Descriptor(fd) => {
-                        let $file = types::Fd(fd);
-                        $build
-                    }
-                }
-            };
-        }
+    /// when the request is not one this queue serves directly.
+    fn operation(&self, iod: &sys::ublksrv_io_desc, memory: Memory<'_>) -> Option<squeue::Entry> {
+        let file = types::Fixed(self.slot);
         let op = iod.op_flags & 0xff;
-        let range = self
-            .range_within(iod, memory.limit())
-            .filter(|&(_, len)| done < len);
+        let range = self.range_within(iod, memory.limit());
         let (offset, len) = range.unwrap_or_default();
-        let (offset, len) = (offset + done, (len - done) as u32);
-        let in_range = range.is_some();
+        let len = len as u32;
         let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
         let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
         match (op, memory) {
-            (sys::UBLK_IO_OP_FLUSH, _) => Some(on_file!(|file| opcode::Fsync::new(file)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build())),
-            (sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE, _) if !in_range => None,
+            (sys::UBLK_IO_OP_FLUSH, _) => Some(
+                opcode::Fsync::new(file)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+            ),
+            (sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE, _) if range.is_none() => None,
             // The kernel copies data in and out of the tag's buffer; the
             // operation reaches it by address while the tag is ours.
-            (sys::UBLK_IO_OP_READ, Memory::Buffer(buf)) => {
-                let addr = buf.as_ptr() as *mut u8;
-                Some(on_file!(|file| opcode::Read::new(file, addr, len)
+            (sys::UBLK_IO_OP_READ, Memory::Buffer(buf)) => Some(
+                opcode::Read::new(file, buf.as_ptr() as *mut u8, len)
                     .offset(offset)
-                    .build()))
-            }
-            (sys::UBLK_IO_OP_WRITE, Memory::Buffer(buf)) => {
-                let addr = buf.as_ptr() as *mut u8;
-                Some(on_file!(|file| opcode::Write::new(file, addr, len)
+                    .build(),
+            ),
+            (sys::UBLK_IO_OP_WRITE, Memory::Buffer(buf)) => Some(
+                opcode::Write::new(file, buf.as_ptr(), len)
                     .offset(offset)
                     .rw_flags(rw_flags)
-                    .build()))
-            }
-            // The request's own pages, registered at `index`; the address
-            // of a kernel-registered buffer is the offset into it.
-            (sys::UBLK_IO_OP_READ, Memory::Registered { index, .. }) => {
-                Some(on_file!(|file| opcode::ReadFixed::new(
-                    file,
-                    done as *mut u8,
-                    len,
-                    index
-                )
-                .offset(offset)
-                .build()))
-            }
-            (sys::UBLK_IO_OP_WRITE, Memory::Registered { index, .. }) => {
-                Some(on_file!(|file| opcode::WriteFixed::new(
-                    file,
-                    done as *const u8,
-                    len,
-                    index
-                )
-                .offset(offset)
-                .rw_flags(rw_flags)
-                .build()))
-            }
+                    .build(),
+            ),
+            // Zero copy: the request's own pages, registered at `index`
+            // (the address of a kernel-registered buffer is the offset
+            // into it).
+            (sys::UBLK_IO_OP_READ, Memory::Registered { index, .. }) => Some(
+                opcode::ReadFixed::new(file, std::ptr::null_mut(), len, index)
+                    .offset(offset)
+                    .build(),
+            ),
+            (sys::UBLK_IO_OP_WRITE, Memory::Registered { index, .. }) => Some(
+                opcode::WriteFixed::new(file, std::ptr::null(), len, index)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build(),
+            ),
             _ => None,
         }
     }
-}
-
-/// Which way an operation reaches the backing file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Via {
-    /// Its slot among the queue ring's registered files.
-    Slot,
-    /// A descriptor: zero copy's second, buffered one (see
-    /// `zero_copy::reopen_buffered`).
-    Descriptor(RawFd),
 }
 
 /// Where a request's data is while the direct queue serves it.
@@ -197,11 +152,14 @@ impl DirectTarget {
     /// from the file when `device` says it may ([`BlockDevice::read_file`],
     /// [`BlockDevice::read_directly`]). Some(result) when the whole read
     /// was done; None to run the request through the device (not a read,
-    /// not now, or the file gave less than asked).
+    /// not now, or the file gave less than asked). The data goes to `buf`,
+    /// or with zero copy to the request's pages, registered at
+    /// `zero_copy_index` (`buf` then only bounds the length).
     pub(super) async fn read<D: BlockDevice>(
         &self,
         iod: &sys::ublksrv_io_desc,
         buf: &mut [u8],
+        zero_copy_index: Option<u16>,
         device: &D,
     ) -> Option<i32> {
         if iod.op_flags & 0xff != sys::UBLK_IO_OP_READ {
@@ -212,11 +170,18 @@ impl DirectTarget {
             return None;
         }
         let started = self.report.then(Instant::now);
-        let read = opcode::Read::new(types::Fixed(self.slot), buf.as_mut_ptr(), len as u32)
-            .offset(offset)
-            .build();
+        let file = types::Fixed(self.slot);
+        let read = match zero_copy_index {
+            Some(index) => opcode::ReadFixed::new(file, std::ptr::null_mut(), len as u32, index)
+                .offset(offset)
+                .build(),
+            None => opcode::Read::new(file, buf.as_mut_ptr(), len as u32)
+                .offset(offset)
+                .build(),
+        };
         // SAFETY: `buf` stays borrowed until the read completes: it is
-        // awaited here, on this queue thread.
+        // awaited here, on this queue thread (and the request's pages stay
+        // registered until the request is committed, after this).
         let result = unsafe { super::ring::submit_on_queue_ring(read) }.await?;
         if result != len as i32 {
             return None;
@@ -303,26 +268,15 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
     } else {
         tracing::info!("serving reads, writes and flushes straight from the backing file");
     }
-    let buffered = zero_copy
-        .then(|| match super::zero_copy::reopen_buffered(target.fd) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                let error = e.to_string();
-                tracing::warn!(%error, "no buffered descriptor of the backing file: requests with memory it cannot take directly will fail");
-                None
-            }
-        })
-        .flatten();
     let handler = Handler {
         device: &*device,
         target,
-        buffered: buffered.as_ref().map(|fd| fd.as_raw_fd()),
-        told_unaligned: Cell::new(false),
         bufs: &bufs,
+        user_copy: zero_copy.then(|| UserCopy::new(dev, qid)),
         max_io_bytes: dev.dev_info.max_io_buf_bytes as usize,
         lane: &lane,
-        tags: (0..dev.dev_info.queue_depth)
-            .map(|_| Cell::new(TagState::default()))
+        started: (0..dev.dev_info.queue_depth)
+            .map(|_| Cell::new(None))
             .collect(),
     };
     queue.wait_and_handle_io(|q, tag, cqe| handler.on_cqe(q, tag, cqe));
@@ -334,34 +288,16 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
 struct Handler<'a, D> {
     device: &'a D,
     target: DirectTarget,
-    /// Zero copy: the backing file opened again without `O_DIRECT`.
-    buffered: Option<RawFd>,
-    /// Whether the log has said that some requests take `buffered`.
-    told_unaligned: Cell<bool>,
     /// Each tag's buffer; none with zero copy.
     bufs: &'a [IoBuf<u8>],
+    /// Zero copy: how the slow lane reaches a request's data.
+    user_copy: Option<UserCopy>,
     /// The largest request the kernel sends.
     max_io_bytes: usize,
     lane: &'a SlowLane,
-    tags: Vec<Cell<TagState>>,
+    /// When each tag's request arrived (only with `target.report`).
+    started: Vec<Cell<Option<Instant>>>,
 }
-
-/// Where a tag's current request stands.
-#[derive(Clone, Copy, Default)]
-struct TagState {
-    /// When it arrived (only with `target.report`).
-    started: Option<Instant>,
-    /// Bytes transferred so far (zero copy continues short transfers).
-    done: u32,
-    /// Operations that did nothing and may be tried again (-EAGAIN).
-    retries: u8,
-    /// Zero copy: the request goes through the buffered descriptor.
-    buffered: bool,
-}
-
-/// How often zero copy submits an operation again that the kernel did not
-/// carry out (-EAGAIN, -EINTR) before it fails the request.
-const ZERO_COPY_RETRIES: u8 = 3;
 
 impl<D: BlockDevice> Handler<'_, D> {
     /// Where `tag`'s request data is.
@@ -375,40 +311,21 @@ impl<D: BlockDevice> Handler<'_, D> {
         }
     }
 
-    fn zero_copy(&self) -> bool {
-        self.bufs.is_empty()
-    }
-
-    /// Submits the operation for what is left of `tag`'s request `iod`;
-    /// false if it has none or it could not be queued.
-    fn submit(&self, q: &UblkQueue<'_>, tag: u16, iod: &sys::ublksrv_io_desc) -> bool {
-        let state = self.tags[tag as usize].get();
-        let via = match self.buffered {
-            Some(fd) if state.buffered => Via::Descriptor(fd),
-            _ => Via::Slot,
-        };
-        let op = self
-            .target
-            .operation(iod, self.memory(tag), state.done as u64, via);
-        op.is_some_and(|op| {
-            let op = op.user_data(UblkIOCtx::build_user_data(tag, 0, 0, true));
-            q.ublk_submit_sqe_sync(op).is_ok()
-        })
-    }
-
     /// One CQE for `tag`: a new request, a direct operation's result, or
     /// the slow lane's result.
     fn on_cqe(&self, q: &UblkQueue<'_>, tag: u16, cqe: &UblkIOCtx) {
         let iod = *q.get_iod(tag);
-        let state = &self.tags[tag as usize];
         if !cqe.is_tgt_io() {
             // A new request. (libublk hands us only fetches that succeeded.)
-            state.set(TagState {
-                started: self.target.report.then(Instant::now),
-                ..TagState::default()
+            let op = self.target.operation(&iod, self.memory(tag));
+            let submitted = op.is_some_and(|op| {
+                let op = op.user_data(UblkIOCtx::build_user_data(tag, 0, 0, true));
+                q.ublk_submit_sqe_sync(op).is_ok()
             });
-            if !self.submit(q, tag, &iod) {
-                self.to_slow_lane(q, tag, iod);
+            if !submitted {
+                self.to_slow_lane(tag, iod);
+            } else if self.target.report {
+                self.started[tag as usize].set(Some(Instant::now()));
             }
             return;
         }
@@ -416,110 +333,27 @@ impl<D: BlockDevice> Handler<'_, D> {
         if cqe.user_data() & SLOW_LANE_DONE != 0 {
             // The device's methods ran it (and counted it, if they count).
             self.commit(q, tag, result);
-        } else if self.zero_copy() {
-            self.on_zero_copy_result(q, tag, &iod, result);
         } else if result == complete_result(&iod) {
-            self.served(tag, &iod);
+            if let Some(started) = self.started[tag as usize].take() {
+                let bytes = result as u64;
+                self.device.served_directly(direct_op(&iod), bytes, started);
+            }
             self.commit(q, tag, result);
         } else {
             // Short, failed, or worth another try: the device's methods decide.
-            self.to_slow_lane(q, tag, iod);
-        }
-    }
-
-    /// A zero-copy operation's result. The slow lane cannot take over a
-    /// read or write here (the data never passes through this process),
-    /// so this queue finishes the request itself: it continues a short
-    /// transfer, tries again what the kernel did not do, and reports a
-    /// failure to the device as the device's own methods would.
-    fn on_zero_copy_result(
-        &self,
-        q: &UblkQueue<'_>,
-        tag: u16,
-        iod: &sys::ublksrv_io_desc,
-        result: i32,
-    ) {
-        let state = &self.tags[tag as usize];
-        let mut now = state.get();
-        let whole = complete_result(iod);
-        let retry = result == -libc::EAGAIN || result == -libc::EINTR;
-        // The direct descriptor refuses memory that is not aligned to the
-        // file's sectors; the buffered one takes any.
-        let unaligned = result == -libc::EINVAL
-            && !now.buffered
-            && self.buffered.is_some()
-            && matches!(direct_op(iod), DirectOp::Read | DirectOp::Write);
-        let progress = result > 0 && (now.done as i64 + result as i64) < whole as i64;
-        if result >= 0 && now.done as i64 + result as i64 == whole as i64 {
-            self.served(tag, iod);
-            self.commit(q, tag, whole);
-            return;
-        }
-        if progress {
-            now.done += result as u32;
-            now.retries = 0;
-        } else if retry && now.retries < ZERO_COPY_RETRIES {
-            now.retries += 1;
-        } else if unaligned {
-            if !self.told_unaligned.replace(true) {
-                tracing::info!("a request's memory is not aligned for the O_DIRECT backing file: such requests go through a buffered descriptor of it");
-            }
-            now.buffered = true;
-        } else {
-            // An error, an end of file inside the device, or a transient
-            // error that persists.
-            let errno = if result < 0 { -result } else { libc::EIO };
-            self.failed(q, tag, iod, errno);
-            return;
-        }
-        state.set(now);
-        if !self.submit(q, tag, iod) {
-            self.failed(q, tag, iod, libc::EIO);
-        }
-    }
-
-    /// Fails `tag`'s request with `errno` after telling the device.
-    fn failed(&self, q: &UblkQueue<'_>, tag: u16, iod: &sys::ublksrv_io_desc, errno: i32) {
-        let offset = iod.start_sector * SECTOR_SIZE;
-        let len = iod.nr_sectors as u64 * SECTOR_SIZE;
-        let error = std::io::Error::from_raw_os_error(errno);
-        let op = direct_op(iod);
-        tracing::warn!(?op, offset, len, %error, "request failed");
-        let started = self.tags[tag as usize].get().started;
-        self.device.failed_directly(
-            op,
-            offset,
-            len,
-            started.unwrap_or_else(Instant::now),
-            &error,
-        );
-        self.commit(q, tag, -errno);
-    }
-
-    /// Tells the device of a request served in full, if it asked.
-    fn served(&self, tag: u16, iod: &sys::ublksrv_io_desc) {
-        if let Some(started) = self.tags[tag as usize].get().started {
-            let bytes = complete_result(iod) as u64;
-            self.device.served_directly(direct_op(iod), bytes, started);
+            self.started[tag as usize].set(None);
+            self.to_slow_lane(tag, iod);
         }
     }
 
     /// Runs `tag`'s request through the device's methods instead.
-    fn to_slow_lane(&self, q: &UblkQueue<'_>, tag: u16, iod: sys::ublksrv_io_desc) {
-        match self.memory(tag) {
-            Memory::Buffer(buf) => self.lane.run(tag, iod, TagMemory::of(buf)),
-            Memory::Registered { .. } => match iod.op_flags & 0xff {
-                // Only requests without data may go (the device's methods
-                // cannot reach a request's registered pages).
-                sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES | sys::UBLK_IO_OP_FLUSH => {
-                    self.lane.run(tag, iod, TagMemory::none())
-                }
-                sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => {
-                    self.failed(q, tag, &iod, libc::EINVAL)
-                }
-                _ => self.commit(q, tag, -libc::EOPNOTSUPP),
-            },
-        }
+    fn to_slow_lane(&self, tag: u16, iod: sys::ublksrv_io_desc) {
+        let memory = match (self.memory(tag), self.user_copy) {
+            (Memory::Buffer(buf), _) => TagMemory::of(buf),
+            (Memory::Registered { .. }, Some(copier)) => TagMemory::copied(copier, tag),
+            (Memory::Registered { .. }, None) => unreachable!("zero copy comes with user copy"),
+        };
+        self.lane.run(tag, iod, memory);
     }
 
     /// Hands `result` to the kernel and fetches the tag's next request.
@@ -535,52 +369,107 @@ impl<D: BlockDevice> Handler<'_, D> {
     }
 }
 
-/// A tag's buffer as the slow lane uses it while it runs that tag's
-/// request (the queue thread does not touch it meanwhile).
-struct TagMemory {
-    ptr: *mut u8,
-    size: usize,
+/// Where the slow lane keeps a request's data while it runs it.
+enum TagMemory {
+    /// The tag's buffer (the queue thread does not touch it meanwhile).
+    Buffer { ptr: *mut u8, size: usize },
+    /// Zero copy: a buffer of the lane's own, filled from (writes) or
+    /// copied into (reads) the request's pages by user copy.
+    Copied {
+        copier: UserCopy,
+        tag: u16,
+        buf: AlignedBuf,
+    },
 }
 
-// SAFETY: the buffer outlives the lane (joined before the buffers are
+// SAFETY: a tag's buffer outlives the lane (joined before the buffers are
 // freed), and while a request is in the lane nothing else uses it.
 unsafe impl Send for TagMemory {}
 
 impl TagMemory {
     fn of(buf: &IoBuf<u8>) -> Self {
-        TagMemory {
+        TagMemory::Buffer {
             ptr: buf.as_ptr() as *mut u8,
             size: buf.len(),
         }
     }
 
-    /// No memory: for requests without data (zero copy has no buffers).
-    fn none() -> Self {
-        TagMemory {
-            ptr: std::ptr::NonNull::dangling().as_ptr(),
-            size: 0,
+    fn copied(copier: UserCopy, tag: u16) -> Self {
+        TagMemory::Copied {
+            copier,
+            tag,
+            buf: AlignedBuf::with_len(0),
+        }
+    }
+
+    /// Before the device runs `iod`: a zero-copy write's data comes over
+    /// from the request. An error fails the request.
+    fn before(&mut self, iod: &sys::ublksrv_io_desc) -> std::io::Result<()> {
+        let len = (iod.nr_sectors as u64 * SECTOR_SIZE) as usize;
+        match (self, iod.op_flags & 0xff) {
+            (TagMemory::Copied { copier, tag, buf }, sys::UBLK_IO_OP_WRITE) => {
+                *buf = AlignedBuf::with_len(len);
+                copier.read_request(*tag, buf.as_mut_slice())
+            }
+            (TagMemory::Copied { buf, .. }, sys::UBLK_IO_OP_READ) => {
+                *buf = AlignedBuf::with_len(len);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// After the device ran `iod` with `result`: a zero-copy read's data
+    /// goes over to the request. An error fails the request.
+    fn after(&self, iod: &sys::ublksrv_io_desc, result: i32) -> std::io::Result<()> {
+        match self {
+            TagMemory::Copied { copier, tag, buf }
+                if iod.op_flags & 0xff == sys::UBLK_IO_OP_READ && result > 0 =>
+            {
+                copier.fill_request(*tag, &buf.as_slice()[..result as usize])
+            }
+            _ => Ok(()),
         }
     }
 }
 
 impl RequestBuffer for TagMemory {
     fn size(&self) -> usize {
-        self.size
+        match self {
+            TagMemory::Buffer { size, .. } => *size,
+            // `before` sized it for the request.
+            TagMemory::Copied { buf, .. } => buf.as_slice().len(),
+        }
     }
 
     fn for_read(&mut self, len: usize) -> &mut [u8] {
-        // SAFETY: see `TagMemory`; `execute` asks for at most `size` bytes.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(self.size)) }
+        match self {
+            // SAFETY: see `TagMemory`; `execute` asks for at most `size`.
+            TagMemory::Buffer { ptr, size } => unsafe {
+                std::slice::from_raw_parts_mut(*ptr, len.min(*size))
+            },
+            TagMemory::Copied { buf, .. } => &mut buf.as_mut_slice()[..len],
+        }
     }
 
     fn write_data(&mut self, len: usize) -> Bytes {
-        // SAFETY: as `for_read`; and the device keeps no write data past
-        // the write (`direct_file` devices say so in `keeps_write_data`,
-        // checked before this queue is chosen), which completes before the
-        // request is committed and the buffer refilled.
-        let data: &'static [u8] =
-            unsafe { std::slice::from_raw_parts(self.ptr, len.min(self.size)) };
-        Bytes::from_static(data)
+        match self {
+            TagMemory::Buffer { ptr, size } => {
+                // SAFETY: as `for_read`; and the device keeps no write data
+                // past the write (`direct_file` devices say so in
+                // `keeps_write_data`, checked before this queue is chosen),
+                // which completes before the request is committed and the
+                // buffer refilled.
+                let data: &'static [u8] =
+                    unsafe { std::slice::from_raw_parts(*ptr, len.min(*size)) };
+                Bytes::from_static(data)
+            }
+            TagMemory::Copied { buf, .. } => {
+                let mut data = std::mem::replace(buf, AlignedBuf::with_len(0));
+                data.truncate(len);
+                data.into_bytes()
+            }
+        }
     }
 }
 
@@ -651,7 +540,14 @@ fn run_lane<D: BlockDevice>(
             running.retain(|task: &smol::Task<()>| !task.is_finished());
             let poster = &poster;
             running.push(executor.spawn(async move {
-                let result = execute(&job.iod, &mut job.memory, device).await;
+                let result = match job.memory.before(&job.iod) {
+                    Ok(()) => execute(&job.iod, &mut job.memory, device).await,
+                    Err(e) => user_copy_failed(&job.iod, &e),
+                };
+                let result = match job.memory.after(&job.iod, result) {
+                    Ok(()) => result,
+                    Err(e) => user_copy_failed(&job.iod, &e),
+                };
                 post_result(&mut poster.borrow_mut(), ring_fd, job.tag, result);
             }));
         }
@@ -659,6 +555,14 @@ fn run_lane<D: BlockDevice>(
             task.await;
         }
     }));
+}
+
+/// The result of a request whose data could not be copied to or from its
+/// pages (the kernel refused: the request is gone, or the device is).
+fn user_copy_failed(iod: &sys::ublksrv_io_desc, error: &std::io::Error) -> i32 {
+    let op = iod.op_flags & 0xff;
+    tracing::warn!(op, %error, "request failed: cannot copy its data");
+    -error.raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// Posts `result` for `tag` as a CQE on the queue's ring (`ring_fd`).
@@ -708,7 +612,6 @@ mod tests {
     /// A 1 MiB device whose file sits in slot 1.
     const TARGET: DirectTarget = DirectTarget {
         slot: 1,
-        fd: 7,
         size: MIB,
         report: false,
     };
@@ -737,15 +640,15 @@ mod tests {
         );
         let flush = request(sys::UBLK_IO_OP_FLUSH, 0, 0);
         assert_eq!(
-            opcode_of(TARGET.operation(&read, Memory::Buffer(&buf), 0, Via::Slot)),
+            opcode_of(TARGET.operation(&read, Memory::Buffer(&buf))),
             Some(opcode::Read::CODE)
         );
         assert_eq!(
-            opcode_of(TARGET.operation(&last_write, Memory::Buffer(&buf), 0, Via::Slot)),
+            opcode_of(TARGET.operation(&last_write, Memory::Buffer(&buf))),
             Some(opcode::Write::CODE)
         );
         assert_eq!(
-            opcode_of(TARGET.operation(&flush, Memory::Buffer(&buf), 0, Via::Slot)),
+            opcode_of(TARGET.operation(&flush, Memory::Buffer(&buf))),
             Some(opcode::Fsync::CODE)
         );
     }
@@ -772,9 +675,7 @@ mod tests {
         ];
         for iod in others {
             assert!(
-                TARGET
-                    .operation(&iod, Memory::Buffer(&buf), 0, Via::Slot)
-                    .is_none(),
+                TARGET.operation(&iod, Memory::Buffer(&buf)).is_none(),
                 "{iod:?} would go to the file directly"
             );
             let registered = Memory::Registered {
@@ -782,7 +683,7 @@ mod tests {
                 limit: 64 << 10,
             };
             assert!(
-                TARGET.operation(&iod, registered, 0, Via::Slot).is_none(),
+                TARGET.operation(&iod, registered).is_none(),
                 "{iod:?} would go to the file directly with zero copy"
             );
         }
@@ -826,7 +727,7 @@ mod tests {
             limit: 1 << 20,
         };
         let read = request(sys::UBLK_IO_OP_READ, 8192, 65536);
-        let op = TARGET.operation(&read, registered, 0, Via::Slot).unwrap();
+        let op = TARGET.operation(&read, registered).unwrap();
         let sqe = fields(op);
         assert_eq!(sqe.opcode, opcode::ReadFixed::CODE);
         assert_eq!(
@@ -837,63 +738,10 @@ mod tests {
         assert_eq!(sqe.buf_index, 5);
 
         let fua_write = request(sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_F_FUA, 0, 4096);
-        let sqe = fields(
-            TARGET
-                .operation(&fua_write, registered, 0, Via::Slot)
-                .unwrap(),
-        );
+        let sqe = fields(TARGET.operation(&fua_write, registered).unwrap());
         assert_eq!(sqe.opcode, opcode::WriteFixed::CODE);
         assert_eq!(sqe.rw_flags, libc::RWF_DSYNC as u32);
         assert_eq!(sqe.buf_index, 5);
-    }
-
-    #[test]
-    fn zero_copy_continues_a_short_transfer_where_it_stopped() {
-        let registered = Memory::Registered {
-            index: 2,
-            limit: 1 << 20,
-        };
-        let write = request(sys::UBLK_IO_OP_WRITE, 1 << 16, 1 << 16);
-        // 12 KiB of 64 KiB went through: the rest starts 12 KiB further,
-        // both in the file and in the request's pages.
-        let sqe = fields(
-            TARGET
-                .operation(&write, registered, 12288, Via::Slot)
-                .unwrap(),
-        );
-        assert_eq!(
-            (sqe.offset, sqe.addr, sqe.len),
-            ((1 << 16) + 12288, 12288, (1 << 16) - 12288)
-        );
-        // Nothing is left once all of it went through.
-        assert!(TARGET
-            .operation(&write, registered, 1 << 16, Via::Slot)
-            .is_none());
-    }
-
-    #[test]
-    fn the_buffered_descriptor_gets_the_same_operation() {
-        let registered = Memory::Registered {
-            index: 9,
-            limit: 1 << 20,
-        };
-        let read = request(sys::UBLK_IO_OP_READ, 4096, 4096);
-        let direct = fields(TARGET.operation(&read, registered, 0, Via::Slot).unwrap());
-        let buffered = fields(
-            TARGET
-                .operation(&read, registered, 0, Via::Descriptor(42))
-                .unwrap(),
-        );
-        assert_eq!(buffered.fd, 42);
-        assert_eq!(buffered.flags & squeue::Flags::FIXED_FILE.bits(), 0);
-        assert_eq!(
-            Sqe {
-                fd: direct.fd,
-                flags: direct.flags,
-                ..buffered
-            },
-            direct
-        );
     }
 
     #[test]

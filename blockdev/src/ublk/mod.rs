@@ -38,8 +38,8 @@ pub struct UblkOptions {
     pub depth: u16,
     /// Largest single request the kernel sends us.
     pub max_io_bytes: u32,
-    /// Serve a device that is one file (see [`BlockDevice::direct_file`])
-    /// without copying its data, where the kernel can (see [`zero_copy`]).
+    /// Create the device for zero copy where the kernel has it (see
+    /// [`zero_copy`]).
     pub zero_copy: bool,
 }
 
@@ -104,22 +104,7 @@ impl UblkFrontend {
         device: Arc<D>,
         options: &UblkOptions,
     ) -> Result<Self, FrontendError> {
-        let mut recover_id = find_recoverable(&options.resource)?;
-        if let Some(id) = recover_id {
-            // A device keeps the data path it was created with, and only a
-            // device that is one file can serve zero copy.
-            let direct = device.direct_file().is_some() && !device.keeps_write_data();
-            if zero_copy::device_uses_it(id) && !direct {
-                tracing::warn!(
-                    dev_id = id,
-                    "the device a previous daemon left was made for zero copy (a standalone node), which this stack cannot serve: removing it (the I/O it held fails) and adding a new one"
-                );
-                if let Err(e) = UblkCtrl::new_simple(id as i32).and_then(|ctrl| ctrl.del_dev()) {
-                    tracing::warn!(dev_id = id, error = %e, "removing the old device");
-                }
-                recover_id = None;
-            }
-        }
+        let recover_id = find_recoverable(&options.resource)?;
         let (ready_tx, ready_rx) = mpsc::channel::<Result<u32, FrontendError>>();
         let stopping = Arc::new(AtomicBool::new(false));
         let options = options.clone();
@@ -206,10 +191,10 @@ fn serve<D: BlockDevice>(
 ) {
     let span = tracing::info_span!("ublk", resource = %options.resource);
     let _entered = span.enter();
-    // A device that is one file gets the direct queue (see `direct`), and
-    // zero copy where the kernel has it.
+    // A device that is one file gets the direct queue (see `direct`); any
+    // device gets zero copy where the kernel has it (see `zero_copy`).
     let direct_file = device.direct_file().filter(|_| !device.keeps_write_data());
-    let zero_copy = direct_file.is_some() && options.zero_copy && zero_copy::supported();
+    let zero_copy = options.zero_copy && zero_copy::supported();
     let ctrl = match build_ctrl(&options, recover_id, zero_copy) {
         Ok(ctrl) => ctrl,
         Err(e) => {
@@ -231,9 +216,6 @@ fn serve<D: BlockDevice>(
         let device = Arc::clone(&queue_device);
         match direct_file.and_then(|file| direct::DirectTarget::registered(dev, file)) {
             Some(target) => direct::run_direct_queue(qid, dev, device, target),
-            None if zero_copy::in_use(dev) => {
-                tracing::error!(qid, "a zero-copy device needs its backing file registered with the queue ring; queue not served");
-            }
             None => queue::run_queue(qid, dev, device),
         }
     };

@@ -15,6 +15,7 @@ use libublk::{BufDesc, UblkError};
 
 use super::direct::DirectTarget;
 use super::doorbell::Doorbell;
+use super::zero_copy::UserCopy;
 use crate::buffer::AlignedBuf;
 use crate::device::{errno_of, BlockDevice, SECTOR_SIZE};
 
@@ -46,6 +47,13 @@ pub fn run_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, device: Arc<D>) {
     let read_target = device
         .read_file()
         .and_then(|file| super::direct::DirectTarget::registered(dev, file));
+    // Zero copy: requests' pages are registered with the ring, and data
+    // that must pass through this process is copied through the char
+    // device (see `zero_copy`).
+    let user_copy = super::zero_copy::in_use(dev).then(|| UserCopy::new(dev, qid));
+    if user_copy.is_some() {
+        tracing::info!("zero copy: reads the device lets through use the request's pages");
+    }
     let tags: Vec<u16> = queue.tags().collect();
     let live_tags = Rc::new(std::cell::Cell::new(tags.len()));
 
@@ -56,7 +64,7 @@ pub fn run_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, device: Arc<D>) {
         let doorbell = Arc::clone(&doorbell);
         let live_tags = Rc::clone(&live_tags);
         tasks.push(executor.spawn(async move {
-            match serve_tag(&queue, tag, &*device, &doorbell, read_target).await {
+            match serve_tag(&queue, tag, &*device, &doorbell, read_target, user_copy).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => tracing::error!(tag, error = %e, "ublk tag task failed"),
             }
@@ -154,37 +162,50 @@ async fn serve_tag<D: BlockDevice>(
     device: &D,
     doorbell: &Arc<Doorbell>,
     read_target: Option<DirectTarget>,
+    user_copy: Option<UserCopy>,
 ) -> Result<(), UblkError> {
     let mut buf = TagBuffer::new(queue.dev.dev_info.max_io_buf_bytes as usize);
     let lend = !device.keeps_write_data();
-    queue
-        .submit_io_prep_cmd(
-            tag,
-            BufDesc::Slice(buf.registered.as_slice()),
-            0,
-            Some(&buf.registered),
-        )
-        .await?;
+    let registration = super::zero_copy::registration(tag);
+    match user_copy {
+        Some(_) => {
+            let registered = BufDesc::AutoReg(registration);
+            queue.submit_io_prep_cmd(tag, registered, 0, None).await?
+        }
+        None => {
+            let registered = BufDesc::Slice(buf.registered.as_slice());
+            queue
+                .submit_io_prep_cmd(tag, registered, 0, Some(&buf.registered))
+                .await?
+        }
+    };
     loop {
         let iod = *queue.get_iod(tag);
         let direct = match &read_target {
-            Some(target) => target.read(&iod, buf.as_mut_slice(), device).await,
+            Some(target) => {
+                let zero_copy_index = user_copy.map(|_| tag);
+                target
+                    .read(&iod, buf.as_mut_slice(), zero_copy_index, device)
+                    .await
+            }
             None => None,
         };
         let result = match direct {
             Some(result) => result,
             None => {
-                doorbell
-                    .wrap(handle_request(&iod, &mut buf, device, lend))
-                    .await
+                let request = handle_request(&iod, &mut buf, device, lend, user_copy, tag);
+                doorbell.wrap(request).await
             }
         };
-        // The kernel copies read data out of the buffer this names (and the
-        // next write's data into it): the one `handle_request` left current.
-        // It stays alive in `buf` until a later command names another.
-        queue
-            .submit_io_commit_cmd(tag, BufDesc::RawAddress(buf.addr()), result)
-            .await?;
+        let next = match user_copy {
+            Some(_) => BufDesc::AutoReg(registration),
+            // The kernel copies read data out of the buffer this names (and
+            // the next write's data into it): the one `handle_request` left
+            // current. It stays alive in `buf` until a later command names
+            // another.
+            None => BufDesc::RawAddress(buf.addr()),
+        };
+        queue.submit_io_commit_cmd(tag, next, result).await?;
     }
 }
 
@@ -216,13 +237,34 @@ impl RequestBuffer for Lending<'_> {
     }
 }
 
+/// Runs one request through `device`. With zero copy (`user_copy`) a
+/// write's data is first copied out of the request into `buf`, and a
+/// read's data copied from `buf` into the request after.
 async fn handle_request<D: BlockDevice>(
     iod: &sys::ublksrv_io_desc,
     buf: &mut TagBuffer,
     device: &D,
     lend: bool,
+    user_copy: Option<UserCopy>,
+    tag: u16,
 ) -> i32 {
-    execute(iod, &mut Lending { buf, lend }, device).await
+    let op = iod.op_flags & 0xff;
+    let len = (iod.nr_sectors as u64 * SECTOR_SIZE) as usize;
+    let copier = user_copy.filter(|_| len <= buf.size);
+    if let Some(copier) = copier.filter(|_| op == sys::UBLK_IO_OP_WRITE) {
+        if let Err(e) = copier.read_request(tag, &mut buf.as_mut_slice()[..len]) {
+            tracing::warn!(op, %e, "request failed: cannot copy its data");
+            return -e.raw_os_error().unwrap_or(libc::EIO);
+        }
+    }
+    let result = execute(iod, &mut Lending { buf, lend }, device).await;
+    if let Some(copier) = copier.filter(|_| op == sys::UBLK_IO_OP_READ && result > 0) {
+        if let Err(e) = copier.fill_request(tag, &buf.as_mut_slice()[..result as usize]) {
+            tracing::warn!(op, %e, "request failed: cannot copy its data");
+            return -e.raw_os_error().unwrap_or(libc::EIO);
+        }
+    }
+    result
 }
 
 /// Executes one kernel request on `device`; returns what the kernel

@@ -71,6 +71,12 @@ log "$out"
 CFG=$W/n1.toml SIZE_BYTES=$((MIB_SIZE * MiB)) DAEMON_PID=${PIDS[1]}
 wait_device "$W/n1.toml"
 wait_peers 1 up-to-date 300 || fail "initial sync did not finish"
+if kernel_has_zero_copy; then
+  # The primary reads the blocks it holds straight into the requests' pages.
+  grep -q "zero copy: reads the device lets through" "$W/vmsyncd.1.log" \
+    || fail "kernel $(uname -r) has ublk zero copy, but the primary's queue does not use it"
+  log "kernel $(uname -r): the primary's queue uses zero copy"
+fi
 
 M=$W/mnt
 mkdir -p "$M"
