@@ -21,6 +21,10 @@
 //! (`IORING_OP_MSG_RING`), so the queue thread needs no second thing to
 //! wait on.
 //!
+//! With zero copy (see `zero_copy`) the operations use the request's own
+//! pages, registered with the queue's ring, instead of the tag's buffer
+//! (there are none), and the slow lane gets a request's data by user copy.
+//!
 //! The async queue borrows one piece of this: for a device that lets some
 //! reads through to a file ([`BlockDevice::read_file`], e.g. a replicated
 //! primary's reads of blocks it holds), [`DirectTarget::read`] reads the
@@ -38,7 +42,7 @@ use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, BufDescList, UblkIORes};
 
 use super::queue::{execute, RequestBuffer};
-use super::zero_copy::UserCopy;
+use super::zero_copy::{user_copy_failed, UserCopy};
 use crate::buffer::AlignedBuf;
 use crate::device::{BlockDevice, DirectFile, DirectOp, SECTOR_SIZE};
 
@@ -555,14 +559,6 @@ fn run_lane<D: BlockDevice>(
             task.await;
         }
     }));
-}
-
-/// The result of a request whose data could not be copied to or from its
-/// pages (the kernel refused: the request is gone, or the device is).
-fn user_copy_failed(iod: &sys::ublksrv_io_desc, error: &std::io::Error) -> i32 {
-    let op = iod.op_flags & 0xff;
-    tracing::warn!(op, %error, "request failed: cannot copy its data");
-    -error.raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// Posts `result` for `tag` as a CQE on the queue's ring (`ring_fd`).

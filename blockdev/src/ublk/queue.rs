@@ -15,7 +15,7 @@ use libublk::{BufDesc, UblkError};
 
 use super::direct::DirectTarget;
 use super::doorbell::Doorbell;
-use super::zero_copy::UserCopy;
+use super::zero_copy::{user_copy_failed, UserCopy};
 use crate::buffer::AlignedBuf;
 use crate::device::{errno_of, BlockDevice, SECTOR_SIZE};
 
@@ -253,15 +253,13 @@ async fn handle_request<D: BlockDevice>(
     let copier = user_copy.filter(|_| len <= buf.size);
     if let Some(copier) = copier.filter(|_| op == sys::UBLK_IO_OP_WRITE) {
         if let Err(e) = copier.read_request(tag, &mut buf.as_mut_slice()[..len]) {
-            tracing::warn!(op, %e, "request failed: cannot copy its data");
-            return -e.raw_os_error().unwrap_or(libc::EIO);
+            return user_copy_failed(iod, &e);
         }
     }
     let result = execute(iod, &mut Lending { buf, lend }, device).await;
     if let Some(copier) = copier.filter(|_| op == sys::UBLK_IO_OP_READ && result > 0) {
         if let Err(e) = copier.fill_request(tag, &buf.as_mut_slice()[..result as usize]) {
-            tracing::warn!(op, %e, "request failed: cannot copy its data");
-            return -e.raw_os_error().unwrap_or(libc::EIO);
+            return user_copy_failed(iod, &e);
         }
     }
     result

@@ -126,3 +126,11 @@ fn transferred(n: isize) -> io::Result<usize> {
         }
     }
 }
+
+/// The result of a request whose data could not be copied to or from its
+/// pages (the kernel refused: the request is gone, or the device is).
+pub(super) fn user_copy_failed(iod: &sys::ublksrv_io_desc, error: &io::Error) -> i32 {
+    let op = iod.op_flags & 0xff;
+    tracing::warn!(op, %error, "request failed: cannot copy its data");
+    -error.raw_os_error().unwrap_or(libc::EIO)
+}
