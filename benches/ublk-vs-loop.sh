@@ -15,7 +15,9 @@
 # BENCH_PEER=1 (vmsync as a replicated primary with one peer on the guest's
 # loopback, protocol C: the replication layer's path, not the standalone's),
 # VMSYNC_BIN_DIR, and everything
-# tests/vm/run.sh takes. Console log: tests/vm/.build/bench-console.log.
+# tests/vm/run.sh takes: with `eval "$(tests/vm/fetch-kernel.sh)"; export
+# VM_KERNEL_ROOT VM_KVER` the guest boots a 6.16+ kernel, where vmsync
+# serves with ublk zero copy (rublk stays in its default, copying mode). Console log: tests/vm/.build/bench-console.log.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export VM_CONSOLE_LOG=${VM_CONSOLE_LOG:-$REPO/tests/vm/.build/bench-console.log}
