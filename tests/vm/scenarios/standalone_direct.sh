@@ -18,7 +18,10 @@
 #     O_DIRECT user whose memory is not sector-aligned (ublk asks only for
 #     4 bytes) still reads and writes correctly through the O_DIRECT
 #     backing (the backing file refuses the request's own pages, so the
-#     slow lane copies the data through an aligned buffer).
+#     slow lane copies the data through an aligned buffer);
+#  6. kill -9 and a restart with `ublk_zero_copy = false`: the daemon
+#     re-attaches to the same device, which keeps its data path and its
+#     data; a device made afresh then copies.
 . "$REPO/tests/vm/lib.sh"
 require_binaries
 command -v dmsetup >/dev/null || skip "dmsetup not installed (scripts/setup.sh installs it)"
@@ -141,6 +144,32 @@ cmp <(read_dev "$DEV" $((70 * MiB)) $((2 * MiB))) <(tail -c $((2 * MiB)) "$W/pat
 write_dev "$W/lost" 0 "$DEV" $((90 * MiB)) 4096 4096 || fail "a write after the backing came back failed"
 cmp <(read_dev "$DEV" $((90 * MiB)) 4096) "$W/lost" || fail "a write after the backing came back reads back wrong"
 log "failing backing: errors returned, daemon up, data intact after"
+
+# 6. A device keeps the data path it was made with: killed and restarted
+#    with zero copy turned off, the daemon re-attaches to the same device,
+#    which serves as before; a device made afresh then copies.
+old_dev=$DEV
+crash_daemon
+[ -b "$old_dev" ] || fail "$old_dev disappeared after kill -9 (no user recovery?)"
+sed -i 's/^\[node\]$/[node]\nublk_zero_copy = false/' "$CFG"
+start_daemon
+wait_device "$CFG" 120
+[ "$DEV" = "$old_dev" ] || fail "restarted vmsyncd serves $DEV, not the recovered $old_dev"
+if kernel_has_zero_copy; then
+  grep -q "straight from the backing file, zero copy" "$DAEMON_LOG" \
+    || fail "the re-attached device no longer serves with zero copy: $(grep -m1 'straight from' "$DAEMON_LOG")"
+fi
+cmp <(read_dev "$DEV" $((64 * MiB)) $((2 * MiB))) <(head -c $((2 * MiB)) "$W/pattern") \
+  || fail "data does not read back after re-attaching"
+write_dev "$W/lost" 0 "$DEV" $((91 * MiB)) 4096 4096 || fail "a write after re-attaching failed"
+cmp <(read_dev "$BACKING" $((91 * MiB)) 4096) "$W/lost" || fail "a write after re-attaching is not on the backing"
+stop_daemon_clean
+start_daemon
+wait_device
+grep -q "straight from the backing file" "$DAEMON_LOG" || fail "the new device is not served directly"
+grep -q "zero copy" "$DAEMON_LOG" && fail "a device made with ublk_zero_copy = false uses zero copy"
+cmp <(read_dev "$DEV" $((91 * MiB)) 4096) "$W/lost" || fail "data does not read back from the new device"
+log "re-attached device kept its data path; a new one with ublk_zero_copy = false copies"
 
 stop_daemon_clean
 cleanup_dm
