@@ -249,9 +249,12 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
             return;
         }
     };
-    let registrations: Vec<_> = (0..dev.dev_info.queue_depth)
-        .map(super::zero_copy::registration)
-        .collect();
+    let registrations: Vec<_> = match zero_copy {
+        true => (0..dev.dev_info.queue_depth)
+            .map(super::zero_copy::registration)
+            .collect(),
+        false => Vec::new(),
+    };
     let fetch = if zero_copy {
         BufDescList::AutoRegs(&registrations)
     } else {
@@ -275,9 +278,14 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
     let handler = Handler {
         device: &*device,
         target,
-        bufs: &bufs,
-        user_copy: zero_copy.then(|| UserCopy::new(dev, qid)),
-        max_io_bytes: dev.dev_info.max_io_buf_bytes as usize,
+        data: if zero_copy {
+            TagData::Registered {
+                copier: UserCopy::new(dev, qid),
+                max_io_bytes: dev.dev_info.max_io_buf_bytes as usize,
+            }
+        } else {
+            TagData::Buffers(&bufs)
+        },
         lane: &lane,
         started: (0..dev.dev_info.queue_depth)
             .map(|_| Cell::new(None))
@@ -292,25 +300,32 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
 struct Handler<'a, D> {
     device: &'a D,
     target: DirectTarget,
-    /// Each tag's buffer; none with zero copy.
-    bufs: &'a [IoBuf<u8>],
-    /// Zero copy: how the slow lane reaches a request's data.
-    user_copy: Option<UserCopy>,
-    /// The largest request the kernel sends.
-    max_io_bytes: usize,
+    data: TagData<'a>,
     lane: &'a SlowLane,
     /// When each tag's request arrived (only with `target.report`).
     started: Vec<Cell<Option<Instant>>>,
 }
 
+/// Where this queue's requests' data is.
+enum TagData<'a> {
+    /// Each tag's buffer, which the kernel copies the data through.
+    Buffers(&'a [IoBuf<u8>]),
+    /// Zero copy: the requests' own pages (at most `max_io_bytes`); the
+    /// slow lane reaches them by user copy.
+    Registered {
+        copier: UserCopy,
+        max_io_bytes: usize,
+    },
+}
+
 impl<D: BlockDevice> Handler<'_, D> {
     /// Where `tag`'s request data is.
     fn memory(&self, tag: u16) -> Memory<'_> {
-        match self.bufs.get(tag as usize) {
-            Some(buf) => Memory::Buffer(buf),
-            None => Memory::Registered {
+        match &self.data {
+            TagData::Buffers(bufs) => Memory::Buffer(&bufs[tag as usize]),
+            TagData::Registered { max_io_bytes, .. } => Memory::Registered {
                 index: tag,
-                limit: self.max_io_bytes,
+                limit: *max_io_bytes,
             },
         }
     }
@@ -352,10 +367,9 @@ impl<D: BlockDevice> Handler<'_, D> {
 
     /// Runs `tag`'s request through the device's methods instead.
     fn to_slow_lane(&self, tag: u16, iod: sys::ublksrv_io_desc) {
-        let memory = match (self.memory(tag), self.user_copy) {
-            (Memory::Buffer(buf), _) => TagMemory::of(buf),
-            (Memory::Registered { .. }, Some(copier)) => TagMemory::copied(copier, tag),
-            (Memory::Registered { .. }, None) => unreachable!("zero copy comes with user copy"),
+        let memory = match &self.data {
+            TagData::Buffers(bufs) => TagMemory::of(&bufs[tag as usize]),
+            TagData::Registered { copier, .. } => TagMemory::copied(*copier, tag),
         };
         self.lane.run(tag, iod, memory);
     }
@@ -406,33 +420,31 @@ impl TagMemory {
         }
     }
 
-    /// Before the device runs `iod`: a zero-copy write's data comes over
-    /// from the request. An error fails the request.
+    /// Before the device runs `iod`: with zero copy, room for the
+    /// request's data, and a write's data copied over from the request.
     fn before(&mut self, iod: &sys::ublksrv_io_desc) -> std::io::Result<()> {
-        let len = (iod.nr_sectors as u64 * SECTOR_SIZE) as usize;
-        match (self, iod.op_flags & 0xff) {
-            (TagMemory::Copied { copier, tag, buf }, sys::UBLK_IO_OP_WRITE) => {
-                *buf = AlignedBuf::with_len(len);
-                copier.read_request(*tag, buf.as_mut_slice())
+        match self {
+            TagMemory::Copied { copier, tag, buf } => {
+                if matches!(
+                    iod.op_flags & 0xff,
+                    sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE
+                ) {
+                    *buf = AlignedBuf::with_len((iod.nr_sectors as u64 * SECTOR_SIZE) as usize);
+                }
+                copier.before(*tag, iod, buf.as_mut_slice())
             }
-            (TagMemory::Copied { buf, .. }, sys::UBLK_IO_OP_READ) => {
-                *buf = AlignedBuf::with_len(len);
-                Ok(())
-            }
-            _ => Ok(()),
+            TagMemory::Buffer { .. } => Ok(()),
         }
     }
 
-    /// After the device ran `iod` with `result`: a zero-copy read's data
-    /// goes over to the request. An error fails the request.
+    /// After the device ran `iod` with `result`: with zero copy, a read's
+    /// data copied over to the request.
     fn after(&self, iod: &sys::ublksrv_io_desc, result: i32) -> std::io::Result<()> {
         match self {
-            TagMemory::Copied { copier, tag, buf }
-                if iod.op_flags & 0xff == sys::UBLK_IO_OP_READ && result > 0 =>
-            {
-                copier.fill_request(*tag, &buf.as_slice()[..result as usize])
+            TagMemory::Copied { copier, tag, buf } => {
+                copier.after(*tag, iod, buf.as_slice(), result)
             }
-            _ => Ok(()),
+            TagMemory::Buffer { .. } => Ok(()),
         }
     }
 }

@@ -248,17 +248,17 @@ async fn handle_request<D: BlockDevice>(
     user_copy: Option<UserCopy>,
     tag: u16,
 ) -> i32 {
-    let op = iod.op_flags & 0xff;
     let len = (iod.nr_sectors as u64 * SECTOR_SIZE) as usize;
+    // (A request larger than the buffer fails in `execute`.)
     let copier = user_copy.filter(|_| len <= buf.size);
-    if let Some(copier) = copier.filter(|_| op == sys::UBLK_IO_OP_WRITE) {
-        if let Err(e) = copier.read_request(tag, &mut buf.as_mut_slice()[..len]) {
+    if let Some(copier) = copier {
+        if let Err(e) = copier.before(tag, iod, buf.as_mut_slice()) {
             return user_copy_failed(iod, &e);
         }
     }
     let result = execute(iod, &mut Lending { buf, lend }, device).await;
-    if let Some(copier) = copier.filter(|_| op == sys::UBLK_IO_OP_READ && result > 0) {
-        if let Err(e) = copier.fill_request(tag, &buf.as_mut_slice()[..result as usize]) {
+    if let Some(copier) = copier {
+        if let Err(e) = copier.after(tag, iod, buf.as_mut_slice(), result) {
             return user_copy_failed(iod, &e);
         }
     }

@@ -29,6 +29,8 @@ use libublk::ctrl::UblkCtrl;
 use libublk::io::{UblkDev, UblkIOCtx};
 use libublk::sys;
 
+use crate::device::SECTOR_SIZE;
+
 /// The feature flags a device is created with to use zero copy.
 pub(super) const CTRL_FLAGS: u64 = (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY) as u64;
 
@@ -76,7 +78,7 @@ impl UserCopy {
     }
 
     /// The data of `tag`'s write request, into all of `buf`.
-    pub(super) fn read_request(&self, tag: u16, buf: &mut [u8]) -> io::Result<()> {
+    fn read_request(&self, tag: u16, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
             let rest = &mut buf[done..];
@@ -89,7 +91,7 @@ impl UserCopy {
     }
 
     /// All of `data` into `tag`'s read request.
-    pub(super) fn fill_request(&self, tag: u16, data: &[u8]) -> io::Result<()> {
+    fn fill_request(&self, tag: u16, data: &[u8]) -> io::Result<()> {
         let mut done = 0;
         while done < data.len() {
             let rest = &data[done..];
@@ -99,6 +101,36 @@ impl UserCopy {
             done += transferred(n)?;
         }
         Ok(())
+    }
+
+    /// Before `iod` runs on `buf` (memory of ours, at least the request's
+    /// length): a write's data comes over from the request.
+    pub(super) fn before(
+        &self,
+        tag: u16,
+        iod: &sys::ublksrv_io_desc,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        if iod.op_flags & 0xff != sys::UBLK_IO_OP_WRITE {
+            return Ok(());
+        }
+        let len = iod.nr_sectors as usize * SECTOR_SIZE as usize;
+        self.read_request(tag, &mut buf[..len])
+    }
+
+    /// After `iod` ran on `buf` with `result`: a read's data goes over to
+    /// the request.
+    pub(super) fn after(
+        &self,
+        tag: u16,
+        iod: &sys::ublksrv_io_desc,
+        buf: &[u8],
+        result: i32,
+    ) -> io::Result<()> {
+        if iod.op_flags & 0xff != sys::UBLK_IO_OP_READ || result <= 0 {
+            return Ok(());
+        }
+        self.fill_request(tag, &buf[..result as usize])
     }
 
     /// Where `offset` of `tag`'s request is in the char device.
