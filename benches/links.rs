@@ -71,10 +71,16 @@ fn main() {
         .collect();
     let secs = env_u64("VMSYNC_BENCH_SECS", 5);
     let warmup = env_u64("VMSYNC_BENCH_WARMUP_SECS", 1);
-    let configs: [(&str, &str, usize, &[Workload]); 5] = [
+    let configs: [(&str, &str, usize, &[Workload]); 6] = [
         // No peer: the primary's own CPU per request, the base of "CPU per
         // extra peer" (issue 10, target 3).
         ("local", "-", 0, &[SEQ_1M, RAND_4K]),
+        // No peer, requests paced to what a 1 Gbit/s link lets through: the
+        // same work per request as "local", at the replicated runs' rate
+        // (at 119 requests a second every request wakes the daemon's
+        // threads, where 4000 a second batch), to tell what a peer costs
+        // from what running slowly costs.
+        ("local-paced-1gbit", "1gbit", 0, &[SEQ_1M]),
         ("1gbit-1p", "1gbit", 1, &[SEQ_1M]),
         ("1gbit-2p", "1gbit", 2, &[SEQ_1M]),
         ("100mbit-1p", "100mbit", 1, &[SEQ_1M, RAND_4K]),
@@ -108,20 +114,42 @@ fn print_cpu_per_peer(rows: &[Row]) {
             .find(|r| r.config == config && r.workload == workload)
             .map(of)
     };
-    for (two, workload, target) in [
-        ("1gbit-2p", SEQ_1M.name, 0.5),
-        ("100mbit-2p", SEQ_1M.name, 0.5),
+    for (two, one, workload, target) in [
+        ("1gbit-2p", "1gbit-1p", SEQ_1M.name, 0.5),
+        ("100mbit-2p", "100mbit-1p", SEQ_1M.name, 0.5),
     ] {
         let all: fn(&Row) -> f64 = |r| r.cpu_us_per_op;
         let net: fn(&Row) -> f64 = |r| r.cpu_net_us_per_op;
         for (of, what) in [(all, "all CPU"), (net, "net of idle CPU")] {
-            if let (Some(local), Some(two_peers)) =
-                (cpu("local", workload, of), cpu(two, workload, of))
-            {
+            let Some(two_peers) = cpu(two, workload, of) else {
+                continue;
+            };
+            if let Some(local) = cpu("local", workload, of) {
                 let per_peer = (two_peers - local) / 2.0;
                 println!(
                     "CPU per extra peer, {two} {workload}, {what}: ({two_peers:.0} - {local:.0}) / 2 = {per_peer:.0} µs = {:.2} x local (target <= {target})",
                     per_peer / local
+                );
+            }
+            // The same with the local run at the link's request rate, and
+            // the second peer alone (2 peers - 1 peer), both against the
+            // local CPU per request at full speed.
+            let local = cpu("local", workload, of);
+            let paced = (two == "1gbit-2p")
+                .then(|| cpu("local-paced-1gbit", workload, of))
+                .flatten();
+            if let (Some(local), Some(paced)) = (local, paced) {
+                let per_peer = (two_peers - paced) / 2.0;
+                println!(
+                    "  against the local run paced to the link: ({two_peers:.0} - {paced:.0}) / 2 = {per_peer:.0} µs = {:.2} x local",
+                    per_peer / local
+                );
+            }
+            if let (Some(local), Some(one_peer)) = (local, cpu(one, workload, of)) {
+                let second = two_peers - one_peer;
+                println!(
+                    "  the second peer alone: {two_peers:.0} - {one_peer:.0} = {second:.0} µs = {:.2} x local",
+                    second / local
                 );
             }
         }
@@ -201,7 +229,7 @@ fn run(
     warmup: u64,
 ) -> Row {
     if peers == 0 {
-        return run_local(config, w, secs, warmup);
+        return run_local(config, rate, w, secs, warmup);
     }
     let star = Star::create(peers, rate);
     let mut dir = TestDir::with_spec(ClusterSpec {
@@ -253,7 +281,7 @@ fn run(
 
     let idle = rt.block_on(idle_cpu_rate(pid));
     let before: Vec<u64> = (0..peers).map(|i| star.hub_sent(i)).collect();
-    let (ops, bytes, cpu_s) = rt.block_on(drive(&client, w, size, secs, warmup, pid));
+    let (ops, bytes, cpu_s) = rt.block_on(drive(&client, w, size, (secs, warmup), None, pid));
     let after: Vec<u64> = (0..peers).map(|i| star.hub_sent(i)).collect();
     let measured = secs as f64;
     // Wire bytes span warm-up and the tail too: divide by every byte written.
@@ -290,8 +318,13 @@ fn run(
     }
 }
 
-/// A standalone node (no peers, no links): the baseline of CPU per request.
-fn run_local(config: &'static str, w: Workload, secs: u64, warmup: u64) -> Row {
+/// A standalone node (no peers, no links): the baseline of CPU per request;
+/// with a `rate` other than "-", requests are paced to that link's payload
+/// rate.
+fn run_local(config: &'static str, rate: &'static str, w: Workload, secs: u64, warmup: u64) -> Row {
+    let payload_bytes_per_s =
+        (rate != "-").then(|| rate_bits(rate) as f64 / 8.0 * PAYLOAD_FRACTION);
+    let pace = payload_bytes_per_s.map(|b| b / w.block as f64);
     let cluster = Cluster::start(ClusterSpec {
         nodes: 1,
         size: 256 * MIB,
@@ -301,15 +334,21 @@ fn run_local(config: &'static str, w: Workload, secs: u64, warmup: u64) -> Row {
     let client = support::cluster::client(&rt, &cluster, 1);
     let pid = cluster.daemons[0].pid();
     let idle = rt.block_on(idle_cpu_rate(pid));
-    let (ops, bytes, cpu_s) =
-        rt.block_on(drive(&client, w, cluster.dir.spec.size, secs, warmup, pid));
+    let (ops, bytes, cpu_s) = rt.block_on(drive(
+        &client,
+        w,
+        cluster.dir.spec.size,
+        (secs, warmup),
+        pace,
+        pid,
+    ));
     Row {
         config,
-        rate: "-",
+        rate,
         peers: 0,
         workload: w.name,
         mb_per_s: bytes.0 as f64 / secs as f64 / 1e6,
-        payload_mb_per_s: f64::NAN,
+        payload_mb_per_s: payload_bytes_per_s.map_or(f64::NAN, |b| b / 1e6),
         wire_per_byte: Vec::new(),
         cpu_us_per_op: cpu_s * 1e6 / ops.max(1) as f64,
         idle_cpu_percent: idle * 100.0,
@@ -317,15 +356,16 @@ fn run_local(config: &'static str, w: Workload, secs: u64, warmup: u64) -> Row {
     }
 }
 
-/// Runs `w` with `w.qd` writes always in flight for warm-up + `secs`.
-/// Returns (ops in the measured window, (bytes in it, bytes in all), the
-/// primary's CPU seconds in it).
+/// Runs `w` with `w.qd` writes always in flight for warm-up + `secs`
+/// (with `pace`, at most that many requests a second: each waits for its
+/// slot). Returns (ops in the measured window, (bytes in it, bytes in all),
+/// the primary's CPU seconds in it).
 async fn drive(
     client: &BlockClient,
     w: Workload,
     size: u64,
-    secs: u64,
-    warmup: u64,
+    (secs, warmup): (u64, u64),
+    pace: Option<f64>,
     pid: u32,
 ) -> (u64, (u64, u64), f64) {
     let mut data = vec![0u8; w.block as usize];
@@ -336,15 +376,21 @@ async fn drive(
     let from = t0 + Duration::from_secs(warmup);
     let end = from + Duration::from_secs(secs);
     let next = Arc::new(AtomicU64::new(0));
+    let slots = Arc::new(AtomicU64::new(0));
     let in_window = Arc::new(AtomicU64::new(0));
     let all = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..w.qd {
         let (client, data, next) = (client.clone(), data.clone(), Arc::clone(&next));
-        let (in_window, all) = (Arc::clone(&in_window), Arc::clone(&all));
+        let (in_window, all, slots) =
+            (Arc::clone(&in_window), Arc::clone(&all), Arc::clone(&slots));
         tasks.spawn(async move {
             let mut rng = StdRng::seed_from_u64(worker as u64 + 7);
             while tokio::time::Instant::now() < end {
+                if let Some(per_s) = pace {
+                    let slot = slots.fetch_add(1, Ordering::Relaxed) as f64;
+                    tokio::time::sleep_until(t0 + Duration::from_secs_f64(slot / per_s)).await;
+                }
                 let block = if w.random {
                     rng.gen_range(0..blocks)
                 } else {

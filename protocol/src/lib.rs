@@ -46,7 +46,7 @@ pub use frame::{
 pub use handshake::{Handshake, HandshakeError, HandshakeParams, HandshakeStep, PeerInfo};
 pub use message::{BlockHash, Mac, Message, MessageType, Nonce, MIN_HASH_GRANULE};
 pub use secret::{check_secret, generate_secret, WeakSecret};
-pub use secure::{Opener, Sealer, SessionKeys};
+pub use secure::{Opener, RecordBuf, Sealer, SessionKeys};
 pub use types::{Channel, DiskState, GenerationIds, Role};
 
 /// Version of the wire protocol spoken by this crate. Peers must speak the

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::{
     Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, Opener,
-    ProtocolError, Sealer, HEADER_LEN,
+    ProtocolError, RecordBuf, Sealer, HEADER_LEN,
 };
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -102,19 +102,21 @@ pub const MAX_BATCH: usize = 1 << 20;
 
 /// Sending half of a connection.
 ///
-/// Messages are encoded into `buf`. Before the handshake is done (and on
-/// unprotected test links), large payloads are queued as they are (shared,
-/// not copied) behind the encoded bytes before them and
+/// Before the handshake is done (and on unprotected test links), messages
+/// are encoded into `buf`, large payloads are queued as they are (shared,
+/// not copied) behind the encoded bytes before them, and
 /// [`FrameWriter::flush`] hands everything to the socket in vectored writes.
-/// On a protected connection every frame is sealed into `buf` instead: the
-/// ciphertext needs memory of its own anyway, so encoding the payload into
-/// `buf` and encrypting it there in place is the one copy, and `buf` keeps
-/// its capacity from flush to flush.
+/// On a protected connection every frame is sealed into `records` instead:
+/// the ciphertext needs memory of its own anyway, and encrypting a payload
+/// from the message into it is the one pass over the data; `records` keeps
+/// its memory from flush to flush.
 pub struct FrameWriter {
     write: OwnedWriteHalf,
     buf: BytesMut,
     /// Set once the handshake is done.
     sealer: Option<Sealer>,
+    /// Sealed records not yet written.
+    records: RecordBuf,
     /// Encoded frames and payloads queued before `buf`, in order.
     chunks: VecDeque<Bytes>,
     /// Bytes in `chunks`.
@@ -130,7 +132,7 @@ impl FrameWriter {
     /// Encodes into the write buffer without sending yet (batching).
     pub fn queue(&mut self, msg: &Message) -> Result<(), LinkError> {
         if let Some(sealer) = &mut self.sealer {
-            sealer.seal(msg, &mut self.buf)?;
+            sealer.seal(msg, &mut self.records)?;
             return Ok(());
         }
         if let Some(data) = crate::encode_split(msg, &mut self.buf)? {
@@ -143,7 +145,7 @@ impl FrameWriter {
     }
 
     pub fn buffered(&self) -> usize {
-        self.chunked + self.buf.len()
+        self.chunked + self.buf.len() + self.records.len()
     }
 
     /// Sends every message from `rx` until the channel closes (the meta
@@ -183,6 +185,16 @@ impl FrameWriter {
     }
 
     pub async fn flush(&mut self) -> Result<(), LinkError> {
+        // Plain frames queued before the connection was protected go first.
+        self.flush_plain().await?;
+        if !self.records.is_empty() {
+            self.write.write_all(self.records.as_slice()).await?;
+            self.records.clear();
+        }
+        Ok(())
+    }
+
+    async fn flush_plain(&mut self) -> Result<(), LinkError> {
         if self.chunks.is_empty() {
             if !self.buf.is_empty() {
                 self.write.write_all(&self.buf).await?;
@@ -305,6 +317,7 @@ fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
             write,
             buf: BytesMut::with_capacity(128 * 1024),
             sealer: None,
+            records: RecordBuf::new(),
             chunks: VecDeque::new(),
             chunked: 0,
         },

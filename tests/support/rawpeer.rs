@@ -75,13 +75,19 @@ impl RawConn {
 
     /// Encodes and sends one message (sealed once the handshake is done).
     pub fn send(&mut self, msg: &Message) -> io::Result<()> {
-        let mut frame = BytesMut::new();
+        let invalid = |e| io::Error::new(ErrorKind::InvalidInput, e);
         match &mut self.sealer {
-            Some(sealer) => sealer.seal(msg, &mut frame),
-            None => protocol::encode(msg, &mut frame),
+            Some(sealer) => {
+                let mut record = protocol::RecordBuf::new();
+                sealer.seal(msg, &mut record).map_err(invalid)?;
+                self.send_raw(record.as_slice())
+            }
+            None => {
+                let mut frame = BytesMut::new();
+                protocol::encode(msg, &mut frame).map_err(invalid)?;
+                self.send_raw(&frame)
+            }
         }
-        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
-        self.send_raw(&frame)
     }
 
     /// Switches to sealed records under the finished handshake's keys.

@@ -21,7 +21,9 @@
 #        BENCH_RUBLK_ARGS (extra `rublk add loop` options, e.g. "-d 64 -b 1MiB"),
 #        BENCH_PEER=1 (vmsync as a replicated primary: a second vmsyncd on the
 #        guest's loopback is its peer, protocol C, links protected; reads
-#        are then served by the replication layer, writes wait for the peer).
+#        are then served by the replication layer, writes wait for the peer),
+#        BENCH_UNPROTECTED=1 (with BENCH_PEER: the links unsealed after the
+#        handshake, VMSYNC_BENCH_UNPROTECTED_LINKS=1, to see what sealing costs).
 . "$REPO/tests/vm/lib.sh"
 require_binaries
 RT=${BENCH_RUNTIME:-20}
@@ -34,6 +36,7 @@ RUBLK=${BENCH_RUBLK:-}
 RUBLK_ARGS=${BENCH_RUBLK_ARGS:-}
 RUBLK_ID=9
 PEER=${BENCH_PEER:-}
+[ "${BENCH_UNPROTECTED:-}" != 1 ] || export VMSYNC_BENCH_UNPROTECTED_LINKS=1
 
 # The backing files, fully allocated (written, not fallocated: reads of
 # unwritten extents would cost nothing). Which file a device gets matters
