@@ -71,7 +71,7 @@ fn main() {
         .collect();
     let secs = env_u64("VMSYNC_BENCH_SECS", 5);
     let warmup = env_u64("VMSYNC_BENCH_WARMUP_SECS", 1);
-    let configs: [(&str, &str, usize, &[Workload]); 6] = [
+    let configs: [(&str, &str, usize, &[Workload]); 7] = [
         // No peer: the primary's own CPU per request, the base of "CPU per
         // extra peer" (issue 10, target 3).
         ("local", "-", 0, &[SEQ_1M, RAND_4K]),
@@ -83,6 +83,10 @@ fn main() {
         ("local-paced-1gbit", "1gbit", 0, &[SEQ_1M]),
         ("1gbit-1p", "1gbit", 1, &[SEQ_1M]),
         ("1gbit-2p", "1gbit", 2, &[SEQ_1M]),
+        // The same with each link sealing its own records (the daemons run
+        // with VMSYNC_BENCH_UNSHARED_RECORDS=1): the baseline of sealing a
+        // write once for both peers.
+        ("1gbit-2p-unshared", "1gbit", 2, &[SEQ_1M]),
         ("100mbit-1p", "100mbit", 1, &[SEQ_1M, RAND_4K]),
         ("100mbit-2p", "100mbit", 2, &[SEQ_1M]),
     ];
@@ -150,6 +154,15 @@ fn print_cpu_per_peer(rows: &[Row]) {
                 println!(
                     "  the second peer alone: {two_peers:.0} - {one_peer:.0} = {second:.0} µs = {:.2} x local",
                     second / local
+                );
+            }
+            let unshared = format!("{two}-unshared");
+            if let (Some(local), Some(baseline)) = (local, cpu(&unshared, workload, of)) {
+                println!(
+                    "  each link sealing its own records (same run): ({baseline:.0} - {local:.0}) / 2 = {:.0} µs = {:.2} x local; primary CPU per request shared / unshared = {:.2}",
+                    (baseline - local) / 2.0,
+                    (baseline - local) / 2.0 / local,
+                    two_peers / baseline
                 );
             }
         }
@@ -232,6 +245,11 @@ fn run(
         return run_local(config, rate, w, secs, warmup);
     }
     let star = Star::create(peers, rate);
+    let env: &[(&str, Option<&str>)] = if config.ends_with("-unshared") {
+        &[("VMSYNC_BENCH_UNSHARED_RECORDS", Some("1"))]
+    } else {
+        &[]
+    };
     let mut dir = TestDir::with_spec(ClusterSpec {
         nodes: peers as u32 + 1,
         protocol: "C",
@@ -262,7 +280,7 @@ fn run(
                 1 => &star.hub,
                 id => &star.spokes[id as usize - 2].netns,
             };
-            Daemon::start_in_netns(n, netns)
+            Daemon::start_in_netns_with_env(n, netns, env)
         })
         .collect();
     let mut cluster = Cluster { dir, daemons };

@@ -208,6 +208,10 @@ pub struct PeerStatus {
     /// daemon started.
     #[serde(default)]
     pub replicated_bytes: u64,
+    /// Of those, the bytes sent in records sealed once for every peer (a
+    /// write mirrored to two or more peers) rather than by this link.
+    #[serde(default)]
+    pub shared_record_bytes: u64,
     /// Bytes queued for this peer and not yet handed to its socket.
     #[serde(default)]
     pub send_queue_bytes: u64,

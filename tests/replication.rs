@@ -54,6 +54,13 @@ fn converge_three_nodes(protocol: &'static str) {
     for p in status["peers"].as_array().unwrap() {
         assert_eq!(p["protocol"], protocol);
         assert_eq!(p["state"], "up-to-date");
+        // Writes of 16 KiB and more went to both peers as one record
+        // sealed once (and opened by each).
+        let (shared, mirrored) = (&p["shared_record_bytes"], &p["replicated_bytes"]);
+        assert!(
+            shared.as_u64().unwrap() > 0 && shared.as_u64() < mirrored.as_u64(),
+            "shared {shared}, mirrored {mirrored}"
+        );
     }
     assert_eq!(cluster.status(2)["role"], "secondary");
 }

@@ -146,6 +146,28 @@ impl<const N: usize> Wire for [u8; N] {
     }
 }
 
+/// A key sent inside a sealed record ([`crate::Message::SharedKey`]): on
+/// the wire like any 32 bytes, but never shown by `Debug`, so that logging a
+/// message cannot leak it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SecretKey(pub [u8; 32]);
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<key>")
+    }
+}
+
+impl Wire for SecretKey {
+    fn put(&self, out: &mut BytesMut) {
+        self.0.put(out);
+    }
+
+    fn get(r: &mut Reader) -> Result<Self, FieldError> {
+        r.array().map(Self)
+    }
+}
+
 impl Wire for Bytes {
     fn put(&self, out: &mut BytesMut) {
         put_prefixed(self, out);

@@ -93,4 +93,10 @@ pub enum ProtocolError {
     /// An authentic record did not hold exactly one frame.
     #[error("protected record does not hold exactly one frame")]
     RecordNotOneFrame,
+
+    /// Shared records used out of order: a `SharedNext` before the sender's
+    /// `SharedKey`, a second `SharedKey`, or a shared record that announces
+    /// another.
+    #[error("shared record out of order: {0}")]
+    SharedRecordMisuse(&'static str),
 }

@@ -39,6 +39,7 @@ pub mod secret;
 pub mod secure;
 pub mod types;
 
+pub use codec::SecretKey;
 pub use error::ProtocolError;
 pub use frame::{
     decode, encode, encode_split, encode_to_bytes, HEADER_LEN, MAGIC, MAX_DATA_LEN, MAX_PAYLOAD,
@@ -46,7 +47,7 @@ pub use frame::{
 pub use handshake::{Handshake, HandshakeError, HandshakeParams, HandshakeStep, PeerInfo};
 pub use message::{BlockHash, Mac, Message, MessageType, Nonce, MIN_HASH_GRANULE};
 pub use secret::{check_secret, generate_secret, WeakSecret};
-pub use secure::{Opener, RecordBuf, Sealer, SessionKeys};
+pub use secure::{Opener, RecordBuf, Sealer, SessionKeys, SharedRecord, SharedSealer};
 pub use types::{Channel, DiskState, GenerationIds, Role};
 
 /// Version of the wire protocol spoken by this crate. Peers must speak the
@@ -58,7 +59,9 @@ pub use types::{Channel, DiskState, GenerationIds, Role};
 /// 5: `State` says whether the sender's generation is unwritten.
 /// 6: records are sealed with AEGIS-256X4 instead of AES-256-GCM.
 /// 7: `ResyncPacked` may carry zstd (codec 2); a `Ping` is not answered.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: shared records: a write sealed once for every peer (`SharedKey`,
+///    `SharedNext`).
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The node id the directory server uses in handshakes (never a node's).
 pub const DIRECTORY_NODE_ID: u32 = u32::MAX;

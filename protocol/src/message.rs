@@ -32,7 +32,7 @@ use std::fmt;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::codec::{FieldError, Reader, Wire, WireDebug};
+use crate::codec::{FieldError, Reader, SecretKey, Wire, WireDebug};
 use crate::error::ProtocolError;
 use crate::frame::MAX_DATA_LEN;
 use crate::types::{Channel, DiskState, GenerationIds, Role};
@@ -587,6 +587,29 @@ messages! {
         /// The encoded bits.
         data: Bytes,
     },
+
+    // ---- protected links (inside records; handled by [`crate::Opener`]) ----
+    //
+    // A replicated write goes to every LAN peer: rather than seal it once
+    // per connection, the sender seals it once under a key of its own and
+    // sends the same record on each connection, announced there by a record
+    // of the connection's own (see [`crate::secure`]). The receiver's
+    // opener consumes both messages; they never reach the application.
+
+    /// The sender's key for shared records, sent once on a connection
+    /// before the first [`Message::SharedNext`].
+    SharedKey = 0x0601 {
+        /// An AEGIS-256X4 key the sender drew at random.
+        key: SecretKey,
+    },
+
+    /// The next record on this connection is a shared one, sealed under the
+    /// sender's [`Message::SharedKey`] with record counter `counter`.
+    SharedNext = 0x0602 {
+        /// The shared record's counter (its nonce); never reused by the
+        /// sender under one key.
+        counter: u64,
+    },
 }
 
 impl fmt::Display for MessageType {
@@ -738,7 +761,9 @@ impl Message {
             | Self::DirInfo { .. }
             | Self::DirPromote { .. }
             | Self::DirDemote { .. }
-            | Self::DirRefused { .. } => Ok(()),
+            | Self::DirRefused { .. }
+            | Self::SharedKey { .. }
+            | Self::SharedNext { .. } => Ok(()),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::{
     Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, Opener,
-    ProtocolError, RecordBuf, Sealer, HEADER_LEN,
+    ProtocolError, RecordBuf, Sealer, SharedRecord, HEADER_LEN,
 };
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,6 +117,12 @@ pub struct FrameWriter {
     sealer: Option<Sealer>,
     /// Sealed records not yet written.
     records: RecordBuf,
+    /// The id of the shared key this connection announced last.
+    announced: Option<u64>,
+    /// Shared records queued, each with the length of `records` it follows.
+    shared_queue: Vec<(usize, Bytes)>,
+    /// Bytes in `shared_queue`.
+    shared_bytes: usize,
     /// Encoded frames and payloads queued before `buf`, in order.
     chunks: VecDeque<Bytes>,
     /// Bytes in `chunks`.
@@ -144,8 +150,36 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Queues `msg`. If `shared` holds it (sealed once for every peer, see
+    /// [`crate::SharedSealer`]), that record goes out, announced by a
+    /// [`Message::SharedNext`] of our own (and, the first time a key is
+    /// used here, its [`Message::SharedKey`]), instead of one sealed here.
+    /// On an unprotected connection, which seals nothing, `msg` goes out
+    /// plain. Returns whether the shared record went out.
+    pub fn queue_shared(
+        &mut self,
+        msg: &Message,
+        shared: Option<&SharedRecord>,
+    ) -> Result<bool, LinkError> {
+        let (Some(record), Some(sealer)) = (shared, &mut self.sealer) else {
+            return self.queue(msg).map(|()| false);
+        };
+        if self.announced != Some(record.key_id()) {
+            sealer.seal(&record.announcement(), &mut self.records)?;
+            self.announced = Some(record.key_id());
+        }
+        let next = Message::SharedNext {
+            counter: record.counter(),
+        };
+        sealer.seal(&next, &mut self.records)?;
+        self.shared_queue
+            .push((self.records.len(), record.bytes().clone()));
+        self.shared_bytes += record.bytes().len();
+        Ok(true)
+    }
+
     pub fn buffered(&self) -> usize {
-        self.chunked + self.buf.len() + self.records.len()
+        self.chunked + self.buf.len() + self.records.len() + self.shared_bytes
     }
 
     /// Sends every message from `rx` until the channel closes (the meta
@@ -187,10 +221,27 @@ impl FrameWriter {
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         // Plain frames queued before the connection was protected go first.
         self.flush_plain().await?;
-        if !self.records.is_empty() {
-            self.write.write_all(self.records.as_slice()).await?;
-            self.records.clear();
+        if self.shared_queue.is_empty() {
+            if !self.records.is_empty() {
+                self.write.write_all(self.records.as_slice()).await?;
+            }
+        } else {
+            // Our records and the shared ones between them, in order, in
+            // vectored writes.
+            let records = self.records.as_slice();
+            let mut queue = SliceQueue::default();
+            let mut at = 0;
+            for (end, shared) in &self.shared_queue {
+                queue.push(&records[at..*end]);
+                queue.push(shared);
+                at = *end;
+            }
+            queue.push(&records[at..]);
+            self.write.write_all_buf(&mut queue).await?;
+            self.shared_queue.clear();
+            self.shared_bytes = 0;
         }
+        self.records.clear();
         Ok(())
     }
 
@@ -204,59 +255,67 @@ impl FrameWriter {
         }
         if !self.buf.is_empty() {
             let tail = self.buf.split().freeze();
-            self.chunked += tail.len();
             self.chunks.push_back(tail);
         }
-        // No chunk is empty (each holds a frame header or a large payload),
-        // so every vectored write makes progress.
-        let mut queue = ChunkQueue {
-            remaining: self.chunked,
-            chunks: std::mem::take(&mut self.chunks),
-        };
-        self.chunked = 0;
+        let mut queue = SliceQueue::default();
+        for chunk in &self.chunks {
+            queue.push(chunk);
+        }
         // Vectored when the socket supports it (TCP does).
         self.write.write_all_buf(&mut queue).await?;
-        // Reuse the deque's allocation.
-        self.chunks = queue.chunks;
+        self.chunks.clear();
+        self.chunked = 0;
         Ok(())
     }
 }
 
-/// A queue of byte chunks read front to back, for vectored socket writes.
-struct ChunkQueue {
-    chunks: VecDeque<Bytes>,
+/// Byte slices read front to back, for vectored socket writes.
+#[derive(Default)]
+struct SliceQueue<'a> {
+    slices: VecDeque<&'a [u8]>,
     remaining: usize,
 }
 
-impl Buf for ChunkQueue {
+impl<'a> SliceQueue<'a> {
+    /// Appends `slice` (an empty one is left out, so that every vectored
+    /// write makes progress).
+    fn push(&mut self, slice: &'a [u8]) {
+        if !slice.is_empty() {
+            self.remaining += slice.len();
+            self.slices.push_back(slice);
+        }
+    }
+}
+
+impl Buf for SliceQueue<'_> {
     fn remaining(&self) -> usize {
         self.remaining
     }
 
     fn chunk(&self) -> &[u8] {
-        self.chunks.front().map_or(&[], |b| &b[..])
+        self.slices.front().copied().unwrap_or(&[])
     }
 
     fn advance(&mut self, cnt: usize) {
         let mut left = cnt.min(self.remaining);
         self.remaining -= left;
         while left > 0 {
-            let Some(front) = self.chunks.front_mut() else {
+            let Some(front) = self.slices.front_mut() else {
                 return;
             };
             if left < front.len() {
-                front.advance(left);
+                *front = &front[left..];
                 return;
             }
             left -= front.len();
-            self.chunks.pop_front();
+            self.slices.pop_front();
         }
     }
 
-    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+    fn chunks_vectored<'b>(&'b self, dst: &mut [std::io::IoSlice<'b>]) -> usize {
         let mut n = 0;
-        for (slot, chunk) in dst.iter_mut().zip(self.chunks.iter()) {
-            *slot = std::io::IoSlice::new(chunk);
+        for (slot, slice) in dst.iter_mut().zip(self.slices.iter()) {
+            *slot = std::io::IoSlice::new(slice);
             n += 1;
         }
         n
@@ -318,6 +377,9 @@ fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
             buf: BytesMut::with_capacity(128 * 1024),
             sealer: None,
             records: RecordBuf::new(),
+            announced: None,
+            shared_queue: Vec::new(),
+            shared_bytes: 0,
             chunks: VecDeque::new(),
             chunked: 0,
         },
@@ -688,14 +750,12 @@ pub async fn loopback_pair() -> ((FrameReader, FrameWriter), (FrameReader, Frame
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SharedSealer;
     use std::sync::{Arc, Mutex};
 
-    /// A real handshake over loopback through a relay that records what
-    /// the dialer puts on the wire: frames after the handshake arrive
-    /// intact both ways, and neither their payload nor a frame header
-    /// shows on the wire (only the three plain handshake frames do).
-    #[tokio::test]
-    async fn frames_after_the_handshake_are_sealed_on_the_wire() {
+    /// A client and a server connection, authenticated over loopback
+    /// through a relay that records what the client puts on the wire.
+    async fn recorded_pair() -> (Connection, Connection, Arc<Mutex<Vec<u8>>>) {
         use tokio::net::TcpListener;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server_addr = listener.local_addr().unwrap();
@@ -735,19 +795,31 @@ mod tests {
             let (stream, _) = listener.accept().await.unwrap();
             accept(&server_identity, stream, |id| id == 1).await
         });
-        let mut client = connect(&identity(1), relay_addr, 2, Channel::Data)
+        let client = connect(&identity(1), relay_addr, 2, Channel::Data)
             .await
             .unwrap();
-        let mut server = accepting.await.unwrap().unwrap();
+        let server = accepting.await.unwrap().unwrap();
+        (client, server, seen)
+    }
 
-        let write = Message::Write {
+    fn write_of(byte: u8, len: usize) -> Message {
+        Message::Write {
             term: 1,
             epoch: 1,
             seq: 1,
             offset: 0,
             fua: false,
-            data: Bytes::from(vec![0xa5; 64 * 1024]),
-        };
+            data: Bytes::from(vec![byte; len]),
+        }
+    }
+
+    /// Frames after the handshake arrive intact both ways, and neither
+    /// their payload nor a frame header shows on the wire (only the three
+    /// plain handshake frames do).
+    #[tokio::test]
+    async fn frames_after_the_handshake_are_sealed_on_the_wire() {
+        let (mut client, mut server, seen) = recorded_pair().await;
+        let write = write_of(0xa5, 64 * 1024);
         client.writer.queue(&write).unwrap();
         client.writer.queue(&Message::Ping).unwrap();
         client.writer.flush().await.unwrap();
@@ -761,15 +833,55 @@ mod tests {
         assert!(!wire.windows(64).any(|w| w.iter().all(|&b| b == 0xa5)));
     }
 
+    /// A write sealed once goes out byte for byte the same on every
+    /// connection, and each receiver opens it (and the connection's own
+    /// records around it), also after the sender replaced its sealer.
+    #[tokio::test]
+    async fn a_shared_record_goes_out_unchanged_on_every_connection() {
+        let (old, new) = (SharedSealer::new(), SharedSealer::new());
+        let write = write_of(0x5a, 64 * 1024);
+        let records = [old.seal(&write).unwrap(), new.seal(&write).unwrap()];
+        let contains = |wire: &[u8], part: &[u8]| wire.windows(part.len()).any(|w| w == part);
+        for _ in 0..2 {
+            let (mut client, mut server, seen) = recorded_pair().await;
+            client.writer.queue(&Message::Ping).unwrap();
+            client
+                .writer
+                .queue_shared(&write, Some(&records[0]))
+                .unwrap();
+            client.writer.queue(&Message::PingAck).unwrap();
+            client
+                .writer
+                .queue_shared(&write, Some(&records[1]))
+                .unwrap();
+            client
+                .writer
+                .queue_shared(&write, Some(&records[1]))
+                .unwrap();
+            client.writer.flush().await.unwrap();
+            for expected in [&Message::Ping, &write, &Message::PingAck, &write] {
+                assert_eq!(&server.reader.next().await.unwrap(), expected);
+            }
+            let wire = seen.lock().unwrap().clone();
+            for record in &records {
+                assert!(
+                    contains(&wire, record.bytes()),
+                    "the shared record, unchanged"
+                );
+            }
+            assert!(!wire.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)));
+        }
+    }
+
     #[test]
-    fn a_chunk_queue_reads_its_chunks_in_order_across_partial_advances() {
-        let parts: [&'static [u8]; 3] = [b"head", b"payload-bytes", b"tail"];
-        let mut queue = ChunkQueue {
-            chunks: parts.iter().map(|p| Bytes::from_static(p)).collect(),
-            remaining: parts.iter().map(|p| p.len()).sum(),
-        };
+    fn a_slice_queue_reads_its_slices_in_order_across_partial_advances() {
+        let mut queue = SliceQueue::default();
+        for part in [&b"head"[..], b"", b"payload-bytes", b"tail"] {
+            queue.push(part);
+        }
+        assert_eq!(queue.slices.len(), 3, "the empty slice is left out");
         let mut seen = Vec::new();
-        // Odd step sizes cut chunks in the middle, as short writes do.
+        // Odd step sizes cut slices in the middle, as short writes do.
         for step in [3, 5, 1, 7, 100] {
             let take = step.min(queue.remaining());
             let mut slices = [std::io::IoSlice::new(&[]); 4];

@@ -35,14 +35,26 @@
 //!   direction that would run out of counter values (2^64 records) refuses
 //!   to seal or open more and the connection is closed.
 //!
+//! Shared records: a write that goes to several peers is sealed once, under
+//! a key of the sender's own, and the same record goes out on each
+//! connection right after one of the connection's own records that names
+//! its counter ([`SharedSealer`] says why that is as safe). On the wire a
+//! shared record looks like any other.
+//!
 //! Any failure is final: the caller closes the connection (the link layer
 //! reconnects and resyncs from its bitmaps).
 
 use std::fmt;
 
-use aegis::aegis256x4::Aegis256X4;
-use bytes::BytesMut;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
+use aegis::aegis256x4::Aegis256X4;
+use bytes::{Bytes, BytesMut};
+use rand::rngs::OsRng;
+use rand::RngCore;
+
+use crate::codec::SecretKey;
 use crate::error::ProtocolError;
 use crate::frame::{self, HEADER_LEN, MAX_PAYLOAD};
 use crate::message::Message;
@@ -85,6 +97,8 @@ impl SessionKeys {
             },
             Opener {
                 state: Direction::new(&self.recv),
+                shared_key: None,
+                shared_next: None,
             },
         )
     }
@@ -118,13 +132,19 @@ impl Direction {
 
     /// The cipher for the next record, without consuming its nonce.
     fn cipher(&self) -> Result<Cipher, ProtocolError> {
-        if self.next == u64::MAX {
-            return Err(ProtocolError::CounterExhausted);
-        }
-        let mut nonce = [0u8; 32];
-        nonce[24..].copy_from_slice(&self.next.to_be_bytes());
-        Ok(Cipher::new(&self.key, &nonce))
+        cipher(&self.key, self.next)
     }
+}
+
+/// The cipher of record number `counter` under `key`: the nonce is 24 zero
+/// bytes and the counter, big-endian. `u64::MAX` is never used.
+fn cipher(key: &[u8; 32], counter: u64) -> Result<Cipher, ProtocolError> {
+    if counter == u64::MAX {
+        return Err(ProtocolError::CounterExhausted);
+    }
+    let mut nonce = [0u8; 32];
+    nonce[24..].copy_from_slice(&counter.to_be_bytes());
+    Ok(Cipher::new(key, &nonce))
 }
 
 /// Seals frames for one direction of a connection.
@@ -143,24 +163,215 @@ impl Sealer {
     /// The ciphertext is the same either way. On error `out` is unchanged
     /// and no counter value is used up.
     pub fn seal(&mut self, msg: &Message, out: &mut RecordBuf) -> Result<(), ProtocolError> {
-        let cipher = self.state.cipher()?;
-        let RecordBuf { mem, len, head } = out;
-        head.clear();
-        let bulk = frame::encode_split(msg, head)?;
-        let data = bulk.as_deref().unwrap_or(&[]);
-        // `encode_split` caps a frame at HEADER_LEN + MAX_PAYLOAD, so this fits.
-        let record_len = head.len() + data.len() + TAG_LEN;
-        let record = RecordBuf::claim(mem, len, RECORD_LEN_BYTES + record_len);
-        let (aad, body) = record.split_at_mut(RECORD_LEN_BYTES);
-        aad.copy_from_slice(&(record_len as u32).to_le_bytes());
-        let (head_out, rest) = body.split_at_mut(head.len());
-        let (data_out, tag_out) = rest.split_at_mut(data.len());
-        let mut encryptor = cipher.encryptor(aad);
-        encryptor.update(head, head_out);
-        encryptor.update(data, data_out);
-        tag_out.copy_from_slice(&encryptor.finalize());
+        seal_record(self.state.cipher()?, msg, out)?;
         self.state.next += 1;
         Ok(())
+    }
+}
+
+/// Appends `msg` to `out` as one record sealed with `cipher` (see
+/// [`Sealer::seal`]); on error `out` is unchanged.
+fn seal_record(cipher: Cipher, msg: &Message, out: &mut RecordBuf) -> Result<(), ProtocolError> {
+    let RecordBuf { mem, len, head } = out;
+    head.clear();
+    let bulk = frame::encode_split(msg, head)?;
+    let data = bulk.as_deref().unwrap_or(&[]);
+    // `encode_split` caps a frame at HEADER_LEN + MAX_PAYLOAD, so this fits.
+    let record_len = head.len() + data.len() + TAG_LEN;
+    let record = RecordBuf::claim(mem, len, RECORD_LEN_BYTES + record_len);
+    let (aad, body) = record.split_at_mut(RECORD_LEN_BYTES);
+    aad.copy_from_slice(&(record_len as u32).to_le_bytes());
+    let (head_out, rest) = body.split_at_mut(head.len());
+    let (data_out, tag_out) = rest.split_at_mut(data.len());
+    let mut encryptor = cipher.encryptor(aad);
+    encryptor.update(head, head_out);
+    encryptor.update(data, data_out);
+    tag_out.copy_from_slice(&encryptor.finalize());
+    Ok(())
+}
+
+/// Seals records once for every connection they go out on.
+///
+/// A replicated write goes to each LAN peer. Sealed per connection, it cost
+/// the sender one pass over the data per peer; sealed here, it costs one
+/// pass in all, and every connection sends the same bytes. How it stays as
+/// safe as a connection's own records:
+///
+/// * the key is drawn at random when the sealer is made and travels to a
+///   peer inside that connection's own sealed records
+///   ([`Message::SharedKey`]), just before the first record under it that
+///   goes there, so only peers that were sent its records hold it. The
+///   user replaces the sealer (a new key) whenever the set of peers may
+///   have changed (vmsync: whenever a link comes up or goes down), so a
+///   peer that left, or a connection keyed from a secret since replaced,
+///   cannot read what follows;
+/// * record counters come from one atomic counter, so a nonce is never used
+///   twice under the key, whichever connections a record goes out on;
+/// * a connection sends a shared record only right after one of its own
+///   records that names its counter ([`Message::SharedNext`]): the peer
+///   opens it under exactly that counter, so a shared record cannot be
+///   replayed, dropped, reordered or moved to another connection without
+///   failing authentication (the connection's own record is bound to the
+///   connection and its place in it).
+pub struct SharedSealer {
+    key: Arc<SharedKey>,
+    /// The counter of the next shared record.
+    next: AtomicU64,
+    /// Memory of records every connection has sent, for the next ones: a
+    /// fresh buffer would have to be zero-filled before sealing into it (a
+    /// pass over the data, as costly as the sealing).
+    pool: Arc<RecordPool>,
+}
+
+/// A shared sealer's key, and an id that tells its records from another
+/// sealer's without exposing it.
+struct SharedKey {
+    key: [u8; 32],
+    id: u64,
+}
+
+/// Record memory for reuse: `Vec`s whose length is the memory they have
+/// initialised, at most [`RecordPool::MAX_BYTES`] in all.
+#[derive(Default)]
+struct RecordPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl RecordPool {
+    /// Memory kept for reuse, at most (a few 1 MiB writes in flight).
+    const MAX_BYTES: usize = 8 << 20;
+
+    fn take(&self) -> Vec<u8> {
+        self.lock().pop().unwrap_or_default()
+    }
+
+    fn put(&self, mem: Vec<u8>) {
+        let mut free = self.lock();
+        let kept: usize = free.iter().map(Vec::len).sum();
+        if kept + mem.len() <= Self::MAX_BYTES {
+            free.push(mem);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The memory behind a [`SharedRecord`]'s bytes: back to the pool when the
+/// last connection has sent them.
+struct PooledRecord {
+    mem: Vec<u8>,
+    /// Bytes of the record (the rest of `mem` is initialised, unused).
+    len: usize,
+    pool: Weak<RecordPool>,
+}
+
+impl AsRef<[u8]> for PooledRecord {
+    fn as_ref(&self) -> &[u8] {
+        &self.mem[..self.len]
+    }
+}
+
+impl Drop for PooledRecord {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.put(std::mem::take(&mut self.mem));
+        }
+    }
+}
+
+impl Default for SharedSealer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for SharedSealer {
+    /// Leaves the key out, so that logging cannot leak it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedSealer").finish_non_exhaustive()
+    }
+}
+
+impl SharedSealer {
+    /// A sealer with a fresh random key.
+    pub fn new() -> Self {
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        let hash = blake3::keyed_hash(&key, b"vmsync shared record key id");
+        let id = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+        Self {
+            key: Arc::new(SharedKey { key, id }),
+            next: AtomicU64::new(0),
+            pool: Arc::default(),
+        }
+    }
+
+    /// Seals `msg` into a record of its own, for any number of connections.
+    pub fn seal(&self, msg: &Message) -> Result<SharedRecord, ProtocolError> {
+        // Counters run up; one that fails to seal is simply never sent.
+        let counter = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut out = RecordBuf {
+            mem: self.pool.take(),
+            ..RecordBuf::default()
+        };
+        let sealed = seal_record(cipher(&self.key.key, counter)?, msg, &mut out);
+        let record = PooledRecord {
+            mem: out.mem,
+            len: out.len,
+            pool: Arc::downgrade(&self.pool),
+        };
+        sealed?;
+        Ok(SharedRecord {
+            key: Arc::clone(&self.key),
+            counter,
+            record: Bytes::from_owner(record),
+        })
+    }
+}
+
+/// One record sealed by a [`SharedSealer`]; cheap to clone (the bytes are
+/// shared).
+#[derive(Clone)]
+pub struct SharedRecord {
+    key: Arc<SharedKey>,
+    counter: u64,
+    record: Bytes,
+}
+
+impl fmt::Debug for SharedRecord {
+    /// Leaves the key out, so that logging cannot leak it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedRecord")
+            .field("counter", &self.counter)
+            .field("len", &self.record.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedRecord {
+    /// Tells the key this record was sealed under from other keys.
+    pub fn key_id(&self) -> u64 {
+        self.key.id
+    }
+
+    /// What a connection sends (sealed) before the first record under this
+    /// record's key.
+    pub fn announcement(&self) -> Message {
+        Message::SharedKey {
+            key: SecretKey(self.key.key),
+        }
+    }
+
+    /// The record's counter, for the connection's [`Message::SharedNext`].
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
+    /// The record as it goes on the wire.
+    pub fn bytes(&self) -> &Bytes {
+        &self.record
     }
 }
 
@@ -217,6 +428,10 @@ impl RecordBuf {
 /// Opens the records of one direction of a connection.
 pub struct Opener {
     state: Direction,
+    /// The peer's key for shared records, once announced (the newest).
+    shared_key: Option<[u8; 32]>,
+    /// The counter of the next record, if the peer announced it as shared.
+    shared_next: Option<u64>,
 }
 
 impl Opener {
@@ -231,40 +446,89 @@ impl Opener {
     ///   (tampered, injected, replayed, reordered, a plaintext frame, the
     ///   wrong key) or a malformed frame inside: close the connection.
     ///
+    /// The records of shared sealing ([`Message::SharedKey`],
+    /// [`Message::SharedNext`]) are consumed here, never returned: the
+    /// message a shared record holds is returned like any other.
+    ///
     /// Decryption happens in place in `buf`; decoded `Bytes` fields share
     /// its memory. Never panics and never reserves more than one record of
     /// [`RECORD_LEN_BYTES`]` + `[`MAX_RECORD_LEN`] bytes.
     pub fn open(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
-        let Some(raw_len) = buf.first_chunk::<RECORD_LEN_BYTES>() else {
-            return Ok(None);
-        };
-        let len = u32::from_le_bytes(*raw_len) as usize;
-        if !(MIN_RECORD_LEN..=MAX_RECORD_LEN).contains(&len) {
-            return Err(ProtocolError::BadRecordLength { len: len as u64 });
+        loop {
+            let msg = match self.shared_next {
+                Some(counter) => {
+                    let key = self.shared_key.as_ref().expect("checked at SharedNext");
+                    let Some(msg) = open_record(|| cipher(key, counter), buf)? else {
+                        return Ok(None);
+                    };
+                    self.shared_next = None;
+                    if matches!(msg, Message::SharedKey { .. } | Message::SharedNext { .. }) {
+                        return Err(ProtocolError::SharedRecordMisuse(
+                            "a shared record holds a link message",
+                        ));
+                    }
+                    return Ok(Some(msg));
+                }
+                None => {
+                    let Some(msg) = open_record(|| self.state.cipher(), buf)? else {
+                        return Ok(None);
+                    };
+                    self.state.next += 1;
+                    msg
+                }
+            };
+            match msg {
+                // The first key, or a new one (the sender replaced its
+                // sealer): records announced from now on are under it.
+                Message::SharedKey { key } => self.shared_key = Some(key.0),
+                Message::SharedNext { counter } => {
+                    if self.shared_key.is_none() {
+                        return Err(ProtocolError::SharedRecordMisuse(
+                            "SharedNext before SharedKey",
+                        ));
+                    }
+                    self.shared_next = Some(counter);
+                }
+                msg => return Ok(Some(msg)),
+            }
         }
-        let total = RECORD_LEN_BYTES + len;
-        if buf.len() < total {
-            buf.reserve(total - buf.len());
-            return Ok(None);
-        }
-        let cipher = self.state.cipher()?;
-        let mut body = buf.split_to(total);
-        let aad = body.split_to(RECORD_LEN_BYTES);
-        // Ciphertext and tag; the ciphertext is opened in place.
-        let tag: [u8; TAG_LEN] = body[len - TAG_LEN..]
-            .try_into()
-            .expect("the record length was checked to hold a tag");
-        body.truncate(len - TAG_LEN);
-        cipher
-            .decrypt_in_place(&mut body, &tag, &aad)
-            .map_err(|_| ProtocolError::Unauthenticated)?;
-        self.state.next += 1;
-        // Authentic, so written by the peer's encoder; still checked as
-        // strictly as any frame (one whole frame, nothing after it).
-        match frame::decode(&mut body)? {
-            Some(msg) if body.is_empty() => Ok(Some(msg)),
-            _ => Err(ProtocolError::RecordNotOneFrame),
-        }
+    }
+}
+
+/// Opens one record from the front of `buf` with the cipher `cipher` makes
+/// once the whole record is buffered (see [`Opener::open`]).
+fn open_record(
+    cipher: impl FnOnce() -> Result<Cipher, ProtocolError>,
+    buf: &mut BytesMut,
+) -> Result<Option<Message>, ProtocolError> {
+    let Some(raw_len) = buf.first_chunk::<RECORD_LEN_BYTES>() else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(*raw_len) as usize;
+    if !(MIN_RECORD_LEN..=MAX_RECORD_LEN).contains(&len) {
+        return Err(ProtocolError::BadRecordLength { len: len as u64 });
+    }
+    let total = RECORD_LEN_BYTES + len;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let cipher = cipher()?;
+    let mut body = buf.split_to(total);
+    let aad = body.split_to(RECORD_LEN_BYTES);
+    // Ciphertext and tag; the ciphertext is opened in place.
+    let tag: [u8; TAG_LEN] = body[len - TAG_LEN..]
+        .try_into()
+        .expect("the record length was checked to hold a tag");
+    body.truncate(len - TAG_LEN);
+    cipher
+        .decrypt_in_place(&mut body, &tag, &aad)
+        .map_err(|_| ProtocolError::Unauthenticated)?;
+    // Authentic, so written by the peer's encoder; still checked as
+    // strictly as any frame (one whole frame, nothing after it).
+    match frame::decode(&mut body)? {
+        Some(msg) if body.is_empty() => Ok(Some(msg)),
+        _ => Err(ProtocolError::RecordNotOneFrame),
     }
 }
 
@@ -524,6 +788,196 @@ mod tests {
         seal.seal_bytes(&msg, &mut out).unwrap();
         assert!(out.len() - RECORD_LEN_BYTES <= MAX_RECORD_LEN);
         assert_eq!(open.open(&mut out), Ok(Some(msg)));
+    }
+
+    /// One direction of a connection, for shared records.
+    struct Conn {
+        seal: Sealer,
+        open: Opener,
+        wire: BytesMut,
+        /// The id of the shared key last announced on it.
+        announced: Option<u64>,
+    }
+
+    impl Conn {
+        /// A connection with keys of its own (`k` tells them apart).
+        fn new(k: u8) -> Self {
+            let keys = SessionKeys {
+                send: [10 + k; 32],
+                recv: [20 + k; 32],
+            };
+            let (seal, _) = keys.split();
+            let (_, open) = SessionKeys {
+                send: keys.recv,
+                recv: keys.send,
+            }
+            .split();
+            Conn {
+                seal,
+                open,
+                wire: BytesMut::new(),
+                announced: None,
+            }
+        }
+
+        /// What `FrameWriter::queue_shared` sends for `record`: the key
+        /// when it is new here, its own `SharedNext`, the shared bytes.
+        fn send_shared(&mut self, record: &SharedRecord) {
+            if self.announced != Some(record.key_id()) {
+                self.send(&record.announcement());
+                self.announced = Some(record.key_id());
+            }
+            self.send(&Message::SharedNext {
+                counter: record.counter(),
+            });
+            self.wire.extend_from_slice(record.bytes());
+        }
+
+        fn send(&mut self, msg: &Message) {
+            self.seal.seal_bytes(msg, &mut self.wire).unwrap();
+        }
+
+        fn open_all(&mut self) -> Result<Vec<Message>, ProtocolError> {
+            let mut got = Vec::new();
+            while let Some(m) = self.open.open(&mut self.wire)? {
+                got.push(m);
+            }
+            assert!(self.wire.is_empty());
+            Ok(got)
+        }
+    }
+
+    #[test]
+    fn a_shared_record_opens_on_every_connection() {
+        let shared = SharedSealer::new();
+        let msgs = [write(1, 64 * 1024), write(2, 1 << 20)];
+        let records: Vec<SharedRecord> = msgs.iter().map(|m| shared.seal(m).unwrap()).collect();
+        for k in 0..2 {
+            let mut conn = Conn::new(k);
+            // Shared records between the connection's own.
+            conn.send(&Message::Ping);
+            conn.send_shared(&records[0]);
+            conn.send_shared(&records[1]);
+            conn.send(&Message::PingAck);
+            // Byte by byte: nothing opens early, and the link messages
+            // never come out.
+            let wire = std::mem::take(&mut conn.wire);
+            let mut got = Vec::new();
+            for &b in wire.iter() {
+                conn.wire.put_u8(b);
+                while let Some(m) = conn.open.open(&mut conn.wire).unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(
+                got,
+                [
+                    Message::Ping,
+                    msgs[0].clone(),
+                    msgs[1].clone(),
+                    Message::PingAck
+                ]
+            );
+        }
+    }
+
+    /// The sender replaces its sealer (a new key); the connection announces
+    /// the new key before the first record under it.
+    #[test]
+    fn a_new_shared_key_replaces_the_old_one() {
+        let (old, new) = (SharedSealer::new(), SharedSealer::new());
+        let msgs = [write(1, 100), write(2, 200), write(3, 300)];
+        let mut conn = Conn::new(0);
+        conn.send_shared(&old.seal(&msgs[0]).unwrap());
+        conn.send_shared(&new.seal(&msgs[1]).unwrap());
+        conn.send_shared(&new.seal(&msgs[2]).unwrap());
+        assert_eq!(conn.open_all().unwrap(), msgs);
+    }
+
+    /// A record's memory goes back to the sealer once sent, still holding
+    /// the old ciphertext: the next record sealed into it is whole.
+    #[test]
+    fn a_shared_record_sealed_into_reused_memory_opens() {
+        let shared = SharedSealer::new();
+        drop(shared.seal(&write(1, 1 << 20)).unwrap());
+        let msg = write(2, 20 * 1024);
+        let record = shared.seal(&msg).unwrap();
+        assert_eq!(shared.pool.lock().len(), 0, "the memory was reused");
+        assert_eq!(
+            record.bytes().len(),
+            RECORD_LEN_BYTES + HEADER_LEN + 37 + 20 * 1024 + TAG_LEN
+        );
+        let mut conn = Conn::new(0);
+        conn.send_shared(&record);
+        assert_eq!(conn.open_all().unwrap(), [msg]);
+        drop(record);
+        assert_eq!(shared.pool.lock().len(), 1, "back in the pool");
+    }
+
+    #[test]
+    fn shared_records_cannot_be_swapped_replayed_or_moved() {
+        let shared = SharedSealer::new();
+        let a = shared.seal(&write(1, 100)).unwrap();
+        let b = shared.seal(&write(2, 100)).unwrap();
+        // Announced as `a`, but `b` follows.
+        let mut conn = Conn::new(0);
+        conn.send(&a.announcement());
+        conn.send(&Message::SharedNext {
+            counter: a.counter(),
+        });
+        conn.wire.extend_from_slice(b.bytes());
+        assert_eq!(conn.open_all(), Err(ProtocolError::Unauthenticated));
+        // `a` again where the sender announced the next one (a replay).
+        let mut conn = Conn::new(1);
+        conn.send_shared(&a);
+        conn.send(&Message::SharedNext {
+            counter: b.counter(),
+        });
+        conn.wire.extend_from_slice(a.bytes());
+        assert_eq!(conn.open_all(), Err(ProtocolError::Unauthenticated));
+        // A shared record without its announcement is read as one of the
+        // connection's own, and fails.
+        let mut conn = Conn::new(0);
+        conn.wire.extend_from_slice(a.bytes());
+        assert_eq!(conn.open_all(), Err(ProtocolError::Unauthenticated));
+        // A record of a key the connection never announced.
+        let stranger = SharedSealer::new().seal(&write(3, 100)).unwrap();
+        let mut conn = Conn::new(0);
+        conn.send(&a.announcement());
+        conn.send(&Message::SharedNext {
+            counter: stranger.counter(),
+        });
+        conn.wire.extend_from_slice(stranger.bytes());
+        assert_eq!(conn.open_all(), Err(ProtocolError::Unauthenticated));
+    }
+
+    #[test]
+    fn shared_records_out_of_order_are_refused() {
+        let shared = SharedSealer::new();
+        // SharedNext before any SharedKey.
+        let mut conn = Conn::new(0);
+        conn.send(&Message::SharedNext { counter: 0 });
+        assert!(matches!(
+            conn.open_all(),
+            Err(ProtocolError::SharedRecordMisuse(_))
+        ));
+        // A shared record that holds a link message.
+        let mut conn = Conn::new(0);
+        conn.send_shared(&shared.seal(&Message::SharedNext { counter: 7 }).unwrap());
+        assert!(matches!(
+            conn.open_all(),
+            Err(ProtocolError::SharedRecordMisuse(_))
+        ));
+    }
+
+    /// Counters (nonces under the one key) are never reused.
+    #[test]
+    fn every_shared_record_has_a_counter_of_its_own() {
+        let shared = SharedSealer::new();
+        let counters: Vec<u64> = (0..5)
+            .map(|i| shared.seal(&write(i, 10)).unwrap().counter())
+            .collect();
+        assert_eq!(counters, [0, 1, 2, 3, 4]);
     }
 
     /// A record is the whole encoded frame encrypted in one piece, however

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use protocol::{
     decode, encode, Channel, DiskState, GenerationIds, Message, MessageType, ProtocolError, Role,
-    HEADER_LEN, MAGIC,
+    SecretKey, HEADER_LEN, MAGIC,
 };
 
 fn data() -> impl Strategy<Value = Bytes> {
@@ -279,6 +279,14 @@ fn message_of(ty: MessageType) -> BoxedStrategy<Message> {
                     data,
                 },
             )
+            .boxed(),
+        MessageType::SharedKey => any::<[u8; 32]>()
+            .prop_map(|key| Message::SharedKey {
+                key: SecretKey(key),
+            })
+            .boxed(),
+        MessageType::SharedNext => any::<u64>()
+            .prop_map(|counter| Message::SharedNext { counter })
             .boxed(),
     }
 }

@@ -4,6 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use protocol::{
     decode, encode_to_bytes, Channel, DiskState, GenerationIds, Message, MessageType, Role,
+    SecretKey,
 };
 
 /// One hand-written instance of each message type. The match is exhaustive,
@@ -174,6 +175,10 @@ fn sample(ty: MessageType) -> Message {
             encoding: 0,
             data,
         },
+        MessageType::SharedKey => Message::SharedKey {
+            key: SecretKey([0x3c; 32]),
+        },
+        MessageType::SharedNext => Message::SharedNext { counter: 1 << 40 },
     }
 }
 
@@ -334,4 +339,15 @@ fn debug_output_is_readable_and_short() {
         format!("{:?}", Message::AuthResponse { mac: [0xab; 32] }),
         format!("AuthResponse {{ mac: {} }}", "ab".repeat(32))
     );
+}
+
+#[test]
+fn debug_output_never_shows_a_key() {
+    let shown = format!(
+        "{:?}",
+        Message::SharedKey {
+            key: SecretKey([0xab; 32])
+        }
+    );
+    assert_eq!(shown, "SharedKey { key: <key> }");
 }

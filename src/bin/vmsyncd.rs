@@ -55,6 +55,12 @@ fn main() -> ExitCode {
         );
         protocol::net::disable_link_protection_for_benchmarks();
     }
+    if std::env::var_os("VMSYNC_BENCH_UNSHARED_RECORDS").is_some_and(|v| v == "1") {
+        // For `benches/links.rs` only: the baseline of sealing a write
+        // once for every peer (each connection seals its own instead).
+        tracing::warn!("VMSYNC_BENCH_UNSHARED_RECORDS=1: each link seals its own records (benchmark baseline only)");
+        vmsync::replication::disable_shared_records_for_benchmarks();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -117,6 +117,12 @@ pub fn register(registry: &mut Registry, status: &Status) {
             peer.replicated_bytes,
         );
         add.counter(
+            "vmsync_peer_shared_record_bytes",
+            "Bytes sent to the peer in records sealed once for every peer",
+            who(),
+            peer.shared_record_bytes,
+        );
+        add.counter(
             "vmsync_peer_resynced_bytes",
             "Bytes resent to the peer by resync",
             who(),

@@ -283,10 +283,13 @@ async fn maintain(
         match link {
             Ok(link) => {
                 tracing::info!("link up");
+                // Who may read shared records changes with the links.
+                repl.replace_shared_sealer();
                 peer.set_last_error(None);
                 let started = tokio::time::Instant::now();
                 let result = run_session(&repl, &peer, link).await;
                 peer.disconnected();
+                repl.replace_shared_sealer();
                 // The folded-in bits may lie in extents the activity log no
                 // longer covers: persist them now, or a crash would lose them.
                 if let Err(e) = repl.metadata.flush_bitmaps() {

@@ -34,11 +34,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use blockdev::lazy::LazyDevice;
 use blockdev::meta::{ActivityLog, AlGuard, Metadata};
 use blockdev::{BackingStore, BlockDevice};
 use bytes::Bytes;
-use protocol::{DiskState, GenerationIds, Message, Role};
+use protocol::{DiskState, GenerationIds, Message, Role, SharedRecord, SharedSealer};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Config, Protocol};
@@ -119,6 +120,26 @@ pub struct Replication {
     pub events: Arc<EventBus>,
     /// Starts link tasks for peers added while running (set by `start`).
     link_starter: std::sync::OnceLock<link::LinkStarter>,
+    /// Seals writes once for every LAN peer (see `seal_shared`). Replaced
+    /// (a new key) whenever a link comes up or goes down: a key reaches
+    /// only the peers linked while it is in use.
+    shared_sealer: ArcSwap<SharedSealer>,
+}
+
+/// Writes smaller than this are sealed per connection: a shared record is a
+/// buffer of its own, which costs more than sealing a few KiB twice.
+const SHARED_SEAL_MIN: usize = 16 * 1024;
+
+/// Whether writes may be sealed once for every peer; see
+/// [`disable_shared_records_for_benchmarks`]. Process-wide.
+static SHARE_RECORDS: AtomicBool = AtomicBool::new(true);
+
+/// Makes every link seal its own records, as before shared records: only
+/// for measuring what sharing saves (`benches/links.rs`, through
+/// `VMSYNC_BENCH_UNSHARED_RECORDS` in `vmsyncd`). Peers need not agree:
+/// the receiving side takes both.
+pub fn disable_shared_records_for_benchmarks() {
+    SHARE_RECORDS.store(false, Ordering::Relaxed);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +222,7 @@ impl Replication {
             guest_io: wan::GuestActivity::default(),
             events,
             link_starter: std::sync::OnceLock::new(),
+            shared_sealer: ArcSwap::from_pointee(SharedSealer::new()),
         });
         // Detach on the first I/O error, as DRBD's `on-io-error detach`.
         let weak = Arc::downgrade(&repl);
@@ -809,6 +831,8 @@ impl Replication {
                 }
             }
             let (epoch, seq) = epochs.assign();
+            let message = make(term, epoch, seq);
+            let shared = self.seal_shared(&message, &peers);
             for peer in peers.iter() {
                 if !peer.is_lan {
                     // WAN peers are not mirrored: their bits are set and
@@ -819,7 +843,8 @@ impl Replication {
                 if let Some(ack) = peer.mirror(
                     epoch,
                     seq,
-                    make(term, epoch, seq),
+                    message.clone(),
+                    shared.clone(),
                     (offset, len),
                     want_ack,
                     congestion,
@@ -855,6 +880,36 @@ impl Replication {
         // must not be acknowledged in the generation that peer holds.
         self.fork_generation_if_pending()?;
         Ok(())
+    }
+
+    /// Seals a large write once for all the LAN peers it goes to, when
+    /// there are two or more (see `protocol::SharedSealer`): each peer's
+    /// connection then sends the same record, where each would have sealed
+    /// its own (a pass over the data per peer). With one peer its
+    /// connection's own sealing costs the same, and runs outside the epoch
+    /// lock this is called under.
+    fn seal_shared(&self, message: &Message, peers: &[Arc<PeerReplica>]) -> Option<SharedRecord> {
+        let Message::Write { data, .. } = message else {
+            return None;
+        };
+        if data.len() < SHARED_SEAL_MIN || !SHARE_RECORDS.load(Ordering::Relaxed) {
+            return None;
+        }
+        let receivers = peers
+            .iter()
+            .filter(|p| p.is_lan && p.mode().mirrors())
+            .count();
+        if receivers < 2 {
+            return None;
+        }
+        // A write that cannot be sealed fails the same way on each link.
+        self.shared_sealer.load().seal(message).ok()
+    }
+
+    /// A new key for shared records, from the next write on (see
+    /// `shared_sealer`).
+    pub(crate) fn replace_shared_sealer(&self) {
+        self.shared_sealer.store(Arc::new(SharedSealer::new()));
     }
 
     async fn replicated_flush(self: Arc<Self>) -> io::Result<()> {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use blockdev::meta::Bitmap;
-use protocol::{Message, Role};
+use protocol::{Message, Role, SharedRecord};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::Peer;
@@ -74,6 +74,9 @@ impl PeerMode {
 /// A message on its way to the peer's data connection.
 pub struct Outgoing {
     pub message: Message,
+    /// The message sealed once for every peer (see `SharedSealer`), when
+    /// it was.
+    pub shared: Option<SharedRecord>,
     /// Payload bytes, for congestion accounting.
     pub bytes: u64,
 }
@@ -108,6 +111,8 @@ pub struct PeerStats {
     pub resync_bytes: AtomicU64,
     /// Guest write bytes queued to the peer as they happened (mirrored).
     pub mirrored_bytes: AtomicU64,
+    /// Bytes sent to the peer in records sealed once for every peer.
+    pub shared_record_bytes: AtomicU64,
     /// Bytes sent by the current resync run, and when it started.
     pub run_bytes: AtomicU64,
     pub run_started: Mutex<Option<Instant>>,
@@ -373,24 +378,38 @@ impl PeerReplica {
         self.drained.notify_waiters();
     }
 
-    fn send(&self, inner: &Inner, message: Message, bytes: u64) -> bool {
+    fn send(
+        &self,
+        inner: &Inner,
+        message: Message,
+        shared: Option<SharedRecord>,
+        bytes: u64,
+    ) -> bool {
         match &inner.tx {
             Some(tx) => {
                 self.queued.fetch_add(bytes, Ordering::AcqRel);
-                tx.send(Outgoing { message, bytes }).is_ok()
+                tx.send(Outgoing {
+                    message,
+                    shared,
+                    bytes,
+                })
+                .is_ok()
             }
             None => false,
         }
     }
 
     /// Mirrors one write (called with the epoch lock held, so messages are
-    /// queued in epoch order). Returns an ack receiver when `want_ack`.
-    /// When the peer cannot take the write, its range goes into the bitmap.
+    /// queued in epoch order), with `shared` if it was sealed once for
+    /// every peer. Returns an ack receiver when `want_ack`. When the peer
+    /// cannot take the write, its range goes into the bitmap.
+    #[allow(clippy::too_many_arguments)]
     pub fn mirror(
         &self,
         epoch: u64,
         seq: u64,
         message: Message,
+        shared: Option<SharedRecord>,
         range: (u64, u64),
         want_ack: bool,
         congestion_limit: u64,
@@ -410,7 +429,7 @@ impl PeerReplica {
             Message::Write { data, .. } => data.len() as u64,
             _ => 0,
         };
-        if !inner.mode.mirrors() || !self.send(&inner, message, payload) {
+        if !inner.mode.mirrors() || !self.send(&inner, message, shared, payload) {
             self.mark_stale(&mut inner, range);
             return None;
         }
@@ -456,7 +475,7 @@ impl PeerReplica {
             _ => len,
         };
         let mut inner = self.lock();
-        if inner.mode != PeerMode::Resyncing || !self.send(&inner, message, queued) {
+        if inner.mode != PeerMode::Resyncing || !self.send(&inner, message, None, queued) {
             return false;
         }
         let record = inner.unacked.entry(epoch).or_default();
@@ -490,7 +509,7 @@ impl PeerReplica {
                 return None;
             }
         }
-        if !self.send(&inner, Message::Barrier { term, epoch }, 0) {
+        if !self.send(&inner, Message::Barrier { term, epoch }, None, 0) {
             return None;
         }
         inner.unacked.entry(epoch).or_default();
@@ -748,7 +767,7 @@ mod tests {
         assert!(p.barrier_acked(u64::MAX, 1 << 20).is_ok());
         assert!(p.barrier(1, 7, false).is_none());
         let write = Message::Barrier { term: 1, epoch: 8 };
-        p.mirror(8, 1, write, (0, 4096), false, 1 << 20);
+        p.mirror(8, 1, write, None, (0, 4096), false, 1 << 20);
         for bogus in [9, u64::MAX] {
             let err = p.barrier_acked(bogus, 1 << 20).unwrap_err();
             assert!(err.contains("newest epoch sent is 8"), "{err}");
@@ -796,7 +815,7 @@ mod tests {
         // Its writes go to the bitmap meanwhile.
         let write = Message::Barrier { term: 1, epoch: 0 };
         assert!(p
-            .mirror(next + 1, 9, write, (8192, 4096), false, 1 << 20)
+            .mirror(next + 1, 9, write, None, (8192, 4096), false, 1 << 20)
             .is_none());
         assert_eq!(p.bitmap.count_ones(), 1);
         p.disconnected();

@@ -281,14 +281,14 @@ async fn send_data(
 ) -> Result<(), LinkError> {
     while let Some(first) = rx.recv().await {
         let mut bytes = first.bytes;
-        writer.queue(&first.message)?;
-        bytes += queue_ready(&mut rx, &mut writer)?;
+        queue_one(&peer, &mut writer, &first)?;
+        bytes += queue_ready(&peer, &mut rx, &mut writer)?;
         // Each socket write costs a system call and, on the receiving side,
         // a wake-up: let the writes submitted concurrently with this one
         // join it (one pass of the scheduler) before sending.
         if writer.buffered() < SEND_BATCH {
             tokio::task::yield_now().await;
-            bytes += queue_ready(&mut rx, &mut writer)?;
+            bytes += queue_ready(&peer, &mut rx, &mut writer)?;
         }
         writer.flush().await?;
         peer.queued.fetch_sub(
@@ -303,6 +303,7 @@ async fn send_data(
 /// Queues what is already waiting in `rx`, up to [`SEND_BATCH`] bytes in
 /// the writer; returns the payload bytes queued.
 fn queue_ready(
+    peer: &PeerReplica,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
     writer: &mut FrameWriter,
 ) -> Result<u64, LinkError> {
@@ -310,9 +311,24 @@ fn queue_ready(
     while writer.buffered() < SEND_BATCH {
         let Ok(next) = rx.try_recv() else { break };
         bytes += next.bytes;
-        writer.queue(&next.message)?;
+        queue_one(peer, writer, &next)?;
     }
     Ok(bytes)
+}
+
+/// Queues one message: the record sealed once for every peer if it has
+/// one, else sealed by this link.
+fn queue_one(
+    peer: &PeerReplica,
+    writer: &mut FrameWriter,
+    out: &Outgoing,
+) -> Result<(), LinkError> {
+    if writer.queue_shared(&out.message, out.shared.as_ref())? {
+        peer.stats
+            .shared_record_bytes
+            .fetch_add(out.bytes, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Resends stale blocks whenever the peer is in `Resyncing` mode.

@@ -61,9 +61,19 @@ impl Daemon {
     /// Like [`Daemon::start`], inside network namespace `netns` (through
     /// `ip netns exec`, which execs the daemon: the child is the daemon).
     pub fn start_in_netns(node: &NodeFiles, netns: &str) -> Daemon {
+        Daemon::start_in_netns_with_env(node, netns, &[])
+    }
+
+    /// [`Daemon::start_in_netns`] with environment variables set (`None`:
+    /// removed).
+    pub fn start_in_netns_with_env(
+        node: &NodeFiles,
+        netns: &str,
+        env: &[(&str, Option<&str>)],
+    ) -> Daemon {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", netns, VMSYNCD]);
-        Daemon::spawn(node, command, None, &[], &[])
+        Daemon::spawn(node, command, None, &[], env)
     }
 
     fn spawn(
