@@ -22,9 +22,33 @@ fn rejections(log: &Path) -> usize {
 
 #[test]
 fn tampered_records_are_rejected_and_the_link_recovers_with_identical_replicas() {
+    tamper_and_recover(2, 4096);
+}
+
+/// With two peers, writes of 16 KiB and more travel as records sealed once
+/// for both (the same bytes on each link): attacks on such records on node
+/// 2's link fail the same way (the first, a flipped byte, lands in one
+/// before any resync can send large records of the link's own).
+#[test]
+fn tampered_shared_records_are_rejected_and_the_link_recovers_with_identical_replicas() {
+    let cluster = tamper_and_recover(3, 64 * 1024);
+    let log2 = &cluster.dir.node(2).log;
+    let shared = support::rawpeer::log_lines_with(log2, "(a shared record)");
+    assert!(!shared.is_empty(), "no shared record was refused");
+    let status = cluster.status(1);
+    let n2 = &status["peers"][0];
+    assert_eq!(n2["name"], "n2");
+    assert!(n2["shared_record_bytes"].as_u64().unwrap() > 0, "{n2}");
+}
+
+/// Runs every attack on the first record of at least `min_record` bytes
+/// from node 1 to node 2 (through the proxy) of a `nodes`-node cluster,
+/// writing until it is carried out; checks that node 2 refused it, that
+/// the link came back and that the replicas end up identical.
+fn tamper_and_recover(nodes: u32, min_record: usize) -> support::Cluster {
     let rt = runtime();
     let spec = ClusterSpec {
-        nodes: 2,
+        nodes,
         protocol: "C",
         ..ClusterSpec::default()
     };
@@ -45,7 +69,7 @@ fn tampered_records_are_rejected_and_the_link_recovers_with_identical_replicas()
     for (done, what) in attacks.into_iter().enumerate() {
         let before = rejections(&log2);
         // Records of at least a block: writes on the data connection.
-        proxy.tamper(what, 4096);
+        proxy.tamper(what, min_record);
         let deadline = Instant::now() + Duration::from_secs(30);
         while proxy.tampered() <= done as u64 {
             assert!(Instant::now() < deadline, "{what:?}: never carried out");
@@ -74,6 +98,8 @@ fn tampered_records_are_rejected_and_the_link_recovers_with_identical_replicas()
     let result = cluster.wait_identical(Some(model.blake3()));
     assert!(result.is_ok(), "replicas differ: {result:?}");
     assert_eq!(proxy.tampered(), attacks.len() as u64);
+    drop(c1);
+    cluster
 }
 
 const VMSYNCCTL: &str = env!("CARGO_BIN_EXE_vmsyncctl");

@@ -85,6 +85,14 @@ pub enum ProtocolError {
     #[error("protected record failed authentication: tampered, injected, replayed or reordered")]
     Unauthenticated,
 
+    /// A shared record (see [`crate::SharedSealer`]) failed authentication
+    /// where the connection announced one: tampered, injected, replayed,
+    /// reordered, or another record in its place.
+    #[error(
+        "protected record failed authentication (a shared record): tampered, injected, replayed or reordered"
+    )]
+    SharedUnauthenticated,
+
     /// A direction of the connection has used every record counter value;
     /// going on would reuse a nonce.
     #[error("record counter exhausted: the connection must be re-established")]
@@ -95,8 +103,8 @@ pub enum ProtocolError {
     RecordNotOneFrame,
 
     /// Shared records used out of order: a `SharedNext` before the sender's
-    /// `SharedKey`, a second `SharedKey`, or a shared record that announces
-    /// another.
+    /// `SharedKey`, or a shared record that holds `SharedKey` or
+    /// `SharedNext` itself.
     #[error("shared record out of order: {0}")]
     SharedRecordMisuse(&'static str),
 }

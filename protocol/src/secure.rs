@@ -458,7 +458,11 @@ impl Opener {
             let msg = match self.shared_next {
                 Some(counter) => {
                     let key = self.shared_key.as_ref().expect("checked at SharedNext");
-                    let Some(msg) = open_record(|| cipher(key, counter), buf)? else {
+                    let opened = open_record(|| cipher(key, counter), buf).map_err(|e| match e {
+                        ProtocolError::Unauthenticated => ProtocolError::SharedUnauthenticated,
+                        e => e,
+                    });
+                    let Some(msg) = opened? else {
                         return Ok(None);
                     };
                     self.shared_next = None;
@@ -926,7 +930,7 @@ mod tests {
             counter: a.counter(),
         });
         conn.wire.extend_from_slice(b.bytes());
-        assert_eq!(conn.open_all(), Err(ProtocolError::Unauthenticated));
+        assert_eq!(conn.open_all(), Err(ProtocolError::SharedUnauthenticated));
         // `a` again where the sender announced the next one (a replay).
         let mut conn = Conn::new(1);
         conn.send_shared(&a);
@@ -934,7 +938,7 @@ mod tests {
             counter: b.counter(),
         });
         conn.wire.extend_from_slice(a.bytes());
-        assert_eq!(conn.open_all(), Err(ProtocolError::Unauthenticated));
+        assert_eq!(conn.open_all(), Err(ProtocolError::SharedUnauthenticated));
         // A shared record without its announcement is read as one of the
         // connection's own, and fails.
         let mut conn = Conn::new(0);
@@ -948,7 +952,7 @@ mod tests {
             counter: stranger.counter(),
         });
         conn.wire.extend_from_slice(stranger.bytes());
-        assert_eq!(conn.open_all(), Err(ProtocolError::Unauthenticated));
+        assert_eq!(conn.open_all(), Err(ProtocolError::SharedUnauthenticated));
     }
 
     #[test]
