@@ -103,8 +103,8 @@ fn main() {
     }
     print_cpu_per_peer(&rows);
     println!();
-    println!("| link | peers | workload | MB/s | link payload MB/s | ratio | bytes on the peer's link per byte written | primary CPU µs/op | primary idle CPU % | CPU µs/op net of idle |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| config | link | peers | workload | MB/s | link payload MB/s | ratio | bytes on the peer's link per byte written | primary CPU µs/op | primary idle CPU % | CPU µs/op net of idle |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!("{}", r.markdown());
     }
@@ -192,7 +192,8 @@ impl Row {
             .map(|w| format!("{w:.3}"))
             .collect();
         format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {} | {:.0} | {:.1} | {:.0} |",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {} | {:.0} | {:.1} | {:.0} |",
+            self.config,
             self.rate,
             self.peers,
             self.workload,

@@ -91,6 +91,11 @@ rm "$M/file3"
 sums_of "$M" > "$W/sums" || fail "sha256sum failed"
 must sync
 must umount "$M"
+# Writes of 16 KiB and more went to both peers as one record sealed once.
+js=$(status_json "$W/n1.toml") || fail "no status from n1"
+shared=$(echo "$js" | grep -o '"shared_record_bytes": *[0-9]*' | grep -vc ': *0$' || true)
+[ "$shared" = 2 ] || fail "not both peers got shared records: $js"
+log "both peers got writes as shared records"
 
 log "+ vmsyncctl demote (n1)"
 out=$("$VMSYNCCTL" --config "$W/n1.toml" demote 2>&1) || fail "demote failed: $out"
