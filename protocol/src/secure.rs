@@ -310,8 +310,12 @@ impl SharedSealer {
 
     /// Seals `msg` into a record of its own, for any number of connections.
     pub fn seal(&self, msg: &Message) -> Result<SharedRecord, ProtocolError> {
-        // Counters run up; one that fails to seal is simply never sent.
-        let counter = self.next.fetch_add(1, Ordering::Relaxed);
+        // Counters run up and never wrap (that would reuse a nonce); one
+        // that fails to seal is simply never sent.
+        let counter = self
+            .next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1))
+            .map_err(|_| ProtocolError::CounterExhausted)?;
         let mut out = RecordBuf {
             mem: self.pool.take(),
             ..RecordBuf::default()
@@ -974,7 +978,8 @@ mod tests {
         ));
     }
 
-    /// Counters (nonces under the one key) are never reused.
+    /// Counters (nonces under the one key) are never reused, not even
+    /// past the last one.
     #[test]
     fn every_shared_record_has_a_counter_of_its_own() {
         let shared = SharedSealer::new();
@@ -982,6 +987,14 @@ mod tests {
             .map(|i| shared.seal(&write(i, 10)).unwrap().counter())
             .collect();
         assert_eq!(counters, [0, 1, 2, 3, 4]);
+        shared.next.store(u64::MAX - 1, Ordering::Relaxed);
+        assert_eq!(shared.seal(&Message::Ping).unwrap().counter(), u64::MAX - 1);
+        for _ in 0..2 {
+            assert_eq!(
+                shared.seal(&Message::Ping).unwrap_err(),
+                ProtocolError::CounterExhausted
+            );
+        }
     }
 
     /// A record is the whole encoded frame encrypted in one piece, however
