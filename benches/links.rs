@@ -57,6 +57,12 @@ const SEQ_1M: Workload = Workload {
     qd: 4,
     random: false,
 };
+/// Environment variables the daemons of a configuration start with.
+type DaemonEnv = &'static [(&'static str, Option<&'static str>)];
+
+/// Each link seals its own records: the baseline of sealing once.
+const UNSHARED: DaemonEnv = &[("VMSYNC_BENCH_UNSHARED_RECORDS", Some("1"))];
+
 const RAND_4K: Workload = Workload {
     name: "4K rand QD32",
     block: 4 * KIB,
@@ -71,32 +77,33 @@ fn main() {
         .collect();
     let secs = env_u64("VMSYNC_BENCH_SECS", 5);
     let warmup = env_u64("VMSYNC_BENCH_WARMUP_SECS", 1);
-    let configs: [(&str, &str, usize, &[Workload]); 7] = [
+    // (name, link rate, peers, workloads, the daemons' environment)
+    let configs: [(&str, &str, usize, &[Workload], DaemonEnv); 7] = [
         // No peer: the primary's own CPU per request, the base of "CPU per
         // extra peer" (issue 10, target 3).
-        ("local", "-", 0, &[SEQ_1M, RAND_4K]),
+        ("local", "-", 0, &[SEQ_1M, RAND_4K], &[]),
         // No peer, requests paced to what a 1 Gbit/s link lets through: the
         // same work per request as "local", at the replicated runs' rate
         // (at 119 requests a second every request wakes the daemon's
         // threads, where 4000 a second batch), to tell what a peer costs
         // from what running slowly costs.
-        ("local-paced-1gbit", "1gbit", 0, &[SEQ_1M]),
-        ("1gbit-1p", "1gbit", 1, &[SEQ_1M]),
-        ("1gbit-2p", "1gbit", 2, &[SEQ_1M]),
+        ("local-paced-1gbit", "1gbit", 0, &[SEQ_1M], &[]),
+        ("1gbit-1p", "1gbit", 1, &[SEQ_1M], &[]),
+        ("1gbit-2p", "1gbit", 2, &[SEQ_1M], &[]),
         // The same with each link sealing its own records (the daemons run
         // with VMSYNC_BENCH_UNSHARED_RECORDS=1): the baseline of sealing a
         // write once for both peers.
-        ("1gbit-2p-unshared", "1gbit", 2, &[SEQ_1M]),
-        ("100mbit-1p", "100mbit", 1, &[SEQ_1M, RAND_4K]),
-        ("100mbit-2p", "100mbit", 2, &[SEQ_1M]),
+        ("1gbit-2p-unshared", "1gbit", 2, &[SEQ_1M], UNSHARED),
+        ("100mbit-1p", "100mbit", 1, &[SEQ_1M, RAND_4K], &[]),
+        ("100mbit-2p", "100mbit", 2, &[SEQ_1M], &[]),
     ];
     let mut rows = Vec::new();
-    for (name, rate, peers, workloads) in configs {
+    for (name, rate, peers, workloads, env) in configs {
         if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
         for &w in workloads {
-            let row = run(name, rate, peers, w, secs, warmup);
+            let row = run((name, rate, peers, env), w, secs, warmup);
             println!("{row}");
             rows.push(row);
         }
@@ -235,9 +242,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 /// One cluster: node 1 in the hub, node k+2 on spoke k.
 fn run(
-    config: &'static str,
-    rate: &'static str,
-    peers: usize,
+    (config, rate, peers, env): (&'static str, &'static str, usize, DaemonEnv),
     w: Workload,
     secs: u64,
     warmup: u64,
@@ -246,11 +251,6 @@ fn run(
         return run_local(config, rate, w, secs, warmup);
     }
     let star = Star::create(peers, rate);
-    let env: &[(&str, Option<&str>)] = if config.ends_with("-unshared") {
-        &[("VMSYNC_BENCH_UNSHARED_RECORDS", Some("1"))]
-    } else {
-        &[]
-    };
     let mut dir = TestDir::with_spec(ClusterSpec {
         nodes: peers as u32 + 1,
         protocol: "C",

@@ -47,7 +47,7 @@ use crate::events::{props, EventBus, EventKind, Object};
 use epochs::{EpochCounter, RangeLock};
 pub use handover::Inherited;
 pub use link::IncomingConnections;
-use peer::PeerReplica;
+use peer::{Outgoing, PeerReplica};
 use peer_set::PeerSet;
 use serde_json::json;
 pub use verify::PeerVerify;
@@ -843,8 +843,7 @@ impl Replication {
                 if let Some(ack) = peer.mirror(
                     epoch,
                     seq,
-                    message.clone(),
-                    shared.clone(),
+                    Outgoing::mirrored(message.clone(), shared.clone()),
                     (offset, len),
                     want_ack,
                     congestion,

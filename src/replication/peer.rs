@@ -81,6 +81,22 @@ pub struct Outgoing {
     pub bytes: u64,
 }
 
+impl Outgoing {
+    /// A mirrored request (with `shared` if it was sealed once for every
+    /// peer): a write's data counts against the send queue.
+    pub fn mirrored(message: Message, shared: Option<SharedRecord>) -> Self {
+        let bytes = match &message {
+            Message::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        Self {
+            message,
+            shared,
+            bytes,
+        }
+    }
+}
+
 /// What one epoch sent to this peer.
 #[derive(Default)]
 struct EpochRecord {
@@ -378,38 +394,24 @@ impl PeerReplica {
         self.drained.notify_waiters();
     }
 
-    fn send(
-        &self,
-        inner: &Inner,
-        message: Message,
-        shared: Option<SharedRecord>,
-        bytes: u64,
-    ) -> bool {
+    fn send(&self, inner: &Inner, out: Outgoing) -> bool {
         match &inner.tx {
             Some(tx) => {
-                self.queued.fetch_add(bytes, Ordering::AcqRel);
-                tx.send(Outgoing {
-                    message,
-                    shared,
-                    bytes,
-                })
-                .is_ok()
+                self.queued.fetch_add(out.bytes, Ordering::AcqRel);
+                tx.send(out).is_ok()
             }
             None => false,
         }
     }
 
     /// Mirrors one write (called with the epoch lock held, so messages are
-    /// queued in epoch order), with `shared` if it was sealed once for
-    /// every peer. Returns an ack receiver when `want_ack`. When the peer
-    /// cannot take the write, its range goes into the bitmap.
-    #[allow(clippy::too_many_arguments)]
+    /// queued in epoch order). Returns an ack receiver when `want_ack`.
+    /// When the peer cannot take the write, its range goes into the bitmap.
     pub fn mirror(
         &self,
         epoch: u64,
         seq: u64,
-        message: Message,
-        shared: Option<SharedRecord>,
+        out: Outgoing,
         range: (u64, u64),
         want_ack: bool,
         congestion_limit: u64,
@@ -425,11 +427,8 @@ impl PeerReplica {
             inner.behind_until_acked = inner.unacked.keys().next_back().copied();
             self.fork_pending.store(true, Ordering::Release);
         }
-        let payload = match &message {
-            Message::Write { data, .. } => data.len() as u64,
-            _ => 0,
-        };
-        if !inner.mode.mirrors() || !self.send(&inner, message, shared, payload) {
+        let payload = out.bytes;
+        if !inner.mode.mirrors() || !self.send(&inner, out) {
             self.mark_stale(&mut inner, range);
             return None;
         }
@@ -475,7 +474,16 @@ impl PeerReplica {
             _ => len,
         };
         let mut inner = self.lock();
-        if inner.mode != PeerMode::Resyncing || !self.send(&inner, message, None, queued) {
+        if inner.mode != PeerMode::Resyncing
+            || !self.send(
+                &inner,
+                Outgoing {
+                    message,
+                    shared: None,
+                    bytes: queued,
+                },
+            )
+        {
             return false;
         }
         let record = inner.unacked.entry(epoch).or_default();
@@ -509,7 +517,12 @@ impl PeerReplica {
                 return None;
             }
         }
-        if !self.send(&inner, Message::Barrier { term, epoch }, None, 0) {
+        let barrier = Outgoing {
+            message: Message::Barrier { term, epoch },
+            shared: None,
+            bytes: 0,
+        };
+        if !self.send(&inner, barrier) {
             return None;
         }
         inner.unacked.entry(epoch).or_default();
@@ -767,7 +780,14 @@ mod tests {
         assert!(p.barrier_acked(u64::MAX, 1 << 20).is_ok());
         assert!(p.barrier(1, 7, false).is_none());
         let write = Message::Barrier { term: 1, epoch: 8 };
-        p.mirror(8, 1, write, None, (0, 4096), false, 1 << 20);
+        p.mirror(
+            8,
+            1,
+            Outgoing::mirrored(write, None),
+            (0, 4096),
+            false,
+            1 << 20,
+        );
         for bogus in [9, u64::MAX] {
             let err = p.barrier_acked(bogus, 1 << 20).unwrap_err();
             assert!(err.contains("newest epoch sent is 8"), "{err}");
@@ -815,7 +835,14 @@ mod tests {
         // Its writes go to the bitmap meanwhile.
         let write = Message::Barrier { term: 1, epoch: 0 };
         assert!(p
-            .mirror(next + 1, 9, write, None, (8192, 4096), false, 1 << 20)
+            .mirror(
+                next + 1,
+                9,
+                Outgoing::mirrored(write, None),
+                (8192, 4096),
+                false,
+                1 << 20
+            )
             .is_none());
         assert_eq!(p.bitmap.count_ones(), 1);
         p.disconnected();

@@ -249,11 +249,12 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
             return;
         }
     };
-    let registrations: Vec<_> = match zero_copy {
-        true => (0..dev.dev_info.queue_depth)
+    let registrations: Vec<_> = if zero_copy {
+        (0..dev.dev_info.queue_depth)
             .map(super::zero_copy::registration)
-            .collect(),
-        false => Vec::new(),
+            .collect()
+    } else {
+        Vec::new()
     };
     let fetch = if zero_copy {
         BufDescList::AutoRegs(&registrations)
