@@ -57,11 +57,47 @@ const SEQ_1M: Workload = Workload {
     qd: 4,
     random: false,
 };
-/// Environment variables the daemons of a configuration start with.
-type DaemonEnv = &'static [(&'static str, Option<&'static str>)];
+/// How a configuration's daemons and links are set up.
+#[derive(Clone, Copy)]
+struct Setup {
+    /// Environment variables the daemons start with.
+    env: &'static [(&'static str, Option<&'static str>)],
+    /// `replication.zero_copy_send`.
+    zero_copy: &'static str,
+    /// Each link's receive side in NAPI threads of its own
+    /// ([`Star::receive_in_napi_threads`]): as on separate machines, the
+    /// peers' TCP receive work is not charged to the primary.
+    napi_threads: bool,
+}
+
+const DEFAULTS: Setup = Setup {
+    env: &[],
+    zero_copy: "auto",
+    napi_threads: false,
+};
 
 /// Each link seals its own records: the baseline of sealing once.
-const UNSHARED: DaemonEnv = &[("VMSYNC_BENCH_UNSHARED_RECORDS", Some("1"))];
+const UNSHARED: Setup = Setup {
+    env: &[("VMSYNC_BENCH_UNSHARED_RECORDS", Some("1"))],
+    ..DEFAULTS
+};
+
+/// Receive in NAPI threads, every send copied: the baseline of zero-copy.
+const NAPI_COPY: Setup = Setup {
+    zero_copy: "off",
+    napi_threads: true,
+    ..DEFAULTS
+};
+
+/// Receive in NAPI threads, large sends zero-copy even though a veth
+/// copies them at delivery (into the peer's namespace, in its NAPI
+/// thread): what the primary would spend with a NIC that sends from our
+/// pages.
+const NAPI_ZERO_COPY: Setup = Setup {
+    zero_copy: "on",
+    napi_threads: true,
+    ..DEFAULTS
+};
 
 const RAND_4K: Workload = Workload {
     name: "4K rand QD32",
@@ -77,33 +113,51 @@ fn main() {
         .collect();
     let secs = env_u64("VMSYNC_BENCH_SECS", 5);
     let warmup = env_u64("VMSYNC_BENCH_WARMUP_SECS", 1);
-    // (name, link rate, peers, workloads, the daemons' environment)
-    let configs: [(&str, &str, usize, &[Workload], DaemonEnv); 7] = [
+    // (name, link rate, peers, workloads, set-up)
+    let configs: [(&str, &str, usize, &[Workload], Setup); 11] = [
         // No peer: the primary's own CPU per request, the base of "CPU per
         // extra peer" (issue 10, target 3).
-        ("local", "-", 0, &[SEQ_1M, RAND_4K], &[]),
+        ("local", "-", 0, &[SEQ_1M, RAND_4K], DEFAULTS),
         // No peer, requests paced to what a 1 Gbit/s link lets through: the
         // same work per request as "local", at the replicated runs' rate
         // (at 119 requests a second every request wakes the daemon's
         // threads, where 4000 a second batch), to tell what a peer costs
         // from what running slowly costs.
-        ("local-paced-1gbit", "1gbit", 0, &[SEQ_1M], &[]),
-        ("1gbit-1p", "1gbit", 1, &[SEQ_1M], &[]),
-        ("1gbit-2p", "1gbit", 2, &[SEQ_1M], &[]),
+        ("local-paced-1gbit", "1gbit", 0, &[SEQ_1M], DEFAULTS),
+        ("1gbit-1p", "1gbit", 1, &[SEQ_1M], DEFAULTS),
+        ("1gbit-2p", "1gbit", 2, &[SEQ_1M], DEFAULTS),
         // The same with each link sealing its own records (the daemons run
         // with VMSYNC_BENCH_UNSHARED_RECORDS=1): the baseline of sealing a
         // write once for both peers.
         ("1gbit-2p-unshared", "1gbit", 2, &[SEQ_1M], UNSHARED),
-        ("100mbit-1p", "100mbit", 1, &[SEQ_1M, RAND_4K], &[]),
-        ("100mbit-2p", "100mbit", 2, &[SEQ_1M], &[]),
+        // Zero-copy sends against copied ones, each peer's receive work in
+        // its own kernel threads (see `Setup`).
+        ("1gbit-1p-napi-copy", "1gbit", 1, &[SEQ_1M], NAPI_COPY),
+        ("1gbit-2p-napi-copy", "1gbit", 2, &[SEQ_1M], NAPI_COPY),
+        (
+            "1gbit-1p-napi-zerocopy",
+            "1gbit",
+            1,
+            &[SEQ_1M],
+            NAPI_ZERO_COPY,
+        ),
+        (
+            "1gbit-2p-napi-zerocopy",
+            "1gbit",
+            2,
+            &[SEQ_1M],
+            NAPI_ZERO_COPY,
+        ),
+        ("100mbit-1p", "100mbit", 1, &[SEQ_1M, RAND_4K], DEFAULTS),
+        ("100mbit-2p", "100mbit", 2, &[SEQ_1M], DEFAULTS),
     ];
     let mut rows = Vec::new();
-    for (name, rate, peers, workloads, env) in configs {
+    for (name, rate, peers, workloads, setup) in configs {
         if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
         for &w in workloads {
-            let row = run((name, rate, peers, env), w, secs, warmup);
+            let row = run((name, rate, peers, setup), w, secs, warmup);
             println!("{row}");
             rows.push(row);
         }
@@ -127,6 +181,13 @@ fn print_cpu_per_peer(rows: &[Row]) {
     };
     for (two, one, workload, target) in [
         ("1gbit-2p", "1gbit-1p", SEQ_1M.name, 0.5),
+        ("1gbit-2p-napi-copy", "1gbit-1p-napi-copy", SEQ_1M.name, 0.5),
+        (
+            "1gbit-2p-napi-zerocopy",
+            "1gbit-1p-napi-zerocopy",
+            SEQ_1M.name,
+            0.5,
+        ),
         ("100mbit-2p", "100mbit-1p", SEQ_1M.name, 0.5),
     ] {
         let all: fn(&Row) -> f64 = |r| r.cpu_us_per_op;
@@ -146,7 +207,8 @@ fn print_cpu_per_peer(rows: &[Row]) {
             // the second peer alone (2 peers - 1 peer), both against the
             // local CPU per request at full speed.
             let local = cpu("local", workload, of);
-            let paced = (two == "1gbit-2p")
+            let paced = two
+                .starts_with("1gbit-2p")
                 .then(|| cpu("local-paced-1gbit", workload, of))
                 .flatten();
             if let (Some(local), Some(paced)) = (local, paced) {
@@ -171,6 +233,19 @@ fn print_cpu_per_peer(rows: &[Row]) {
                     (baseline - local) / 2.0 / local,
                     two_peers / baseline
                 );
+            }
+            if let Some(zero_copy_peers) = two
+                .strip_suffix("-napi-copy")
+                .map(|p| cpu(&format!("{p}-napi-zerocopy"), workload, of))
+            {
+                if let (Some(local), Some(zero_copy)) = (local, zero_copy_peers) {
+                    println!(
+                        "  sending zero-copy (same run): ({zero_copy:.0} - {local:.0}) / 2 = {:.0} µs = {:.2} x local; primary CPU per request zero-copy / copied = {:.2}",
+                        (zero_copy - local) / 2.0,
+                        (zero_copy - local) / 2.0 / local,
+                        zero_copy / two_peers
+                    );
+                }
             }
         }
     }
@@ -242,7 +317,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 /// One cluster: node 1 in the hub, node k+2 on spoke k.
 fn run(
-    (config, rate, peers, env): (&'static str, &'static str, usize, DaemonEnv),
+    (config, rate, peers, setup): (&'static str, &'static str, usize, Setup),
     w: Workload,
     secs: u64,
     warmup: u64,
@@ -251,11 +326,17 @@ fn run(
         return run_local(config, rate, w, secs, warmup);
     }
     let star = Star::create(peers, rate);
+    if setup.napi_threads {
+        star.receive_in_napi_threads();
+    }
     let mut dir = TestDir::with_spec(ClusterSpec {
         nodes: peers as u32 + 1,
         protocol: "C",
         size: 256 * MIB,
-        extra_toml: "[replication]\ncongestion_limit = \"64MiB\"\n".into(),
+        extra_toml: format!(
+            "[replication]\ncongestion_limit = \"64MiB\"\nzero_copy_send = \"{}\"\n",
+            setup.zero_copy
+        ),
         ..ClusterSpec::default()
     });
     for node in &mut dir.nodes {
@@ -281,7 +362,7 @@ fn run(
                 1 => &star.hub,
                 id => &star.spokes[id as usize - 2].netns,
             };
-            Daemon::start_in_netns_with_env(n, netns, env)
+            Daemon::start_in_netns_with_env(n, netns, setup.env)
         })
         .collect();
     let mut cluster = Cluster { dir, daemons };
@@ -317,6 +398,16 @@ fn run(
         states.iter().all(|s| s == "up-to-date"),
         "a peer was not mirrored to throughout: {states:?}"
     );
+    // Bytes each link handed to the kernel zero-copy, per byte mirrored.
+    let zero_copied: Vec<String> = (2..=cluster.dir.spec.nodes)
+        .map(|id| {
+            let peer = cluster.peer(1, id);
+            let share = peer["zero_copy_bytes"].as_f64().unwrap_or(0.0)
+                / peer["replicated_bytes"].as_f64().unwrap_or(1.0).max(1.0);
+            format!("{share:.2}")
+        })
+        .collect();
+    println!("{config}: bytes sent zero-copy per byte mirrored, per peer: {zero_copied:?}");
     drop(client);
     drop(cluster);
     Row {

@@ -20,7 +20,7 @@ SUDO=""
 # python3: records.py of the torture scenarios and the systemd stand-in of package_install;
 # dmsetup: device-mapper faults in the VM; dpkg-dev: cargo-deb's dpkg-shlibdeps;
 # rsync: the WAN benchmark's baseline (benches/wan_profile.rs).
-PKGS=(libclang-dev clang pkg-config qemu-system-x86 busybox-static e2fsprogs fio xz-utils cpio gzip iproute2 util-linux kmod linux-source-6.1 dmsetup python3 dpkg-dev rsync)
+PKGS=(libclang-dev clang pkg-config qemu-system-x86 busybox-static e2fsprogs fio xz-utils cpio gzip iproute2 ethtool util-linux kmod linux-source-6.1 dmsetup python3 dpkg-dev rsync)
 
 need_pkgs=()
 for p in "${PKGS[@]}"; do

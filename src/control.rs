@@ -212,6 +212,10 @@ pub struct PeerStatus {
     /// write mirrored to two or more peers) rather than by this link.
     #[serde(default)]
     pub shared_record_bytes: u64,
+    /// Bytes the data connection handed to the kernel zero-copy (records as
+    /// on the wire; see `replication.zero_copy_send`).
+    #[serde(default)]
+    pub zero_copy_bytes: u64,
     /// Bytes queued for this peer and not yet handed to its socket.
     #[serde(default)]
     pub send_queue_bytes: u64,

@@ -32,8 +32,13 @@ fn touched_blocks(ops: &[Op]) -> BTreeSet<u64> {
         .collect()
 }
 
-fn converge_three_nodes(protocol: &'static str) {
-    let cluster = Cluster::start(spec(3, protocol));
+/// `zero_copy_send`: "on" sends every large flush zero-copy even on
+/// loopback (where the kernel copies at delivery, so "auto" soon stops).
+fn converge_three_nodes(protocol: &'static str, zero_copy_send: &str) {
+    let cluster = Cluster::start(ClusterSpec {
+        extra_toml: format!("[replication]\nzero_copy_send = \"{zero_copy_send}\"\n"),
+        ..spec(3, protocol)
+    });
     cluster.promote(1);
     assert!(
         cluster.wait_peers_up_to_date(1),
@@ -61,18 +66,25 @@ fn converge_three_nodes(protocol: &'static str) {
             shared.as_u64().unwrap() > 0 && shared.as_u64() < mirrored.as_u64(),
             "shared {shared}, mirrored {mirrored}"
         );
+        if zero_copy_send == "on" {
+            let zero_copy = p["zero_copy_bytes"].as_u64().unwrap();
+            assert!(
+                zero_copy >= shared.as_u64().unwrap(),
+                "zero-copy {zero_copy}, shared {shared}"
+            );
+        }
     }
     assert_eq!(cluster.status(2)["role"], "secondary");
 }
 
 #[test]
 fn three_nodes_converge_with_protocol_a() {
-    converge_three_nodes("A");
+    converge_three_nodes("A", "auto");
 }
 
 #[test]
-fn three_nodes_converge_with_protocol_c() {
-    converge_three_nodes("C");
+fn three_nodes_converge_with_protocol_c_sending_zero_copy() {
+    converge_three_nodes("C", "on");
 }
 
 #[test]

@@ -38,6 +38,8 @@ pub mod net;
 pub mod secret;
 pub mod secure;
 pub mod types;
+#[cfg(feature = "net")]
+pub mod zerocopy;
 
 pub use codec::SecretKey;
 pub use error::ProtocolError;

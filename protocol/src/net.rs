@@ -14,6 +14,9 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::zerocopy::{
+    zero_copy_send, Flight, SendError, ZeroCopySend, ZeroCopySender, ZeroCopyStats, ZERO_COPY_MIN,
+};
 use crate::{
     Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, Opener,
     ProtocolError, RecordBuf, Sealer, SharedRecord, HEADER_LEN,
@@ -127,6 +130,12 @@ pub struct FrameWriter {
     chunks: VecDeque<Bytes>,
     /// Bytes in `chunks`.
     chunked: usize,
+    /// Whether sealed flushes of [`ZERO_COPY_MIN`] bytes or more go out
+    /// zero-copy ([`crate::zerocopy`]); `Off` once found unsupported.
+    zero_copy_mode: ZeroCopySend,
+    /// Made at the first such flush (a connection of small messages never
+    /// has one).
+    zero_copy: Option<ZeroCopySender>,
 }
 
 impl FrameWriter {
@@ -221,6 +230,17 @@ impl FrameWriter {
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         // Plain frames queued before the connection was protected go first.
         self.flush_plain().await?;
+        if let Some(sender) = &mut self.zero_copy {
+            sender.reap();
+        }
+        if self.records.len() + self.shared_bytes >= ZERO_COPY_MIN && self.zero_copy_ready() {
+            return self.flush_zero_copy().await;
+        }
+        self.flush_records().await
+    }
+
+    /// Sends the sealed records, copied into the socket.
+    async fn flush_records(&mut self) -> Result<(), LinkError> {
         if self.shared_queue.is_empty() {
             if !self.records.is_empty() {
                 self.write.write_all(self.records.as_slice()).await?;
@@ -243,6 +263,63 @@ impl FrameWriter {
         }
         self.records.clear();
         Ok(())
+    }
+
+    /// Whether this flush can go zero-copy (making the sender the first
+    /// time).
+    fn zero_copy_ready(&mut self) -> bool {
+        if self.zero_copy_mode == ZeroCopySend::Off {
+            return false;
+        }
+        if self.zero_copy.is_none() {
+            match ZeroCopySender::new(self.zero_copy_mode) {
+                Ok(sender) => self.zero_copy = Some(sender),
+                Err(e) => {
+                    tracing::debug!(error = %e, "zero-copy sends unavailable: copying");
+                    self.zero_copy_mode = ZeroCopySend::Off;
+                    return false;
+                }
+            }
+        }
+        self.zero_copy.as_ref().is_some_and(ZeroCopySender::enabled)
+    }
+
+    /// Sends the sealed records zero-copy: the kernel reads them from our
+    /// memory, which the sender holds until it is done; the next flush is
+    /// sealed into another buffer.
+    async fn flush_zero_copy(&mut self) -> Result<(), LinkError> {
+        let sender = self.zero_copy.as_mut().expect("made by zero_copy_ready");
+        let flight = Flight {
+            records: std::mem::replace(&mut self.records, sender.spare_records()),
+            shared: std::mem::take(&mut self.shared_queue),
+        };
+        self.shared_bytes = 0;
+        match sender.send(self.write.as_ref(), flight).await {
+            Ok(()) => Ok(()),
+            Err(SendError::Io(e)) => Err(e.into()),
+            Err(SendError::Unsupported(flight)) => {
+                tracing::debug!("this socket cannot send zero-copy: copying");
+                self.zero_copy_mode = ZeroCopySend::Off;
+                self.records = flight.records;
+                self.shared_bytes = flight.shared.iter().map(|(_, b)| b.len()).sum();
+                self.shared_queue = flight.shared;
+                self.flush_records().await
+            }
+        }
+    }
+
+    /// What zero-copy sending did on this connection so far.
+    pub fn zero_copy_stats(&self) -> ZeroCopyStats {
+        self.zero_copy
+            .as_ref()
+            .map(ZeroCopySender::stats)
+            .unwrap_or_default()
+    }
+
+    /// Overrides the process-wide zero-copy mode for this connection
+    /// (tests).
+    pub fn set_zero_copy(&mut self, mode: ZeroCopySend) {
+        self.zero_copy_mode = mode;
     }
 
     async fn flush_plain(&mut self) -> Result<(), LinkError> {
@@ -382,6 +459,8 @@ fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
             shared_bytes: 0,
             chunks: VecDeque::new(),
             chunked: 0,
+            zero_copy_mode: zero_copy_send(),
+            zero_copy: None,
         },
     )
 }
@@ -871,6 +950,136 @@ mod tests {
             }
             assert!(!wire.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)));
         }
+    }
+
+    /// Writes of `len` bytes or more, each filled with its index, one in
+    /// three sealed once as a shared record, with a `Ping` after each.
+    fn zero_copy_traffic(n: usize, len: usize) -> Vec<(Message, Option<crate::SharedRecord>)> {
+        let shared = SharedSealer::new();
+        (0..n)
+            .flat_map(|i| {
+                let write = write_of(i as u8, len + i);
+                let record = (i % 3 == 0).then(|| shared.seal(&write).unwrap());
+                [(write, record), (Message::Ping, None)]
+            })
+            .collect()
+    }
+
+    /// Reads `expected.len()` messages and compares them, in order.
+    fn expect_all(
+        mut reader: FrameReader,
+        expected: Vec<Message>,
+    ) -> tokio::task::JoinHandle<FrameReader> {
+        tokio::spawn(async move {
+            for (i, want) in expected.iter().enumerate() {
+                let got = reader.next().await.unwrap();
+                assert!(&got == want, "message {i} differs");
+            }
+            reader
+        })
+    }
+
+    /// Flushes sent zero-copy (each write its own flush of 256 KiB or
+    /// more, shared records among them) arrive whole and in order, the
+    /// sender hands every byte to the kernel zero-copy, and the kernel's
+    /// notifications come in (on loopback they say it copied).
+    #[tokio::test]
+    async fn zero_copy_flushes_arrive_whole_and_in_order() {
+        let (mut client, server, _) = recorded_pair().await;
+        client.writer.set_zero_copy(ZeroCopySend::On);
+        let traffic = zero_copy_traffic(40, 256 * 1024);
+        let reading = expect_all(
+            server.reader,
+            traffic.iter().map(|(m, _)| m.clone()).collect(),
+        );
+        let mut payload = 0;
+        for (msg, shared) in &traffic {
+            client.writer.queue_shared(msg, shared.as_ref()).unwrap();
+            if matches!(msg, Message::Ping) {
+                payload += client.writer.buffered();
+                client.writer.flush().await.unwrap();
+            }
+        }
+        reading.await.unwrap();
+        let stats = client.writer.zero_copy_stats();
+        assert_eq!(stats.sent_bytes, payload as u64, "every flush zero-copy");
+        // The notifications of the last sends come once they are delivered.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.writer.zero_copy_stats().copied + client.writer.zero_copy_stats().zero_copied
+            < 40
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "notifications: {:?}",
+                client.writer.zero_copy_stats()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            client.writer.flush().await.unwrap();
+        }
+    }
+
+    /// In `Auto`, a connection on which the kernel copies anyway (loopback)
+    /// stops sending zero-copy, and what it sends by copy still arrives.
+    #[tokio::test]
+    async fn auto_zero_copy_stops_where_the_kernel_copies() {
+        let (mut client, server, _) = recorded_pair().await;
+        client.writer.set_zero_copy(ZeroCopySend::Auto);
+        let traffic = zero_copy_traffic(200, 128 * 1024);
+        let reading = expect_all(
+            server.reader,
+            traffic.iter().map(|(m, _)| m.clone()).collect(),
+        );
+        let mut payload = 0;
+        for (msg, shared) in &traffic {
+            client.writer.queue_shared(msg, shared.as_ref()).unwrap();
+            if matches!(msg, Message::Ping) {
+                payload += client.writer.buffered() as u64;
+                client.writer.flush().await.unwrap();
+                // Paced, so that notifications come in between flushes.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        reading.await.unwrap();
+        let stats = client.writer.zero_copy_stats();
+        assert!(stats.copied >= 16, "{stats:?}");
+        assert_eq!(stats.zero_copied, 0, "loopback copies: {stats:?}");
+        assert!(
+            stats.sent_bytes > 0 && stats.sent_bytes < payload / 2,
+            "zero-copy first, then by copy: {stats:?} of {payload}"
+        );
+    }
+
+    /// A writer dropped while the kernel still holds its zero-copy sends
+    /// (the reader has not read them yet) keeps their memory until the
+    /// kernel is done: everything arrives intact, also when the process
+    /// reuses freed memory meanwhile.
+    #[tokio::test]
+    async fn memory_of_zero_copy_sends_outlives_the_writer() {
+        let (mut client, server, _) = recorded_pair().await;
+        client.writer.set_zero_copy(ZeroCopySend::On);
+        let traffic = zero_copy_traffic(12, 512 * 1024);
+        for (msg, shared) in &traffic {
+            client.writer.queue_shared(msg, shared.as_ref()).unwrap();
+            if matches!(msg, Message::Ping) {
+                // Nobody reads yet: the socket fills, the relay's too.
+                if tokio::time::timeout(Duration::from_millis(500), client.writer.flush())
+                    .await
+                    .is_err()
+                {
+                    panic!("loopback buffers should hold 6 MiB");
+                }
+            }
+        }
+        drop(client);
+        drop(traffic);
+        // Freed memory would be reused by these and sent as it is now.
+        let scribble: Vec<Vec<u8>> = (0..64).map(|i| vec![0xee ^ i as u8; 512 * 1024]).collect();
+        let expected: Vec<Message> = zero_copy_traffic(12, 512 * 1024)
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
+        expect_all(server.reader, expected).await.unwrap();
+        drop(scribble);
     }
 
     #[test]

@@ -127,6 +127,10 @@ pub struct Replication {
     /// What a primary does when it meets a secondary whose data diverged
     /// from its own (a split brain); see `replication::split_brain`.
     pub after_split_brain: AfterSplitBrain,
+    /// Whether large sends to peers go zero-copy (io_uring's zero-copy
+    /// sendmsg): `auto` turns it off on a connection where the kernel
+    /// copies anyway (loopback, a local veth).
+    pub zero_copy_send: protocol::zerocopy::ZeroCopySend,
 }
 
 /// Who loses a split brain, decided when a primary meets a diverged
@@ -192,6 +196,7 @@ impl Default for Replication {
             ping_interval_ms: 1000,
             ping_timeout_ms: 5000,
             after_split_brain: AfterSplitBrain::Disconnect,
+            zero_copy_send: protocol::zerocopy::ZeroCopySend::Auto,
         }
     }
 }
@@ -350,6 +355,7 @@ struct RawReplication {
     ping_interval_ms: Option<i64>,
     ping_timeout_ms: Option<i64>,
     after_split_brain: Option<String>,
+    zero_copy_send: Option<String>,
 }
 
 /// A size: an integer number of bytes or a string with a suffix.
@@ -659,6 +665,14 @@ impl Validator<'_> {
                     &policy,
                     AfterSplitBrain::from_name,
                     AfterSplitBrain::NAMES,
+                )?;
+            }
+            if let Some(mode) = r.zero_copy_send {
+                replication.zero_copy_send = self.choice(
+                    "replication.zero_copy_send",
+                    &mode,
+                    protocol::zerocopy::ZeroCopySend::parse,
+                    protocol::zerocopy::ZeroCopySend::NAMES,
                 )?;
             }
             // A timeout of less than two ping intervals drops healthy links

@@ -305,6 +305,29 @@ fn the_split_brain_policy_defaults_to_disconnect_and_is_validated() {
 }
 
 #[test]
+fn zero_copy_send_defaults_to_auto_and_is_validated() {
+    use protocol::zerocopy::ZeroCopySend;
+    let c = parse_str(GOOD).unwrap();
+    assert_eq!(c.replication.zero_copy_send, ZeroCopySend::Auto);
+    let with = |value: &str| format!("{GOOD}\n[replication]\nzero_copy_send = \"{value}\"\n");
+    for (name, mode) in [
+        ("on", ZeroCopySend::On),
+        ("off", ZeroCopySend::Off),
+        ("auto", ZeroCopySend::Auto),
+    ] {
+        let c = parse_str(&with(name)).unwrap();
+        assert_eq!(c.replication.zero_copy_send, mode);
+        assert_eq!(mode.name(), name);
+    }
+    let e = error_of(&with("always"));
+    assert!(
+        e.contains("`replication.zero_copy_send`")
+            && e.contains("'always' is not one of: auto, on, off"),
+        "{e}"
+    );
+}
+
+#[test]
 fn verify_rate_defaults_to_100_mib_and_takes_sizes() {
     assert_eq!(parse_str(GOOD).unwrap().replication.verify_rate, 100 << 20);
     let c = parse_str(&format!("{GOOD}\n[replication]\nverify_rate = \"8MiB\"\n")).unwrap();

@@ -123,6 +123,12 @@ pub fn register(registry: &mut Registry, status: &Status) {
             peer.shared_record_bytes,
         );
         add.counter(
+            "vmsync_peer_zero_copy_bytes",
+            "Bytes the data connection handed to the kernel zero-copy",
+            who(),
+            peer.zero_copy_bytes,
+        );
+        add.counter(
             "vmsync_peer_resynced_bytes",
             "Bytes resent to the peer by resync",
             who(),

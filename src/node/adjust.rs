@@ -168,6 +168,11 @@ fn tunable_changes(old: &config::Replication, new: &config::Replication) -> Vec<
             old.after_split_brain.name(),
             new.after_split_brain.name(),
         ),
+        (
+            "zero_copy_send",
+            old.zero_copy_send.name(),
+            new.zero_copy_send.name(),
+        ),
     ] {
         if old != new {
             changes.push(format!("{key} {old} → {new}"));

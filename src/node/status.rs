@@ -109,6 +109,7 @@ fn peer_status(repl: &Replication, peer: &PeerReplica) -> PeerStatus {
         resynced_bytes: peer.stats.resync_bytes.load(Ordering::Acquire),
         replicated_bytes: peer.stats.mirrored_bytes.load(Ordering::Acquire),
         shared_record_bytes: peer.stats.shared_record_bytes.load(Ordering::Acquire),
+        zero_copy_bytes: peer.stats.zero_copy_bytes.load(Ordering::Acquire),
         send_queue_bytes: peer.queued.load(Ordering::Acquire),
         last_error: peer.last_error(),
         wan: (!peer.is_lan).then(|| wan_status(repl, peer, stale_bytes)),

@@ -57,6 +57,7 @@ pub async fn start(repl: Arc<Replication>) -> anyhow::Result<IncomingConnections
     // The kernel's own dead-peer detection on every socket to a peer
     // follows the same timeout as the pings (see `liveness`).
     transport::set_dead_peer_timeout(liveness::ping_timeout(&repl.tunables()));
+    protocol::zerocopy::set_zero_copy_send(repl.tunables().zero_copy_send);
     let identity = LocalIdentity {
         resource: repl.config.resource.name.clone(),
         node_id: repl.config.node.id,

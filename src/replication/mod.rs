@@ -243,6 +243,8 @@ impl Replication {
     /// next use: rates and limits at once, ping settings on the next link,
     /// the background sync's rate on the next sync.
     pub fn set_tunables(&self, tunables: crate::config::Replication) {
+        // Connections made from now on follow it.
+        protocol::zerocopy::set_zero_copy_send(tunables.zero_copy_send);
         *self.tunables.write().unwrap_or_else(|e| e.into_inner()) = tunables;
     }
 

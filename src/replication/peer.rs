@@ -129,6 +129,9 @@ pub struct PeerStats {
     pub mirrored_bytes: AtomicU64,
     /// Bytes sent to the peer in records sealed once for every peer.
     pub shared_record_bytes: AtomicU64,
+    /// Bytes the data connections handed to the kernel zero-copy (records
+    /// as on the wire).
+    pub zero_copy_bytes: AtomicU64,
     /// Bytes sent by the current resync run, and when it started.
     pub run_bytes: AtomicU64,
     pub run_started: Mutex<Option<Instant>>,

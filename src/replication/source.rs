@@ -279,6 +279,8 @@ async fn send_data(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     congestion: u64,
 ) -> Result<(), LinkError> {
+    // What this connection sent zero-copy, counted so far.
+    let mut zero_copy_bytes = 0;
     while let Some(first) = rx.recv().await {
         let mut bytes = first.bytes;
         queue_one(&peer, &mut writer, &first)?;
@@ -291,6 +293,11 @@ async fn send_data(
             bytes += queue_ready(&peer, &mut rx, &mut writer)?;
         }
         writer.flush().await?;
+        let sent = writer.zero_copy_stats().sent_bytes;
+        peer.stats
+            .zero_copy_bytes
+            .fetch_add(sent - zero_copy_bytes, Ordering::Relaxed);
+        zero_copy_bytes = sent;
         peer.queued.fetch_sub(
             bytes.min(peer.queued.load(Ordering::Acquire)),
             Ordering::AcqRel,

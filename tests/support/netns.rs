@@ -239,6 +239,29 @@ impl Star {
         star
     }
 
+    /// Moves every link's receive processing into NAPI kernel threads of
+    /// its own (GRO on, `threaded` set on both ends of each veth), as on
+    /// separate machines, where a packet is received on the receiver's CPU.
+    /// Otherwise a veth delivers a packet in softirq context on the sending
+    /// CPU, so the peers' TCP receive work is charged to whichever process
+    /// sent it (the primary). Needs `ethtool`.
+    pub fn receive_in_napi_threads(&self) {
+        for spoke in &self.spokes {
+            for (ns, dev) in [(&self.hub, &spoke.hub_veth), (&spoke.netns, &spoke.veth)] {
+                run(&["ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on"]);
+                run(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "sh",
+                    "-c",
+                    &format!("echo 1 > /sys/class/net/{dev}/threaded"),
+                ]);
+            }
+        }
+    }
+
     /// Bytes the hub sent on spoke `i`'s link (headers included).
     pub fn hub_sent(&self, i: usize) -> u64 {
         WanLink::sent_by(&Site {

@@ -1,0 +1,540 @@
+//! Sending large records without the kernel's copy into the socket:
+//! io_uring's `IORING_OP_SENDMSG_ZC`.
+//!
+//! A plain `send` copies every byte into socket buffers; at 1 MiB per
+//! replicated write that copy is about a third of what each extra peer
+//! costs the primary. A zero-copy send hands the kernel our pages instead,
+//! and the kernel reads them until the data is acknowledged (or dropped):
+//! the memory must stay unchanged until io_uring posts the send's
+//! *notification*, which can come long after the send's result. So every
+//! flush's memory (the connection's sealed records and the shared records
+//! between them) is *held* here until its notifications arrive, and the
+//! writer seals the next flush into a spare buffer.
+//!
+//! Why io_uring and not `MSG_ZEROCOPY` on the socket: its notifications
+//! arrive on the socket's error queue, which makes epoll report `EPOLLERR`,
+//! which mio reads as "write side closed", which tokio keeps for good: every
+//! later wait for a full socket to drain would spin. io_uring notifies on
+//! its own ring instead, which tokio watches like any other fd.
+//!
+//! When the kernel copies anyway (loopback, a veth into a local namespace,
+//! a NIC without scatter-gather), pinning pages and notifications are pure
+//! overhead; in [`ZeroCopySend::Auto`] a connection stops after a run of
+//! notifications that all say "copied".
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use io_uring::{cqueue, opcode, types, IoUring};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+
+use crate::RecordBuf;
+
+/// Whether connections send large flushes zero-copy (the node's
+/// `replication.zero_copy_send`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopySend {
+    /// Zero-copy, until the kernel reports that it copies anyway on a
+    /// connection (then that connection copies).
+    Auto,
+    /// Always zero-copy where the kernel supports it.
+    On,
+    /// Never: every send copies.
+    Off,
+}
+
+impl ZeroCopySend {
+    pub const NAMES: &'static str = "auto, on, off";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "auto" => Some(Self::Auto),
+            "on" => Some(Self::On),
+            "off" => Some(Self::Off),
+            _ => None,
+        }
+    }
+}
+
+/// The mode of connections made from now on. Process-wide: one daemon per
+/// process.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the zero-copy mode of every connection made after this call.
+pub fn set_zero_copy_send(mode: ZeroCopySend) {
+    let value = match mode {
+        ZeroCopySend::Auto => 0,
+        ZeroCopySend::On => 1,
+        ZeroCopySend::Off => 2,
+    };
+    MODE.store(value, Ordering::Relaxed);
+}
+
+pub(crate) fn zero_copy_send() -> ZeroCopySend {
+    match MODE.load(Ordering::Relaxed) {
+        0 => ZeroCopySend::Auto,
+        1 => ZeroCopySend::On,
+        _ => ZeroCopySend::Off,
+    }
+}
+
+/// Flushes smaller than this are copied: pinning the pages and a
+/// notification per send cost more than copying a few pages.
+pub const ZERO_COPY_MIN: usize = 64 * 1024;
+
+/// Memory held for sends whose notifications are still to come, past
+/// which a flush waits for some before it returns.
+const MAX_HELD_BYTES: usize = 16 << 20;
+
+/// In [`ZeroCopySend::Auto`], this many notifications in a row that say
+/// the kernel copied turn zero-copy off on the connection.
+const COPIED_BEFORE_OFF: u32 = 16;
+
+/// How long a dropped sender waits for the notifications of its last
+/// sends before it gives up (and leaks their memory rather than let the
+/// kernel send reused memory).
+const DRAIN_ON_DROP: Duration = Duration::from_secs(60);
+
+/// `IORING_SEND_ZC_REPORT_USAGE`: the notification says whether the
+/// kernel copied after all.
+const REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's result.
+const NOTIF_COPIED: i32 = i32::MIN;
+
+/// One flush's memory: the connection's records, and shared records each
+/// with the length of `records` it goes after.
+pub(crate) struct Flight {
+    pub records: RecordBuf,
+    pub shared: Vec<(usize, Bytes)>,
+}
+
+impl Flight {
+    /// The flush's bytes, in order on the wire.
+    fn slices(&self) -> Vec<&[u8]> {
+        let records = self.records.as_slice();
+        let mut slices = Vec::with_capacity(2 * self.shared.len() + 1);
+        let mut at = 0;
+        for (end, shared) in &self.shared {
+            slices.push(&records[at..*end]);
+            slices.push(&shared[..]);
+            at = *end;
+        }
+        slices.push(&records[at..]);
+        slices.retain(|s| !s.is_empty());
+        slices
+    }
+}
+
+/// A flush whose memory the kernel may still read.
+struct Held {
+    id: u64,
+    flight: Flight,
+    bytes: usize,
+    /// Points into `flight`; the kernel reads it until the send's result.
+    iov: Vec<libc::iovec>,
+    msg: Box<libc::msghdr>,
+    /// The send's result is still to come.
+    sending: bool,
+    /// Notifications announced (a result with `F_MORE`) and not yet in.
+    notifications: u32,
+}
+
+// SAFETY: the raw pointers in `iov` and `msg` point into `flight` and
+// `iov`, which this value owns and moves with it; nothing else uses them.
+unsafe impl Send for Held {}
+
+struct Ring(IoUring);
+
+impl AsRawFd for Ring {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Why a zero-copy send failed.
+pub(crate) enum SendError {
+    /// The kernel or socket cannot send zero-copy; nothing was sent, and
+    /// here is the flush back to send by copy.
+    Unsupported(Flight),
+    Io(io::Error),
+}
+
+/// What zero-copy sending did on a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroCopyStats {
+    /// Bytes handed to the kernel by zero-copy sends.
+    pub sent_bytes: u64,
+    /// Notifications saying the kernel sent our pages as they were.
+    pub zero_copied: u64,
+    /// Notifications saying the kernel copied after all.
+    pub copied: u64,
+}
+
+/// The zero-copy sending side of one connection (see the module's doc).
+pub(crate) struct ZeroCopySender {
+    /// Taken only by `Drop`.
+    ring: Option<AsyncFd<Ring>>,
+    held: VecDeque<Held>,
+    held_bytes: usize,
+    next_id: u64,
+    /// Record buffers whose flush is done, for the writer to reuse.
+    spare: Vec<RecordBuf>,
+    /// The result of the send in progress, once in: (id, result, a
+    /// notification follows, already counted in its `Held`).
+    result: Option<(u64, i32, bool)>,
+    auto: bool,
+    copied_in_a_row: u32,
+    /// Set when this connection should copy from now on (see `auto`).
+    kernel_copies: bool,
+    stats: ZeroCopyStats,
+}
+
+impl ZeroCopySender {
+    /// A sender of its own ring, if the kernel has zero-copy sendmsg
+    /// (Linux 6.1) and io_uring is allowed here.
+    pub fn new(mode: ZeroCopySend) -> io::Result<Self> {
+        // Room for the notifications of many small flushes; more wait in
+        // the kernel (see `drain_completions`).
+        let ring = IoUring::builder().setup_cqsize(256).build(8)?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        if !probe.is_supported(opcode::SendMsgZc::CODE) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel's io_uring has no zero-copy sendmsg",
+            ));
+        }
+        // SAFETY: `Ring` owns the io_uring fd and closes it only when
+        // dropped, after the registration is gone.
+        let ring =
+            unsafe { AsyncFd::register_with_interest(Ring(ring), tokio::io::Interest::READABLE) }
+                .map_err(io::Error::from)?;
+        Ok(Self {
+            ring: Some(ring),
+            held: VecDeque::new(),
+            held_bytes: 0,
+            next_id: 0,
+            spare: Vec::new(),
+            result: None,
+            auto: mode == ZeroCopySend::Auto,
+            copied_in_a_row: 0,
+            kernel_copies: false,
+            stats: ZeroCopyStats::default(),
+        })
+    }
+
+    /// Whether flushes should still go zero-copy on this connection.
+    pub fn enabled(&self) -> bool {
+        !self.kernel_copies
+    }
+
+    pub fn stats(&self) -> ZeroCopyStats {
+        self.stats
+    }
+
+    /// A record buffer to seal the next flush into (one whose flush is
+    /// done, or a new one).
+    pub fn spare_records(&mut self) -> RecordBuf {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    /// Sends `flight` on `socket`: returns once every byte is in the
+    /// socket (so later writes follow it), while its memory stays held
+    /// until the kernel is done with it.
+    pub async fn send(&mut self, socket: &TcpStream, flight: Flight) -> Result<(), SendError> {
+        // Held from before the first submission: if this future is dropped
+        // mid-send, the memory stays with the sender (see `Drop`).
+        let (id, bytes) = self.hold(flight);
+        let fd = socket.as_raw_fd();
+        let mut sent = 0usize;
+        while sent < bytes {
+            self.submit(id, fd, sent).map_err(SendError::Io)?;
+            let (res, more) = self.wait_result(id).await.map_err(SendError::Io)?;
+            if res >= 0 {
+                sent += res as usize;
+                self.stats.sent_bytes += res as u64;
+                continue;
+            }
+            match -res {
+                libc::EINTR => {}
+                libc::EAGAIN => socket.writable().await.map_err(SendError::Io)?,
+                libc::EOPNOTSUPP | libc::EINVAL if sent == 0 && !more => {
+                    let held = self.held.pop_back().expect("the send in progress");
+                    self.held_bytes -= held.bytes;
+                    return Err(SendError::Unsupported(held.flight));
+                }
+                errno => {
+                    self.held_mut(id).sending = false;
+                    return Err(SendError::Io(io::Error::from_raw_os_error(errno)));
+                }
+            }
+        }
+        self.held_mut(id).sending = false;
+        self.release_done();
+        while self.held_bytes > MAX_HELD_BYTES {
+            self.wait_notification().await.map_err(SendError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps `flight` (and the iovecs over it) as the send in progress;
+    /// returns its id and length.
+    fn hold(&mut self, flight: Flight) -> (u64, usize) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let iov: Vec<libc::iovec> = flight
+            .slices()
+            .iter()
+            .map(|s| libc::iovec {
+                iov_base: s.as_ptr() as *mut libc::c_void,
+                iov_len: s.len(),
+            })
+            .collect();
+        let bytes = iov.iter().map(|v| v.iov_len).sum();
+        // SAFETY: all-zero is a valid msghdr (no name, no control data).
+        let msg = Box::new(unsafe { std::mem::zeroed::<libc::msghdr>() });
+        self.held.push_back(Held {
+            id,
+            flight,
+            bytes,
+            iov,
+            msg,
+            sending: true,
+            notifications: 0,
+        });
+        self.held_bytes += bytes;
+        (id, bytes)
+    }
+
+    /// Takes in whatever the kernel posted and releases finished flushes,
+    /// without waiting.
+    pub fn reap(&mut self) {
+        self.drain_completions();
+        self.release_done();
+    }
+
+    fn ring_mut(&mut self) -> &mut IoUring {
+        &mut self.ring.as_mut().expect("the ring until drop").get_mut().0
+    }
+
+    fn held_mut(&mut self, id: u64) -> &mut Held {
+        self.held
+            .iter_mut()
+            .find(|h| h.id == id)
+            .expect("a held flush for every send")
+    }
+
+    /// Submits the send of flush `id` from byte `from` on.
+    fn submit(&mut self, id: u64, fd: RawFd, from: usize) -> io::Result<()> {
+        let held = self.held.iter_mut().find(|h| h.id == id).expect("held");
+        // Skip what went out already.
+        let mut skip = from;
+        let mut first = 0;
+        while skip >= held.iov[first].iov_len {
+            skip -= held.iov[first].iov_len;
+            first += 1;
+        }
+        // SAFETY: `skip` < this iovec's length: still inside its slice.
+        held.iov[first].iov_base = unsafe { held.iov[first].iov_base.add(skip) };
+        held.iov[first].iov_len -= skip;
+        held.msg.msg_iov = held.iov[first..].as_mut_ptr();
+        held.msg.msg_iovlen = held.iov.len() - first;
+        let sqe = opcode::SendMsgZc::new(types::Fd(fd), &*held.msg)
+            .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
+            .ioprio(REPORT_USAGE)
+            .build()
+            .user_data(id);
+        let ring = self.ring_mut();
+        // SAFETY: the message, its iovecs and the memory they point at are
+        // held (in `self.held`) until the result and every notification of
+        // this send are in, also if the sender is dropped first.
+        unsafe { ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("zero-copy ring full"))?;
+        ring.submit()?;
+        Ok(())
+    }
+
+    async fn wait_result(&mut self, id: u64) -> io::Result<(i32, bool)> {
+        loop {
+            self.drain_completions();
+            if let Some((done, res, more)) = self.result {
+                if done == id {
+                    self.result = None;
+                    return Ok((res, more));
+                }
+            }
+            self.wait_ring().await?;
+        }
+    }
+
+    async fn wait_notification(&mut self) -> io::Result<()> {
+        let held = self.held.len();
+        loop {
+            self.reap();
+            if self.held.len() < held {
+                return Ok(());
+            }
+            self.wait_ring().await?;
+        }
+    }
+
+    /// Waits until the ring has completions (or might).
+    async fn wait_ring(&mut self) -> io::Result<()> {
+        let ring = self.ring.as_mut().expect("the ring until drop");
+        let mut ready = ring.readable_mut().await?;
+        if ready.get_inner_mut().0.completion().is_empty() {
+            ready.clear_ready();
+        }
+        Ok(())
+    }
+
+    fn drain_completions(&mut self) {
+        let ring = self.ring_mut();
+        let mut entries: Vec<cqueue::Entry> = ring.completion().collect();
+        if ring.submission().cq_overflow() {
+            // Completions that did not fit wait in the kernel until an
+            // io_uring_enter moves them to the ring.
+            let _ = ring.submit();
+            entries.extend(ring.completion());
+        }
+        for cqe in entries {
+            let id = cqe.user_data();
+            if cqueue::notif(cqe.flags()) {
+                let copied = cqe.result() & NOTIF_COPIED != 0;
+                self.note_notification(copied);
+                if let Some(held) = self.held.iter_mut().find(|h| h.id == id) {
+                    held.notifications = held.notifications.saturating_sub(1);
+                }
+            } else {
+                // Counted here, before a notification later in this batch.
+                let more = cqueue::more(cqe.flags());
+                if more {
+                    if let Some(held) = self.held.iter_mut().find(|h| h.id == id) {
+                        held.notifications += 1;
+                    }
+                }
+                self.result = Some((id, cqe.result(), more));
+            }
+        }
+    }
+
+    fn note_notification(&mut self, copied: bool) {
+        if copied {
+            self.stats.copied += 1;
+            self.copied_in_a_row += 1;
+            if self.auto && self.copied_in_a_row >= COPIED_BEFORE_OFF && !self.kernel_copies {
+                self.kernel_copies = true;
+                tracing::debug!(
+                    "the kernel copies zero-copy sends on this connection (loopback, a local veth or a NIC without scatter-gather): sending by copy from now on"
+                );
+            }
+        } else {
+            self.stats.zero_copied += 1;
+            self.copied_in_a_row = 0;
+        }
+    }
+
+    /// Releases every flush the kernel is done with; their record buffers
+    /// become spares.
+    fn release_done(&mut self) {
+        let mut i = 0;
+        while i < self.held.len() {
+            let held = &self.held[i];
+            if held.sending || held.notifications > 0 {
+                i += 1;
+                continue;
+            }
+            let held = self.held.remove(i).expect("index in range");
+            self.held_bytes -= held.bytes;
+            let mut records = held.flight.records;
+            if self.spare.len() < 4 {
+                records.clear();
+                self.spare.push(records);
+            }
+        }
+    }
+}
+
+impl Drop for ZeroCopySender {
+    /// The kernel may still read held memory (a send cut short by a closed
+    /// link, data not yet acknowledged): a thread keeps it until the last
+    /// notification, then frees it.
+    fn drop(&mut self) {
+        self.reap();
+        if self.held.is_empty() {
+            return;
+        }
+        let Some(ring) = self.ring.take() else {
+            return;
+        };
+        // A send still in progress (its future was dropped) is cancelled.
+        for held in self.held.iter().filter(|h| h.sending) {
+            let cancel = opcode::AsyncCancel::new(held.id)
+                .build()
+                .user_data(u64::MAX);
+            // SAFETY: a cancel request refers to no memory of ours.
+            let _ = unsafe { ring.get_ref().0.submission_shared().push(&cancel) };
+        }
+        let _ = ring.get_ref().0.submit();
+        // Not freed if the thread cannot start: leaked, not reused.
+        let held = std::mem::ManuallyDrop::new(std::mem::take(&mut self.held));
+        let spawned = std::thread::Builder::new()
+            .name("zerocopy-drain".into())
+            .spawn(move || drain(ring, std::mem::ManuallyDrop::into_inner(held)));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot wait for the last zero-copy sends: keeping their memory");
+        }
+    }
+}
+
+/// Waits for every outstanding result and notification of `held` on
+/// `ring`, then frees the memory; after [`DRAIN_ON_DROP`], leaks what is
+/// left (the kernel might still send from it).
+fn drain(ring: AsyncFd<Ring>, mut held: VecDeque<Held>) {
+    let ring = &ring.get_ref().0;
+    let deadline = Instant::now() + DRAIN_ON_DROP;
+    let timeout = types::Timespec::new().nsec(100_000_000);
+    loop {
+        // SAFETY: only this thread uses the ring now.
+        for cqe in unsafe { ring.completion_shared() } {
+            let Some(h) = held.iter_mut().find(|h| h.id == cqe.user_data()) else {
+                continue;
+            };
+            if cqueue::notif(cqe.flags()) {
+                h.notifications = h.notifications.saturating_sub(1);
+            } else {
+                h.sending = false;
+                if cqueue::more(cqe.flags()) {
+                    h.notifications += 1;
+                }
+            }
+        }
+        held.retain(|h| h.sending || h.notifications > 0);
+        if held.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                flushes = held.len(),
+                "zero-copy sends unfinished a minute after their connection closed: keeping their memory"
+            );
+            std::mem::forget(held);
+            return;
+        }
+        let args = types::SubmitArgs::new().timespec(&timeout);
+        let _ = ring.submitter().submit_with_args(1, &args);
+    }
+}
