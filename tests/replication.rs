@@ -89,7 +89,12 @@ fn three_nodes_converge_with_protocol_c_sending_zero_copy() {
 
 #[test]
 fn a_killed_peer_gets_only_the_blocks_it_missed() {
-    let mut cluster = Cluster::start(spec(3, "A"));
+    // Zero-copy sends throughout (also on loopback): the killed peer's
+    // link goes down with sends whose memory the kernel still holds.
+    let mut cluster = Cluster::start(ClusterSpec {
+        extra_toml: "[replication]\nzero_copy_send = \"on\"\n".into(),
+        ..spec(3, "A")
+    });
     cluster.promote(1);
     assert!(cluster.wait_peers_up_to_date(1));
     let rt = runtime();
@@ -146,12 +151,21 @@ fn a_killed_peer_gets_only_the_blocks_it_missed() {
         "a bitmap resync, not a full copy: {resent} bytes"
     );
     assert!(cluster.wait_identical(Some(model.blake3())).is_ok());
+    for id in [2, 3] {
+        let zero_copy = cluster.peer(1, id)["zero_copy_bytes"].as_u64().unwrap();
+        assert!(zero_copy > 0, "node {id} got no zero-copy sends");
+    }
 }
 
 #[test]
 fn a_cut_link_heals_and_the_replicas_converge() {
     let rt = runtime();
-    let (cluster, proxy) = proxied_pair(&rt, "C", "[replication]\nmax_peer_wait_ms = 500\n");
+    // Zero-copy sends throughout: the cut catches some in flight.
+    let (cluster, proxy) = proxied_pair(
+        &rt,
+        "C",
+        "[replication]\nmax_peer_wait_ms = 500\nzero_copy_send = \"on\"\n",
+    );
     let c = client(&rt, &cluster, 1);
     let size = cluster.dir.spec.size;
     let ops = Workload::new(31, size).ops(3000);

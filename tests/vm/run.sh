@@ -110,9 +110,21 @@ echo "run.sh: kernel $KVER, scenarios: ${scen[*]:-none}, log: $LOG" >&2
 # live-patches its own code ("Oops: int3" early in boot). A guest that never
 # reached the test runner is booted again, up to VM_BOOT_RETRIES times.
 BOOT_RETRIES=${VM_BOOT_RETRIES:-2}
-rm -f "$LOG".bootfail.*
+# The same oops can strike later in a run: then the scenarios without a
+# result run again in a fresh boot, up to VM_CRASH_RETRIES times. Only for
+# that emulator fault ("Oops: int3"); any other guest crash stays a failure.
+CRASH_RETRIES=${VM_CRASH_RETRIES:-1}
+rm -f "$LOG".bootfail.* "$LOG".crash.*
 start=$(date +%s)
 attempt=0
+crashes=0
+reset_scratch() {
+  truncate -s 0 "$SCRATCH_IMG"; truncate -s "${VM_SCRATCH_SIZE:-4G}" "$SCRATCH_IMG"
+  [ "$SCRATCH_FMT" != ext4 ] || mkfs.ext4 -q -F -N 65536 -J size=32 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 -L vmscratch "$SCRATCH_IMG"
+}
+# Whether the console log $1 holds a result for scenario $2.
+has_result() { tr -d '\r' < "$1" | grep -a -q -E "VMTEST (PASS|FAIL|SKIP) $2(: .*)?\$"; }
+while :; do
 while :; do
   attempt=$((attempt + 1))
   set +e
@@ -132,19 +144,38 @@ while :; do
   [ "$attempt" -le "$BOOT_RETRIES" ] || break
   cp "$LOG" "$LOG.bootfail.$attempt"
   echo "run.sh: guest died before the test runner started (attempt $attempt, log $LOG.bootfail.$attempt: $(tr -d '\r' < "$LOG" | grep -a -m1 -o -E '(Oops|Kernel panic|BUG):.*' || echo "no kernel message")); booting again" >&2
-  truncate -s 0 "$SCRATCH_IMG"; truncate -s "${VM_SCRATCH_SIZE:-4G}" "$SCRATCH_IMG"
-  [ "$SCRATCH_FMT" != ext4 ] || mkfs.ext4 -q -F -N 65536 -J size=32 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 -L vmscratch "$SCRATCH_IMG"
+  reset_scratch
+done
+  grep -a -q 'VMTEST DONE' "$LOG" && break
+  grep -a -q 'VMTEST BOOT' "$LOG" || break
+  grep -a -q 'Oops: int3' "$LOG" || break
+  [ "$crashes" -lt "$CRASH_RETRIES" ] || break
+  crashes=$((crashes + 1))
+  cp "$LOG" "$LOG.crash.$crashes"
+  remaining=()
+  for s in "${scen[@]}"; do
+    done_before=0
+    for l in "$LOG".crash.*; do has_result "$l" "$s" && done_before=1; done
+    [ "$done_before" = 1 ] || remaining+=("$s")
+  done
+  [ ${#remaining[@]} -gt 0 ] || break
+  echo "run.sh: the guest kernel oopsed on int3 (TCG live-patching, not vmsync) during the run (log $LOG.crash.$crashes); booting again for: ${remaining[*]}" >&2
+  # (Scenario names are plain words: single quotes suffice.)
+  sed -i "s|^SCENARIOS=.*|SCENARIOS='${remaining[*]}'|" "$JOB"
+  reset_scratch
 done
 elapsed=$(( $(date +%s) - start ))
 
 # ---- results --------------------------------------------------------------
 clean=$(tr -d '\r' < "$LOG")
+# Results of boots cut short by the emulator's oops count too.
+all_results=$(cat "$LOG".crash.* "$LOG" 2>/dev/null | tr -d '\r')
 fails=0
 echo
 echo "==== vmtest summary (${elapsed}s wall, qemu exit $qrc) ===="
 for s in "${scen[@]}"; do
-  line=$(grep -a -o -E "VMTEST (PASS|FAIL|SKIP) $s(: .*)?\$" <<<"$clean" | head -n1 || true)
-  t=$(grep -a -o -E "VMTEST TIME $s [0-9]+" <<<"$clean" | head -n1 | awk '{print $4}' || true)
+  line=$(grep -a -o -E "VMTEST (PASS|FAIL|SKIP) $s(: .*)?\$" <<<"$all_results" | head -n1 || true)
+  t=$(grep -a -o -E "VMTEST TIME $s [0-9]+" <<<"$all_results" | head -n1 | awk '{print $4}' || true)
   case "$line" in
     "VMTEST PASS $s"*) printf '  PASS  %-22s %5ss\n' "$s" "${t:-?}" ;;
     "VMTEST SKIP $s"*) printf '  SKIP  %-22s %5ss  %s\n' "$s" "${t:-?}" "${line#*: }" ;;
@@ -155,7 +186,9 @@ done
 boot=$(grep -a -o -E 'VMTEST BOOT up=[0-9.]+' <<<"$clean" | head -n1 | sed 's/.*up=//' || true)
 [ -z "$boot" ] || echo "  guest reached the test runner ${boot}s after kernel start"
 grep -a -E 'VMTEST (FATAL|WATCHDOG)' <<<"$clean" | sed 's/^/  /' || true
-[ "$attempt" -eq 1 ] || echo "  booted $attempt times (earlier boots crashed, see $LOG.bootfail.*)"
+bootfails=$(find "$(dirname "$LOG")" -maxdepth 1 -name "$(basename "$LOG").bootfail.*" | wc -l)
+[ "$bootfails" -eq 0 ] || echo "  $bootfails boot(s) crashed before the test runner started (see $LOG.bootfail.*)"
+[ "$crashes" -eq 0 ] || echo "  the guest kernel oopsed on int3 (TCG) $crashes time(s) mid-run; the scenarios without a result ran again (see $LOG.crash.*)"
 kmsg=$(grep -a -m1 -o -E '(Oops|Kernel panic - not syncing|BUG):.*' <<<"$clean" || true)
 [ -z "$kmsg" ] || echo "  guest kernel: $kmsg"
 if ! grep -a -q 'VMTEST DONE' <<<"$clean"; then
