@@ -138,12 +138,32 @@ impl Flight {
     }
 }
 
+/// Sets `iov` to the bytes of `flight` from byte `from` on (built from the
+/// flight each time: a partial send may end inside any slice).
+fn iovecs_from(flight: &Flight, from: usize, iov: &mut Vec<libc::iovec>) {
+    let mut skip = from;
+    iov.clear();
+    for slice in flight.slices() {
+        if skip >= slice.len() {
+            skip -= slice.len();
+            continue;
+        }
+        let rest = &slice[skip..];
+        skip = 0;
+        iov.push(libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        });
+    }
+}
+
 /// A flush whose memory the kernel may still read.
 struct Held {
     id: u64,
     flight: Flight,
     bytes: usize,
-    /// Points into `flight`; the kernel reads it until the send's result.
+    /// What is left to send, pointing into `flight` (set by `submit`); the
+    /// kernel reads it until the send's result.
     iov: Vec<libc::iovec>,
     msg: Box<libc::msghdr>,
     /// The send's result is still to come.
@@ -295,22 +315,14 @@ impl ZeroCopySender {
     fn hold(&mut self, flight: Flight) -> (u64, usize) {
         let id = self.next_id;
         self.next_id += 1;
-        let iov: Vec<libc::iovec> = flight
-            .slices()
-            .iter()
-            .map(|s| libc::iovec {
-                iov_base: s.as_ptr() as *mut libc::c_void,
-                iov_len: s.len(),
-            })
-            .collect();
-        let bytes = iov.iter().map(|v| v.iov_len).sum();
+        let bytes = flight.slices().iter().map(|s| s.len()).sum();
         // SAFETY: all-zero is a valid msghdr (no name, no control data).
         let msg = Box::new(unsafe { std::mem::zeroed::<libc::msghdr>() });
         self.held.push_back(Held {
             id,
             flight,
             bytes,
-            iov,
+            iov: Vec::new(),
             msg,
             sending: true,
             notifications: 0,
@@ -340,18 +352,9 @@ impl ZeroCopySender {
     /// Submits the send of flush `id` from byte `from` on.
     fn submit(&mut self, id: u64, fd: RawFd, from: usize) -> io::Result<()> {
         let held = self.held.iter_mut().find(|h| h.id == id).expect("held");
-        // Skip what went out already.
-        let mut skip = from;
-        let mut first = 0;
-        while skip >= held.iov[first].iov_len {
-            skip -= held.iov[first].iov_len;
-            first += 1;
-        }
-        // SAFETY: `skip` < this iovec's length: still inside its slice.
-        held.iov[first].iov_base = unsafe { held.iov[first].iov_base.add(skip) };
-        held.iov[first].iov_len -= skip;
-        held.msg.msg_iov = held.iov[first..].as_mut_ptr();
-        held.msg.msg_iovlen = held.iov.len() - first;
+        iovecs_from(&held.flight, from, &mut held.iov);
+        held.msg.msg_iov = held.iov.as_mut_ptr();
+        held.msg.msg_iovlen = held.iov.len();
         let sqe = opcode::SendMsgZc::new(types::Fd(fd), &*held.msg)
             .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
             .ioprio(REPORT_USAGE)
@@ -491,9 +494,14 @@ impl Drop for ZeroCopySender {
         let _ = ring.get_ref().0.submit();
         // Not freed if the thread cannot start: leaked, not reused.
         let held = std::mem::ManuallyDrop::new(std::mem::take(&mut self.held));
+        // What the thread logs names the connection's node and peer.
+        let span = tracing::Span::current();
         let spawned = std::thread::Builder::new()
             .name("zerocopy-drain".into())
-            .spawn(move || drain(ring, std::mem::ManuallyDrop::into_inner(held)));
+            .spawn(move || {
+                let _in = span.enter();
+                drain(ring, std::mem::ManuallyDrop::into_inner(held));
+            });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot wait for the last zero-copy sends: keeping their memory");
         }
@@ -536,5 +544,67 @@ fn drain(ring: AsyncFd<Ring>, mut held: VecDeque<Held>) {
         }
         let args = types::SubmitArgs::new().timespec(&timeout);
         let _ = ring.submitter().submit_with_args(1, &args);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The iovecs from any byte on hold exactly the rest of the flush, in
+    /// order: records, the shared records between them, the last records.
+    #[test]
+    fn iovecs_from_any_byte_hold_the_rest_of_the_flush() {
+        let mut records = RecordBuf::new();
+        let sealer = crate::SharedSealer::new();
+        let ping = crate::Message::Ping;
+        let (mut keys, _) = crate::SessionKeys {
+            send: [1; 32],
+            recv: [2; 32],
+        }
+        .split();
+        keys.seal(&ping, &mut records).unwrap();
+        let first = records.len();
+        keys.seal(&ping, &mut records).unwrap();
+        let shared = sealer
+            .seal(&crate::Message::Write {
+                term: 1,
+                epoch: 1,
+                seq: 1,
+                offset: 0,
+                fua: false,
+                data: Bytes::from(vec![7u8; 5000]),
+            })
+            .unwrap();
+        let flight = Flight {
+            records,
+            shared: vec![(first, shared.bytes().clone())],
+        };
+        let whole: Vec<u8> = flight.slices().concat();
+        assert_eq!(whole.len(), flight.records.len() + shared.bytes().len());
+        let mut iov = Vec::new();
+        for from in [
+            0,
+            1,
+            first - 1,
+            first,
+            first + 1,
+            first + 4999,
+            whole.len() - 1,
+        ] {
+            iovecs_from(&flight, from, &mut iov);
+            let got: Vec<u8> = iov
+                .iter()
+                // SAFETY: each iovec points into `flight`, alive here.
+                .flat_map(|v| unsafe {
+                    std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                })
+                .copied()
+                .collect();
+            assert_eq!(got, whole[from..], "from byte {from}");
+            assert!(iov.iter().all(|v| v.iov_len > 0));
+        }
+        iovecs_from(&flight, whole.len(), &mut iov);
+        assert!(iov.is_empty());
     }
 }

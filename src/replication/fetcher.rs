@@ -24,6 +24,7 @@ use blockdev::meta::Bitmap;
 use bytes::BytesMut;
 use protocol::{Channel, Message};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use super::peer::PeerReplica;
 use super::transport::{self, Connection, LinkError, LocalIdentity};
@@ -340,10 +341,13 @@ impl Session {
             tasks: Mutex::new(Vec::new()),
         });
         let pumping = Arc::clone(&session);
-        let pump = tokio::spawn(async move {
-            let _ = writer.pump(rx).await;
-            pumping.kill();
-        });
+        let pump = tokio::spawn(
+            async move {
+                let _ = writer.pump(rx).await;
+                pumping.kill();
+            }
+            .in_current_span(),
+        );
         let reading = Arc::clone(&session);
         let read = tokio::spawn(async move {
             loop {

@@ -31,7 +31,7 @@ pub async fn serve(repl: Arc<Replication>, conn: Connection) {
         mut reader, writer, ..
     } = conn;
     let (replies, outgoing) = mpsc::channel(MAX_IN_FLIGHT);
-    let pump = tokio::spawn(writer.pump_bounded(outgoing));
+    let pump = tokio::spawn(writer.pump_bounded(outgoing).in_current_span());
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let request = match reader.next().await {

@@ -186,13 +186,11 @@ pub async fn run(
     let congestion = repl.tunables().congestion_bytes;
     let (data_tx, data_rx) = mpsc::unbounded_channel();
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
-    let mut sender = tokio::spawn(send_data(
-        Arc::clone(peer),
-        data_writer,
-        data_rx,
-        congestion,
-    ));
-    let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
+    // In the link's span: what the writers log names node and peer.
+    let mut sender = tokio::spawn(
+        send_data(Arc::clone(peer), data_writer, data_rx, congestion).in_current_span(),
+    );
+    let meta_sender = tokio::spawn(meta_writer.pump(meta_rx).in_current_span());
     peer.start_mirroring(data_tx);
     let resync = if peer.is_lan {
         tokio::spawn(

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use protocol::{DiskState, Message};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::bitmap_exchange;
 use super::fetcher::Fetcher;
@@ -213,7 +214,7 @@ pub async fn run(
         meta_writer,
     } = link;
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
-    let meta_sender = tokio::spawn(meta_writer.pump(meta_rx));
+    let meta_sender = tokio::spawn(meta_writer.pump(meta_rx).in_current_span());
     if let Err(e) = report_what_may_differ(repl, peer, &theirs, &meta_tx) {
         meta_sender.abort();
         return Err(e);
