@@ -169,7 +169,7 @@ elapsed=$(( $(date +%s) - start ))
 # ---- results --------------------------------------------------------------
 clean=$(tr -d '\r' < "$LOG")
 # Results of boots cut short by the emulator's oops count too.
-all_results=$(cat "$LOG".crash.* "$LOG" 2>/dev/null | tr -d '\r')
+all_results=$(for f in "$LOG".crash.* "$LOG"; do [ ! -e "$f" ] || cat "$f"; done | tr -d '\r')
 fails=0
 echo
 echo "==== vmtest summary (${elapsed}s wall, qemu exit $qrc) ===="
