@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::zerocopy::{
-    zero_copy_send, Flight, SendError, ZeroCopySend, ZeroCopySender, ZeroCopyStats, ZERO_COPY_MIN,
+    zero_copy_send, Flight, Socket, ZeroCopySend, ZeroCopySender, ZeroCopyStats, ZERO_COPY_MIN,
 };
 use crate::{
     Channel, Handshake, HandshakeError, HandshakeParams, HandshakeStep, Message, Opener,
@@ -294,18 +294,10 @@ impl FrameWriter {
             shared: std::mem::take(&mut self.shared_queue),
         };
         self.shared_bytes = 0;
-        match sender.send(self.write.as_ref(), flight).await {
-            Ok(()) => Ok(()),
-            Err(SendError::Io(e)) => Err(e.into()),
-            Err(SendError::Unsupported(flight)) => {
-                tracing::debug!("this socket cannot send zero-copy: copying");
-                self.zero_copy_mode = ZeroCopySend::Off;
-                self.records = flight.records;
-                self.shared_bytes = flight.shared.iter().map(|(_, b)| b.len()).sum();
-                self.shared_queue = flight.shared;
-                self.flush_records().await
-            }
-        }
+        sender
+            .send(Socket::Tcp(self.write.as_ref()), flight)
+            .await?;
+        Ok(())
     }
 
     /// What zero-copy sending did on this connection so far.

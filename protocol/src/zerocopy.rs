@@ -176,20 +176,47 @@ struct Held {
 // `iov`, which this value owns and moves with it; nothing else uses them.
 unsafe impl Send for Held {}
 
+/// The socket a sender sends on: a TCP connection (and, in tests, a unix
+/// socket, which cannot send zero-copy).
+#[derive(Clone, Copy)]
+pub(crate) enum Socket<'a> {
+    Tcp(&'a TcpStream),
+    #[cfg(test)]
+    Unix(&'a tokio::net::UnixStream),
+}
+
+impl Socket<'_> {
+    fn fd(self) -> RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            #[cfg(test)]
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    async fn writable(self) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.writable().await,
+            #[cfg(test)]
+            Self::Unix(s) => s.writable().await,
+        }
+    }
+
+    fn try_write_vectored(self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.try_write_vectored(bufs),
+            #[cfg(test)]
+            Self::Unix(s) => s.try_write_vectored(bufs),
+        }
+    }
+}
+
 struct Ring(IoUring);
 
 impl AsRawFd for Ring {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
-}
-
-/// Why a zero-copy send failed.
-pub(crate) enum SendError {
-    /// The kernel or socket cannot send zero-copy; nothing was sent, and
-    /// here is the flush back to send by copy.
-    Unsupported(Flight),
-    Io(io::Error),
 }
 
 /// What zero-copy sending did on a connection.
@@ -273,16 +300,18 @@ impl ZeroCopySender {
 
     /// Sends `flight` on `socket`: returns once every byte is in the
     /// socket (so later writes follow it), while its memory stays held
-    /// until the kernel is done with it.
-    pub async fn send(&mut self, socket: &TcpStream, flight: Flight) -> Result<(), SendError> {
+    /// until the kernel is done with it. Where the kernel or socket cannot
+    /// send zero-copy (or cannot pin more memory), the rest goes by copy,
+    /// and so does every later flush on this connection.
+    pub async fn send(&mut self, socket: Socket<'_>, flight: Flight) -> io::Result<()> {
         // Held from before the first submission: if this future is dropped
         // mid-send, the memory stays with the sender (see `Drop`).
         let (id, bytes) = self.hold(flight);
-        let fd = socket.as_raw_fd();
+        let fd = socket.fd();
         let mut sent = 0usize;
         while sent < bytes {
-            self.submit(id, fd, sent).map_err(SendError::Io)?;
-            let (res, more) = self.wait_result(id).await.map_err(SendError::Io)?;
+            self.submit(id, fd, sent)?;
+            let (res, _) = self.wait_result(id).await?;
             if res >= 0 {
                 sent += res as usize;
                 self.stats.sent_bytes += res as u64;
@@ -290,24 +319,56 @@ impl ZeroCopySender {
             }
             match -res {
                 libc::EINTR => {}
-                libc::EAGAIN => socket.writable().await.map_err(SendError::Io)?,
-                libc::EOPNOTSUPP | libc::EINVAL if sent == 0 && !more => {
-                    let held = self.held.pop_back().expect("the send in progress");
-                    self.held_bytes -= held.bytes;
-                    return Err(SendError::Unsupported(held.flight));
+                libc::EAGAIN => socket.writable().await?,
+                errno @ (libc::EOPNOTSUPP | libc::EINVAL | libc::ENOMEM | libc::ENOBUFS) => {
+                    tracing::debug!(
+                        error = %io::Error::from_raw_os_error(errno),
+                        "zero-copy send refused: sending by copy on this connection"
+                    );
+                    self.kernel_copies = true;
+                    self.send_by_copy(socket, id, sent).await?;
+                    break;
                 }
                 errno => {
                     self.held_mut(id).sending = false;
-                    return Err(SendError::Io(io::Error::from_raw_os_error(errno)));
+                    return Err(io::Error::from_raw_os_error(errno));
                 }
             }
         }
         self.held_mut(id).sending = false;
         self.release_done();
         while self.held_bytes > MAX_HELD_BYTES {
-            self.wait_notification().await.map_err(SendError::Io)?;
+            self.wait_notification().await?;
         }
         Ok(())
+    }
+
+    /// Writes flush `id` from byte `from` on with plain (copying) writes.
+    async fn send_by_copy(&mut self, socket: Socket<'_>, id: u64, from: usize) -> io::Result<()> {
+        let held = self.held.iter().find(|h| h.id == id).expect("held");
+        let slices = held.flight.slices();
+        let mut sent = from;
+        loop {
+            let mut skip = sent;
+            let mut rest = Vec::with_capacity(slices.len());
+            for slice in &slices {
+                if skip >= slice.len() {
+                    skip -= slice.len();
+                } else {
+                    rest.push(io::IoSlice::new(&slice[skip..]));
+                    skip = 0;
+                }
+            }
+            if rest.is_empty() {
+                return Ok(());
+            }
+            socket.writable().await?;
+            match socket.try_write_vectored(&rest) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Keeps `flight` (and the iovecs over it) as the send in progress;
@@ -606,5 +667,47 @@ mod tests {
         }
         iovecs_from(&flight, whole.len(), &mut iov);
         assert!(iov.is_empty());
+    }
+
+    /// Where the socket cannot send zero-copy (a unix socket here), the
+    /// flush goes by copy, whole and in order, and so does every later one.
+    #[tokio::test]
+    async fn a_refused_zero_copy_send_goes_by_copy() {
+        use tokio::io::AsyncReadExt;
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let mut sender = ZeroCopySender::new(ZeroCopySend::On).unwrap();
+        let reading = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut expected = Vec::new();
+        for round in 0..2u8 {
+            let mut records = sender.spare_records();
+            let (mut sealer, _) = crate::SessionKeys {
+                send: [round; 32],
+                recv: [2; 32],
+            }
+            .split();
+            let write = crate::Message::Write {
+                term: 1,
+                epoch: 1,
+                seq: 1,
+                offset: 0,
+                fua: false,
+                data: Bytes::from(vec![round; 300_000]),
+            };
+            sealer.seal(&write, &mut records).unwrap();
+            expected.extend_from_slice(records.as_slice());
+            let flight = Flight {
+                records,
+                shared: Vec::new(),
+            };
+            sender.send(Socket::Unix(&a), flight).await.unwrap();
+            assert!(!sender.enabled(), "copying from the first refusal on");
+        }
+        drop(a);
+        assert!(reading.await.unwrap() == expected, "the bytes, in order");
+        assert_eq!(sender.stats().sent_bytes, 0);
     }
 }
