@@ -971,6 +971,25 @@ mod tests {
         })
     }
 
+    /// Queues `traffic`, flushing after each `Ping` (and then waiting
+    /// `pause`); returns the bytes flushed.
+    async fn send_traffic(
+        writer: &mut FrameWriter,
+        traffic: &[(Message, Option<crate::SharedRecord>)],
+        pause: Duration,
+    ) -> u64 {
+        let mut payload = 0;
+        for (msg, shared) in traffic {
+            writer.queue_shared(msg, shared.as_ref()).unwrap();
+            if matches!(msg, Message::Ping) {
+                payload += writer.buffered() as u64;
+                writer.flush().await.unwrap();
+                tokio::time::sleep(pause).await;
+            }
+        }
+        payload
+    }
+
     /// Flushes sent zero-copy (each write its own flush of 256 KiB or
     /// more, shared records among them) arrive whole and in order, the
     /// sender hands every byte to the kernel zero-copy, and the kernel's
@@ -984,17 +1003,10 @@ mod tests {
             server.reader,
             traffic.iter().map(|(m, _)| m.clone()).collect(),
         );
-        let mut payload = 0;
-        for (msg, shared) in &traffic {
-            client.writer.queue_shared(msg, shared.as_ref()).unwrap();
-            if matches!(msg, Message::Ping) {
-                payload += client.writer.buffered();
-                client.writer.flush().await.unwrap();
-            }
-        }
+        let payload = send_traffic(&mut client.writer, &traffic, Duration::ZERO).await;
         reading.await.unwrap();
         let stats = client.writer.zero_copy_stats();
-        assert_eq!(stats.sent_bytes, payload as u64, "every flush zero-copy");
+        assert_eq!(stats.sent_bytes, payload, "every flush zero-copy");
         // The notifications of the last sends come once they are delivered.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while client.writer.zero_copy_stats().copied + client.writer.zero_copy_stats().zero_copied
@@ -1021,16 +1033,8 @@ mod tests {
             server.reader,
             traffic.iter().map(|(m, _)| m.clone()).collect(),
         );
-        let mut payload = 0;
-        for (msg, shared) in &traffic {
-            client.writer.queue_shared(msg, shared.as_ref()).unwrap();
-            if matches!(msg, Message::Ping) {
-                payload += client.writer.buffered() as u64;
-                client.writer.flush().await.unwrap();
-                // Paced, so that notifications come in between flushes.
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
+        // Paced, so that notifications come in between flushes.
+        let payload = send_traffic(&mut client.writer, &traffic, Duration::from_millis(2)).await;
         reading.await.unwrap();
         let stats = client.writer.zero_copy_stats();
         assert!(stats.copied >= 16, "{stats:?}");

@@ -138,23 +138,29 @@ impl Flight {
     }
 }
 
-/// Sets `iov` to the bytes of `flight` from byte `from` on (built from the
+/// The bytes of `flight` from byte `from` on, as slices (computed from the
 /// flight each time: a partial send may end inside any slice).
-fn iovecs_from(flight: &Flight, from: usize, iov: &mut Vec<libc::iovec>) {
+fn rest_of(flight: &Flight, from: usize) -> Vec<&[u8]> {
     let mut skip = from;
-    iov.clear();
+    let mut rest = Vec::new();
     for slice in flight.slices() {
         if skip >= slice.len() {
             skip -= slice.len();
-            continue;
+        } else {
+            rest.push(&slice[skip..]);
+            skip = 0;
         }
-        let rest = &slice[skip..];
-        skip = 0;
-        iov.push(libc::iovec {
-            iov_base: rest.as_ptr() as *mut libc::c_void,
-            iov_len: rest.len(),
-        });
     }
+    rest
+}
+
+/// Sets `iov` to the bytes of `flight` from byte `from` on.
+fn iovecs_from(flight: &Flight, from: usize, iov: &mut Vec<libc::iovec>) {
+    iov.clear();
+    iov.extend(rest_of(flight, from).into_iter().map(|rest| libc::iovec {
+        iov_base: rest.as_ptr() as *mut libc::c_void,
+        iov_len: rest.len(),
+    }));
 }
 
 /// A flush whose memory the kernel may still read.
@@ -239,9 +245,9 @@ pub(crate) struct ZeroCopySender {
     next_id: u64,
     /// Record buffers whose flush is done, for the writer to reuse.
     spare: Vec<RecordBuf>,
-    /// The result of the send in progress, once in: (id, result, a
-    /// notification follows, already counted in its `Held`).
-    result: Option<(u64, i32, bool)>,
+    /// The result of the send in progress, once in: (id, result). Whether
+    /// a notification follows is counted in its `Held` when it comes in.
+    result: Option<(u64, i32)>,
     auto: bool,
     copied_in_a_row: u32,
     /// Set when this connection should copy from now on (see `auto`).
@@ -311,7 +317,7 @@ impl ZeroCopySender {
         let mut sent = 0usize;
         while sent < bytes {
             self.submit(id, fd, sent)?;
-            let (res, _) = self.wait_result(id).await?;
+            let res = self.wait_result(id).await?;
             if res >= 0 {
                 sent += res as usize;
                 self.stats.sent_bytes += res as u64;
@@ -345,20 +351,15 @@ impl ZeroCopySender {
 
     /// Writes flush `id` from byte `from` on with plain (copying) writes.
     async fn send_by_copy(&mut self, socket: Socket<'_>, id: u64, from: usize) -> io::Result<()> {
-        let held = self.held.iter().find(|h| h.id == id).expect("held");
-        let slices = held.flight.slices();
+        // (The flight alone across awaits: `Held`, with raw pointers, is
+        // not `Sync`.)
+        let flight = &self.held.iter().find(|h| h.id == id).expect("held").flight;
         let mut sent = from;
         loop {
-            let mut skip = sent;
-            let mut rest = Vec::with_capacity(slices.len());
-            for slice in &slices {
-                if skip >= slice.len() {
-                    skip -= slice.len();
-                } else {
-                    rest.push(io::IoSlice::new(&slice[skip..]));
-                    skip = 0;
-                }
-            }
+            let rest: Vec<io::IoSlice> = rest_of(flight, sent)
+                .into_iter()
+                .map(io::IoSlice::new)
+                .collect();
             if rest.is_empty() {
                 return Ok(());
             }
@@ -431,13 +432,14 @@ impl ZeroCopySender {
         Ok(())
     }
 
-    async fn wait_result(&mut self, id: u64) -> io::Result<(i32, bool)> {
+    /// The result of send `id` (bytes sent, or a negated errno).
+    async fn wait_result(&mut self, id: u64) -> io::Result<i32> {
         loop {
             self.drain_completions();
-            if let Some((done, res, more)) = self.result {
+            if let Some((done, res)) = self.result {
                 if done == id {
                     self.result = None;
-                    return Ok((res, more));
+                    return Ok(res);
                 }
             }
             self.wait_ring().await?;
@@ -484,13 +486,12 @@ impl ZeroCopySender {
                 }
             } else {
                 // Counted here, before a notification later in this batch.
-                let more = cqueue::more(cqe.flags());
-                if more {
+                if cqueue::more(cqe.flags()) {
                     if let Some(held) = self.held.iter_mut().find(|h| h.id == id) {
                         held.notifications += 1;
                     }
                 }
-                self.result = Some((id, cqe.result(), more));
+                self.result = Some((id, cqe.result()));
             }
         }
     }

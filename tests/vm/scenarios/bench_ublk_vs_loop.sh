@@ -23,7 +23,10 @@
 #        guest's loopback is its peer, protocol C, links protected; reads
 #        are then served by the replication layer, writes wait for the peer),
 #        BENCH_UNPROTECTED=1 (with BENCH_PEER: the links unsealed after the
-#        handshake, VMSYNC_BENCH_UNPROTECTED_LINKS=1, to see what sealing costs).
+#        handshake, VMSYNC_BENCH_UNPROTECTED_LINKS=1, to see what sealing costs),
+#        BENCH_PERF=1 (a whole-guest `perf record -e cpu-clock -a -g` over each
+#        measured window; the top of its report goes to the console as
+#        "PERF <test> <device>" lines: where the guest's CPU goes per device).
 . "$REPO/tests/vm/lib.sh"
 require_binaries
 RT=${BENCH_RUNTIME:-20}
@@ -36,6 +39,10 @@ RUBLK=${BENCH_RUBLK:-}
 RUBLK_ARGS=${BENCH_RUBLK_ARGS:-}
 RUBLK_ID=9
 PEER=${BENCH_PEER:-}
+PERF=
+if [ -n "${BENCH_PERF:-}" ]; then
+  command -v perf >/dev/null && PERF=1 || log "BENCH_PERF: no perf in the guest's root; not profiling"
+fi
 [ "${BENCH_UNPROTECTED:-}" != 1 ] || export VMSYNC_BENCH_UNPROTECTED_LINKS=1
 
 # The backing files, fully allocated (written, not fallocated: reads of
@@ -97,10 +104,15 @@ fio_run() {
     seqwrite_1m) rw=write bs=1M qd=8 ;;
     *) fail "unknown bench test $t" ;;
   esac
+  rm -f "$W/perf.data"
   (
     sleep 2
     echo "$(busy_ticks) $(server_ticks "$pid") $(switch_counts)" > "$W/cpu.0"
-    sleep "$RT"
+    if [ -n "$PERF" ]; then
+      perf record -q -e cpu-clock -a -g -o "$W/perf.data" -- sleep "$RT" >/dev/null 2>&1 || sleep "$RT"
+    else
+      sleep "$RT"
+    fi
     echo "$(busy_ticks) $(server_ticks "$pid") $(switch_counts)" > "$W/cpu.1"
   ) &
   sampler=$!
@@ -109,6 +121,11 @@ fio_run() {
         --norandommap --randrepeat=0 --output-format=terse --terse-version=3 2>"$W/fio.err") \
     || fail "fio $t on $dev failed: $(head -c 300 "$W/fio.err")"
   wait "$sampler"
+  if [ -s "$W/perf.data" ]; then
+    # To the console, not to stdout (the caller parses stdout).
+    perf report -i "$W/perf.data" --stdio --no-children --sort comm,dso,sym -g none 2>/dev/null |
+      grep -E '^ +[0-9.]+%' | head -n 30 | sed "s|^|PERF $t ${dev##*/} |" >&2
+  fi
   local cpu0 cpu1
   cpu0=$(cat "$W/cpu.0") cpu1=$(cat "$W/cpu.1")
   echo "$out" | awk -F';' -v rw="$rw" -v c0="$cpu0" -v c1="$cpu1" -v rt="$RT" -v tick="$TICK_US" '$1 == 3 {
