@@ -413,7 +413,7 @@ impl ZeroCopySender {
 
     /// Submits the send of flush `id` from byte `from` on.
     fn submit(&mut self, id: u64, fd: RawFd, from: usize) -> io::Result<()> {
-        let held = self.held.iter_mut().find(|h| h.id == id).expect("held");
+        let held = self.held_mut(id);
         iovecs_from(&held.flight, from, &mut held.iov);
         held.msg.msg_iov = held.iov.as_mut_ptr();
         held.msg.msg_iovlen = held.iov.len();
@@ -477,21 +477,11 @@ impl ZeroCopySender {
             entries.extend(ring.completion());
         }
         for cqe in entries {
-            let id = cqe.user_data();
+            count_notifications(&mut self.held, &cqe);
             if cqueue::notif(cqe.flags()) {
-                let copied = cqe.result() & NOTIF_COPIED != 0;
-                self.note_notification(copied);
-                if let Some(held) = self.held.iter_mut().find(|h| h.id == id) {
-                    held.notifications = held.notifications.saturating_sub(1);
-                }
+                self.note_notification(cqe.result() & NOTIF_COPIED != 0);
             } else {
-                // Counted here, before a notification later in this batch.
-                if cqueue::more(cqe.flags()) {
-                    if let Some(held) = self.held.iter_mut().find(|h| h.id == id) {
-                        held.notifications += 1;
-                    }
-                }
-                self.result = Some((id, cqe.result()));
+                self.result = Some((cqe.user_data(), cqe.result()));
             }
         }
     }
@@ -570,6 +560,21 @@ impl Drop for ZeroCopySender {
     }
 }
 
+/// Keeps the count of notifications still to come of the flush `cqe`
+/// belongs to: a result with `F_MORE` announces one (counted as it comes
+/// in, before a notification later in the same batch), a notification
+/// ends one. Completions of no held flush (a cancel's) are ignored.
+fn count_notifications(held: &mut VecDeque<Held>, cqe: &cqueue::Entry) {
+    let Some(h) = held.iter_mut().find(|h| h.id == cqe.user_data()) else {
+        return;
+    };
+    if cqueue::notif(cqe.flags()) {
+        h.notifications = h.notifications.saturating_sub(1);
+    } else if cqueue::more(cqe.flags()) {
+        h.notifications += 1;
+    }
+}
+
 /// Waits for every outstanding result and notification of `held` on
 /// `ring`, then frees the memory; after [`DRAIN_ON_DROP`], leaks what is
 /// left (the kernel might still send from it).
@@ -580,15 +585,10 @@ fn drain(ring: AsyncFd<Ring>, mut held: VecDeque<Held>) {
     loop {
         // SAFETY: only this thread uses the ring now.
         for cqe in unsafe { ring.completion_shared() } {
-            let Some(h) = held.iter_mut().find(|h| h.id == cqe.user_data()) else {
-                continue;
-            };
-            if cqueue::notif(cqe.flags()) {
-                h.notifications = h.notifications.saturating_sub(1);
-            } else {
-                h.sending = false;
-                if cqueue::more(cqe.flags()) {
-                    h.notifications += 1;
+            count_notifications(&mut held, &cqe);
+            if !cqueue::notif(cqe.flags()) {
+                if let Some(h) = held.iter_mut().find(|h| h.id == cqe.user_data()) {
+                    h.sending = false;
                 }
             }
         }
