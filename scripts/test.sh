@@ -29,9 +29,11 @@ host_failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log_dir/cargo-test.
 
 vm_passed=0
 vm_failed=0
-# Run again on the zero-copy kernel: a standalone node's direct queue and a
-# replicated primary's queue, each through faults.
-ZERO_COPY_SCENARIOS="standalone_direct fs_basic crash_recovery replicated_fs machine_switch failing_disk"
+# Run again on the zero-copy kernel (Linux 6.16+): a standalone node's
+# direct queue and a replicated primary's queue, each through faults, and
+# growing a primary's device online (UBLK_U_CMD_UPDATE_SIZE, also 6.16+;
+# on 6.12 the scenario checks the refusal).
+ZERO_COPY_SCENARIOS="standalone_direct fs_basic crash_recovery replicated_fs machine_switch failing_disk online_resize"
 if [ "${VMSYNC_SKIP_VM:-0}" != 1 ]; then
   echo "== VM tests (real ublk in a qemu guest)"
   cargo build --release --workspace --bins

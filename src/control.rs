@@ -58,6 +58,11 @@ pub enum Request {
     },
     /// Re-read the configuration file and apply what changed.
     Adjust,
+    /// Grow to the configuration file's `[resource] size` (the daemon
+    /// restarts itself under the device; see `node::resize`).
+    Resize {
+        assume_clean: bool,
+    },
     /// Stream state changes (see `events`); with `now`, only the present
     /// state, then the connection ends.
     Events {
@@ -139,6 +144,10 @@ pub struct Status {
     /// The last (or running) online verify since the daemon started.
     #[serde(default)]
     pub verify: VerifyStatus,
+    /// Set when this daemon restarted to grow (`vmsyncctl resize`) and
+    /// could not: why. It serves the size it had.
+    #[serde(default)]
+    pub resize_error: Option<String>,
 }
 
 /// Progress of `vmsyncctl verify` (on the primary).

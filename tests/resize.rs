@@ -1,5 +1,7 @@
 //! `vmsyncctl resize`: growing a replicated device after every node's
-//! backing store grew, with the daemons stopped. Real daemons on loopback.
+//! backing store grew, with the daemons stopped or running. Real daemons
+//! on loopback (their devices on block sockets; growing a ublk device
+//! under a mounted file system is the VM scenario `online_resize`).
 
 mod support;
 
@@ -53,9 +55,9 @@ fn resize_grows_every_replica_and_the_new_area_converges() {
     drop(c1);
     assert!(cluster.wait_identical(Some(before.blake3())).is_ok());
 
-    // Online growth is not possible on these kernels: refused, clearly.
-    let why = refused(&cluster.daemon(1).ctl(&["resize"]));
-    assert!(why.contains("vmsyncd is running"), "{why}");
+    // The running daemon is asked; the file still says the old size.
+    let said = ok(&cluster.daemon(1).ctl(&["resize"]));
+    assert!(said.contains("nothing to do"), "{said}");
 
     ok(&cluster.daemon(1).ctl(&["demote"]));
     for id in 1..=2 {
@@ -130,6 +132,146 @@ fn resize_grows_every_replica_and_the_new_area_converges() {
     let after = write_flushed(&rt, &c1, &Workload::new(42, new).ops(300), start);
     let tail = rt.block_on(c1.read(new - 4096, 4096)).unwrap();
     assert_eq!(tail, after.image()[(new - 4096) as usize..]);
+    assert!(cluster.wait_peers_up_to_date(1));
+    for id in 1..=2 {
+        assert_eq!(
+            blake3_of_file(&cluster.dir.node(id).backing, new),
+            after.blake3(),
+            "node {id} does not hold the grown device's data"
+        );
+    }
+}
+
+/// Writes node `id`'s configuration with size `new` (`old`: the size the
+/// cluster was started with).
+fn configure_size(cluster: &Cluster, id: u32, old: u64, new: u64) {
+    let toml = cluster
+        .dir
+        .config_toml(id)
+        .replace(&format!("size = {old}\n"), &format!("size = {new}\n"));
+    cluster.dir.write_config(id, &toml);
+}
+
+/// Grows node `id`'s backing file to `new` bytes, the new area full of
+/// garbage (as a reused disk would be).
+fn grow_backing_with_garbage(cluster: &Cluster, id: u32, old: u64, new: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cluster.dir.node(id).backing)
+        .unwrap();
+    file.write_all_at(&vec![0x5a; (new - old) as usize], old)
+        .unwrap();
+}
+
+/// Running daemons grow online: each restarts itself in place (same pid)
+/// at the new size. What cannot be done is refused with the reason and
+/// changes nothing: a backing store not grown yet, a shrink, a file that
+/// changes more than the size, a device on a block socket (whose clients a
+/// restart would cut off). Grown one after the other (the primary after
+/// demoting), the nodes link again, the new area is resynced, and the
+/// replicas are identical, old data intact.
+#[test]
+fn running_daemons_grow_in_place_and_refuse_what_they_cannot() {
+    let rt = runtime();
+    let old = 32u64 << 20;
+    let new = 3 * old;
+    let mut cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        size: old,
+        protocol: "C",
+        ..ClusterSpec::default()
+    });
+    cluster.promote(1);
+    let c1 = client(&rt, &cluster, 1);
+    let before = write_flushed(
+        &rt,
+        &c1,
+        &Workload::new(43, old).ops(200),
+        Model::zeroed(old),
+    );
+    assert!(cluster.wait_identical(Some(before.blake3())).is_ok());
+    let pids = [cluster.daemon(1).pid(), cluster.daemon(2).pid()];
+    let size_of = |cluster: &Cluster, id| cluster.status(id)["size"].as_u64().unwrap();
+
+    // The secondary: its backing store has not grown yet.
+    configure_size(&cluster, 2, old, new);
+    let why = refused(&cluster.daemon(2).ctl(&["resize"]));
+    assert!(why.contains("grow it first"), "{why}");
+    // A shrink.
+    configure_size(&cluster, 2, old, old / 2);
+    let why = refused(&cluster.daemon(2).ctl(&["resize"]));
+    assert!(why.contains("shrinking is not supported"), "{why}");
+    // More than the size changed.
+    grow_backing_with_garbage(&cluster, 2, old, new);
+    configure_size(&cluster, 2, old, new);
+    let plain = std::fs::read_to_string(&cluster.dir.node(2).config).unwrap();
+    let edited = plain.replacen("lan_group = \"", "lan_group = \"elsewhere-", 1);
+    assert_ne!(edited, plain);
+    cluster.dir.write_config(2, &edited);
+    let why = refused(&cluster.daemon(2).ctl(&["resize"]));
+    assert!(why.contains("more than [resource] size ([node])"), "{why}");
+    assert_eq!(
+        size_of(&cluster, 2),
+        old,
+        "a refused resize changed the size"
+    );
+    assert_eq!(cluster.daemon(2).pid(), pids[1]);
+
+    // Grown in place.
+    cluster.dir.write_config(2, &plain);
+    let said = ok(&cluster.daemon(2).ctl(&["resize"]));
+    assert!(
+        said.contains(&format!("growing from {old} to {new} bytes")),
+        "{said}"
+    );
+    assert!(said.contains(&format!("serves {new} bytes")), "{said}");
+    assert!(cluster.daemon(2).is_running());
+    assert_eq!(cluster.daemon(2).pid(), pids[1], "not restarted in place");
+    assert_eq!(size_of(&cluster, 2), new);
+    assert_eq!(
+        cluster.status(2)["last_shutdown"],
+        "crash",
+        "{}",
+        cluster.status(2)
+    );
+
+    // The primary serves its device on a block socket: refused.
+    grow_backing_with_garbage(&cluster, 1, old, new);
+    configure_size(&cluster, 1, old, new);
+    let why = refused(&cluster.daemon(1).ctl(&["resize"]));
+    assert!(why.contains("block socket"), "{why}");
+    assert_eq!(size_of(&cluster, 1), old);
+    // Sizes differ: no link meanwhile, and the primary's writes go on.
+    let during = write_flushed(&rt, &c1, &Workload::new(44, old).ops(100), before);
+    drop(c1);
+
+    // Demoted (no device), it grows in place too.
+    ok(&cluster.daemon(1).ctl(&["demote"]));
+    let said = ok(&cluster.daemon(1).ctl(&["resize"]));
+    assert!(said.contains(&format!("serves {new} bytes")), "{said}");
+    assert_eq!(cluster.daemon(1).pid(), pids[0], "not restarted in place");
+    cluster.wait_linked(1);
+    cluster.promote(1);
+    assert_eq!(size_of(&cluster, 1), new);
+    assert!(cluster.wait_peers_up_to_date(1));
+
+    // Old data intact; the new area is node 1's (its garbage too: the
+    // primary's version wins), and node 2 holds exactly that.
+    let c1 = client(&rt, &cluster, 1);
+    let mut head = Vec::new();
+    for offset in (0..old).step_by(1 << 20) {
+        head.extend(rt.block_on(c1.read(offset, 1 << 20)).unwrap());
+    }
+    assert!(head == during.image(), "old data changed");
+    let mut image = std::fs::read(&cluster.dir.node(1).backing).unwrap();
+    image.truncate(new as usize);
+    let after = write_flushed(
+        &rt,
+        &c1,
+        &Workload::new(45, new).ops(200),
+        Model::from_image(image),
+    );
     assert!(cluster.wait_peers_up_to_date(1));
     for id in 1..=2 {
         assert_eq!(

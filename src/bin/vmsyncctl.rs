@@ -28,8 +28,10 @@ enum Command {
         force: bool,
     },
     /// Grow this replica to the configuration's `[resource] size` after
-    /// its backing store grew (needs --config; with the daemon stopped, on
-    /// every node). The new area is resynced from the next primary.
+    /// its backing store grew (needs --config; on every node). With the
+    /// daemon running it restarts itself under the device, which then
+    /// grows (Linux 6.16+); else the metadata is grown offline. The new
+    /// area is resynced from the primary.
     Resize {
         /// The new area is identical on every node (e.g. all zeros): do
         /// not resync it.
@@ -162,6 +164,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
         }
         &Command::Resize { assume_clean } => {
             let config = config.ok_or("resize needs --config FILE")?;
+            // A daemon that answers grows online; with none, offline.
+            if call(&config.node.control_socket, &Request::Status).is_ok() {
+                resize_online(&config, assume_clean)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let done =
                 vmsync::node::resize_metadata(&config, assume_clean).map_err(|e| e.to_string())?;
             println!("{done}");
@@ -298,6 +305,58 @@ fn block_on<T>(work: impl std::future::Future<Output = T>) -> Result<T, String> 
         .build()
         .map_err(|e| e.to_string())?;
     Ok(runtime.block_on(work))
+}
+
+/// How long `resize` waits for the daemon to come back grown: opening the
+/// metadata, re-attaching and, without a directory, listening to the
+/// peers for a ping timeout first.
+const RESIZE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `resize` with the daemon running: asks it to grow, then waits until the
+/// restarted daemon answers with the new size (or says why it could not).
+fn resize_online(config: &vmsync::config::Config, assume_clean: bool) -> Result<(), String> {
+    let socket = &config.node.control_socket;
+    let response = call(socket, &Request::Resize { assume_clean })?;
+    if !response.ok {
+        return Err(response.error.unwrap_or_else(|| "resize failed".into()));
+    }
+    println!("{}", response.message.unwrap_or_default());
+    let wanted = config.resource.size;
+    let deadline = std::time::Instant::now() + RESIZE_PATIENCE;
+    loop {
+        // The old process answers (with the old size) until it is gone,
+        // then nobody until the new one is ready.
+        if let Ok(control::Response {
+            status: Some(status),
+            ..
+        }) = call(socket, &Request::Status)
+        {
+            if let Some(why) = status.resize_error {
+                return Err(format!(
+                    "vmsyncd restarted but did not grow: {why}; it serves {} bytes as before",
+                    status.size
+                ));
+            }
+            if status.size == wanted {
+                println!(
+                    "{} serves {wanted} bytes{}",
+                    status.node,
+                    status
+                        .device
+                        .map(|d| format!(" on {d}"))
+                        .unwrap_or_default()
+                );
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "vmsyncd did not answer grown within {} s: see its log",
+                RESIZE_PATIENCE.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 fn call(socket: &Path, request: &Request) -> Result<control::Response, String> {

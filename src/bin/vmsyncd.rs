@@ -22,6 +22,33 @@ struct Args {
     /// Print this program's man page (roff) to stdout and exit.
     #[arg(long, hide = true)]
     man: bool,
+    /// Grow the metadata to the configured size before starting (how the
+    /// daemon restarts itself for `vmsyncctl resize`).
+    #[arg(long, hide = true)]
+    grow_metadata: bool,
+    /// With --grow-metadata: the new area is identical on every node.
+    #[arg(long, hide = true, requires = "grow_metadata")]
+    assume_clean: bool,
+}
+
+/// `vmsyncctl resize` on a running daemon: replaces this process (same
+/// pid, so a service manager keeps tracking it) by vmsyncd with the same
+/// arguments plus the grow. Threads, rings and descriptors go away as if
+/// the process had died, which the ublk device survives. Returns only if
+/// `exec` failed.
+fn restart_to_grow(grow: vmsync::node::Grow) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "vmsyncd".into());
+    let mut command = std::process::Command::new("/proc/self/exe");
+    command
+        .arg0(arg0)
+        .args(args.filter(|a| a != "--grow-metadata" && a != "--assume-clean"))
+        .arg("--grow-metadata");
+    if grow.assume_clean {
+        command.arg("--assume-clean");
+    }
+    command.exec()
 }
 
 fn main() -> ExitCode {
@@ -71,8 +98,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(vmsync::node::run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let grow = args.grow_metadata.then_some(vmsync::node::Grow {
+        assume_clean: args.assume_clean,
+    });
+    match runtime.block_on(vmsync::node::run(config, grow)) {
+        Ok(vmsync::node::Exit::Stopped) => ExitCode::SUCCESS,
+        Ok(vmsync::node::Exit::RestartToGrow(grow)) => {
+            let e = restart_to_grow(grow);
+            eprintln!("vmsyncd: cannot restart itself to grow: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("vmsyncd: {}", describe(&e));
             ExitCode::FAILURE

@@ -99,7 +99,7 @@ impl PeerPlan {
 
 /// The parts of the configuration a running daemon cannot take over
 /// (peers apart: see [`PeerPlan`]).
-fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
+pub(super) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     let mut keys = Vec::new();
     if old.resource != new.resource {
         keys.push("[resource]".to_string());

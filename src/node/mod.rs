@@ -11,6 +11,7 @@
 mod adjust;
 mod events;
 mod frontend;
+mod resize;
 mod service;
 mod status;
 mod switch;
@@ -34,6 +35,7 @@ use crate::metrics::{IoMetrics, Metered};
 use crate::replication::invalidate::GiveUp;
 use crate::replication::{ReplicatedDevice, Replication};
 use frontend::Frontend;
+pub use resize::{Exit, Grow};
 
 /// A running node.
 pub struct Node {
@@ -59,12 +61,20 @@ pub struct Node {
     /// `shutdown` answer, an events stream's `destroy` line) before it
     /// exits, or their clients would see a cut connection.
     control_clients: watch::Sender<usize>,
+    /// Set by `vmsyncctl resize`: the run loop replaces this process by one
+    /// that grows (see `resize`).
+    restart: std::sync::Mutex<Option<Grow>>,
+    /// Why this daemon, started to grow, could not (it serves the old size).
+    resize_error: Option<String>,
 }
 
 impl Node {
     /// Opens the backing store and metadata, refusing (and writing nothing)
     /// when either does not match the configuration.
-    pub fn open(config: Config) -> anyhow::Result<Arc<Node>> {
+    /// With `grow` (a daemon that restarted itself for `vmsyncctl resize`),
+    /// the metadata is first grown to the configured size.
+    pub fn open(mut config: Config, grow: Option<Grow>) -> anyhow::Result<Arc<Node>> {
+        let resize_error = grow.and_then(|grow| resize::grow_metadata_at_start(&mut config, grow));
         let backing = BackingStore::open(
             &config.node.backing,
             config.resource.size,
@@ -130,6 +140,8 @@ impl Node {
                 .metrics_listen
                 .map(|_| Arc::new(IoMetrics::default())),
             control_clients: watch::channel(0).0,
+            restart: std::sync::Mutex::new(None),
+            resize_error,
             config,
         }))
     }
@@ -344,6 +356,7 @@ impl Node {
             Request::Disconnect { peer } => self.set_link(&peer, false),
             Request::Connect { peer } => self.set_link(&peer, true),
             Request::Adjust => self.adjust(),
+            Request::Resize { assume_clean } => self.resize(Grow { assume_clean }).await,
             Request::Events { .. } => Err("events streams on a connection of its own".into()),
         };
         match result {
@@ -401,7 +414,10 @@ impl Node {
 }
 
 /// Runs the daemon until a clean stop.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the node until it is stopped, or until `vmsyncctl resize` asks
+/// for a restart (the caller then replaces the process; see `resize`).
+/// `grow`: this process is that restart.
+pub async fn run(config: Config, grow: Option<Grow>) -> anyhow::Result<Exit> {
     let span =
         tracing::info_span!("node", resource = %config.resource.name, node = %config.node.name);
     let _entered = span.enter();
@@ -416,7 +432,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let node = Node::open(config)?;
+    let node = Node::open(config, grow)?;
     if let Err(e) = start_serving(&node).await {
         let _ = node.metadata.mark_clean();
         return Err(e);
@@ -459,14 +475,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = stopped.changed() => break,
         }
     }
-    service::report_stopping();
+    let restart = *node.restart.lock().unwrap_or_else(|e| e.into_inner());
+    if restart.is_none() {
+        service::report_stopping();
+    }
     let _ = std::fs::remove_file(&socket_path);
     // Let the clients being served read their last line; a client that
     // does not read is not waited for long.
     let mut clients = node.control_clients.subscribe();
     let _ = tokio::time::timeout(CONTROL_DRAIN, clients.wait_for(|n| *n == 0)).await;
-    tracing::info!("vmsyncd stopped cleanly");
-    Ok(())
+    match restart {
+        Some(grow) => {
+            // Left in use on purpose (see `resize`); what the bitmaps hold
+            // now need not be rebuilt from the activity log after.
+            if let Err(e) = node.metadata.flush_bitmaps() {
+                tracing::warn!(error = %e, "flushing the bitmaps before the restart");
+            }
+            tracing::info!("vmsyncd restarting to grow");
+            Ok(Exit::RestartToGrow(grow))
+        }
+        None => {
+            tracing::info!("vmsyncd stopped cleanly");
+            Ok(Exit::Stopped)
+        }
+    }
 }
 
 /// Standalone: expose the device. With peers: start replication, and if a
@@ -581,15 +613,14 @@ pub fn create_metadata(config: &Config, overwrite: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `vmsyncctl resize`: grows this node's metadata to `[resource] size`
-/// after the backing store grew, with the daemon stopped (see
-/// `blockdev::meta::grow`). Online growth needs the kernel's
-/// `UBLK_U_CMD_UPDATE_SIZE` (Linux 6.16), which the kernels vmsync is
-/// tested on lack. Returns what to tell the operator.
+/// `vmsyncctl resize` with the daemon stopped: grows this node's metadata
+/// to `[resource] size` after the backing store grew (see
+/// `blockdev::meta::grow`; a running daemon grows online, see `resize`).
+/// Returns what to tell the operator.
 pub fn resize_metadata(config: &Config, assume_clean: bool) -> anyhow::Result<String> {
     if std::os::unix::net::UnixStream::connect(&config.node.control_socket).is_ok() {
         anyhow::bail!(
-            "vmsyncd is running ({} answers): stop it first (`vmsyncctl shutdown`); growing a running device needs UBLK_U_CMD_UPDATE_SIZE (Linux 6.16), which this version does not use",
+            "vmsyncd is running ({} answers): ask it (`vmsyncctl resize` grows a running daemon), or stop it first",
             config.node.control_socket.display()
         );
     }

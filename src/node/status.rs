@@ -64,6 +64,7 @@ impl Node {
                     state: "none".into(),
                     ..VerifyStatus::default()
                 }),
+            resize_error: self.resize_error.clone(),
         }
     }
 

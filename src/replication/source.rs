@@ -55,7 +55,8 @@ pub fn lineage(ours: GenerationIds, theirs: GenerationIds, us: (u64, u32)) -> Li
     use blockdev::meta::GenerationIds as Ids;
     let ours_to_diff = theirs.current == ours.current
         || theirs.current == ours.bitmap
-        || (us.0 != 0 && Ids::origin_of(theirs.current) == us);
+        || (us.0 != 0 && Ids::origin_of(theirs.current) == us)
+        || only_ours_since(ours, theirs.current, us.1);
     if theirs.current == 0 {
         Lineage::Empty
     } else if ours_to_diff {
@@ -67,6 +68,25 @@ pub fn lineage(ours: GenerationIds, theirs: GenerationIds, us: (u64, u32)) -> Li
     } else {
         Lineage::Diverged
     }
+}
+
+/// Whether `theirs` is one of our last generations and it and every one
+/// since were started by `node` (us) as primary, in whatever tenure: a
+/// daemon that restarted (crashed, or grew online) resumes in a tenure of
+/// its own. Our data then changed only by our own writes since `theirs`,
+/// and our bitmaps hold every one of them a peer missed: no other primary
+/// wrote in between (we would hold its generation, having synced from it).
+fn only_ours_since(ours: GenerationIds, theirs: u64, node: u32) -> bool {
+    use blockdev::meta::GenerationIds as Ids;
+    let newest_first = [ours.current, ours.history[0], ours.history[1]];
+    newest_first
+        .iter()
+        .position(|&g| g == theirs)
+        .is_some_and(|k| {
+            newest_first[..=k]
+                .iter()
+                .all(|&g| g != 0 && Ids::origin_of(g).1 == node)
+        })
 }
 
 /// A diverged secondary: `[replication] after_split_brain` decides (see
@@ -514,11 +534,17 @@ mod tests {
         // Any generation of our own term, however many forks ago.
         assert_eq!(lineage(ours, at(id(3, 1)), term), Lineage::FromBitmap);
         assert_eq!(lineage(ours, at(id(3, 77)), term), Lineage::FromBitmap);
-        // The one we held when promoted.
-        let promoted = gen(id(3, 1), id(2, 1), [id(2, 1), id(1, 1)]);
-        assert_eq!(lineage(promoted, at(id(2, 1)), term), Lineage::FromBitmap);
-        // Further back: other primaries may have written since.
+        // The one we held when promoted (node 9's, which we followed).
+        let of_9 = |term: u64| (term << 32) | (9 << 24) | 1;
+        let promoted = gen(id(3, 1), of_9(2), [of_9(2), id(1, 1)]);
+        assert_eq!(lineage(promoted, at(of_9(2)), term), Lineage::FromBitmap);
+        // Further back: node 9 wrote since.
         assert_eq!(lineage(promoted, at(id(1, 1)), term), Lineage::TooOld);
+        // Only our own generations since (we restarted, resuming in terms
+        // of our own): every change since is in our bitmaps.
+        let resumed = gen(id(3, 1), id(2, 4), [id(2, 4), id(1, 1)]);
+        assert_eq!(lineage(resumed, at(id(1, 1)), term), Lineage::FromBitmap);
+        assert_eq!(lineage(resumed, at(id(2, 4)), term), Lineage::FromBitmap);
         assert_eq!(lineage(ours, at(0), term), Lineage::Empty);
         // A later primary that started from one of our generations.
         let newer = gen(id(4, 1), id(3, 2), [id(3, 2), id(3, 1)]);

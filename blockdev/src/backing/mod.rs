@@ -118,26 +118,7 @@ impl BackingStore {
             open.custom_flags(libc::O_DIRECT);
         }
         let file = open.open(path).map_err(open_err)?;
-        let file_type = file.metadata().map_err(open_err)?.file_type();
-        let (kind, actual) = if file_type.is_file() {
-            (BackingKind::File, file.metadata().map_err(open_err)?.len())
-        } else if file_type.is_block_device() {
-            (
-                BackingKind::BlockDevice,
-                block_device_size(&file).map_err(open_err)?,
-            )
-        } else {
-            return Err(BackingError::NotFileOrDevice {
-                path: path.to_path_buf(),
-            });
-        };
-        if actual < size {
-            return Err(BackingError::TooSmall {
-                path: path.to_path_buf(),
-                actual,
-                wanted: size,
-            });
-        }
+        let kind = measure(&file, path, size)?;
         let uring = Uring::new(RING_ENTRIES).map_err(|source| BackingError::Uring {
             path: path.to_path_buf(),
             source,
@@ -451,6 +432,49 @@ impl BlockDevice for BackingStore {
 }
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
+
+/// Checks, without writing, that `path` could serve `size` bytes (a file
+/// or block device at least that large), as [`BackingStore::open`] would.
+pub fn check_capacity(path: &Path, size: u64) -> Result<(), BackingError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .open(path)
+        .map_err(|source| BackingError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    measure(&file, path, size).map(|_| ())
+}
+
+/// What `file` (opened from `path`) is; refuses anything but a file or a
+/// block device of at least `size` bytes.
+fn measure(file: &File, path: &Path, size: u64) -> Result<BackingKind, BackingError> {
+    let open_err = |source| BackingError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_type = file.metadata().map_err(open_err)?.file_type();
+    let (kind, actual) = if file_type.is_file() {
+        (BackingKind::File, file.metadata().map_err(open_err)?.len())
+    } else if file_type.is_block_device() {
+        (
+            BackingKind::BlockDevice,
+            block_device_size(file).map_err(open_err)?,
+        )
+    } else {
+        return Err(BackingError::NotFileOrDevice {
+            path: path.to_path_buf(),
+        });
+    };
+    if actual < size {
+        return Err(BackingError::TooSmall {
+            path: path.to_path_buf(),
+            actual,
+            wanted: size,
+        });
+    }
+    Ok(kind)
+}
 
 /// Capacity of a block device in bytes (BLKGETSIZE64).
 fn block_device_size(file: &File) -> io::Result<u64> {

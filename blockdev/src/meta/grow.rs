@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use super::file::MetaFile;
+use super::layout::{Layout, SECTOR_SIZE};
 use super::{read_superblock, CreateParams, Expect, MetaError, Metadata};
 
 /// What [`grow`] did.
@@ -27,11 +28,38 @@ pub struct Grown {
 
 /// Grows the metadata at `path` (a regular file) to `new_size` bytes,
 /// keeping terms, generations, disk state and every bitmap bit. Refuses to
-/// shrink, and refuses metadata of a daemon that did not stop cleanly (its
-/// activity log still says where the peers may differ). `assume_clean`:
-/// the new area is known identical on every node (e.g. zeros everywhere),
-/// so it is not marked for resync.
+/// shrink, and refuses metadata of a daemon that did not stop cleanly (it
+/// may still run, and its activity log says where the peers may differ).
+/// `assume_clean`: the new area is known identical on every node (e.g.
+/// zeros everywhere), so it is not marked for resync.
 pub fn grow(path: &Path, new_size: u64, assume_clean: bool) -> Result<Grown, MetaError> {
+    grow_metadata(path, new_size, assume_clean, false)
+}
+
+/// [`grow`] for a daemon restarting itself to grow online (`vmsyncctl
+/// resize` with the daemon running): its previous run left the metadata
+/// in use, as a crash would. The activity log is carried over as it is
+/// and the metadata stays marked unclean, so the restarted daemon treats
+/// the hot extents exactly as after a crash (resynced to peers where a
+/// write may have reached one replica and not another). The caller must
+/// be the only user of the file.
+pub fn grow_in_use(path: &Path, new_size: u64, assume_clean: bool) -> Result<Grown, MetaError> {
+    grow_metadata(path, new_size, assume_clean, true)
+}
+
+/// The device size the metadata at `path` is laid out for.
+pub fn stored_device_size(path: &Path) -> Result<u64, MetaError> {
+    let file = MetaFile::open(path)?;
+    let (stored, _) = read_superblock(&file)?;
+    Ok(stored.superblock.layout.geometry().device_size)
+}
+
+fn grow_metadata(
+    path: &Path,
+    new_size: u64,
+    assume_clean: bool,
+    in_use: bool,
+) -> Result<Grown, MetaError> {
     let invalid = |why: String| MetaError::InvalidParams(format!("{}: {why}", path.display()));
     let file = MetaFile::open(path)?;
     if !file.is_regular_file()? {
@@ -43,7 +71,7 @@ pub fn grow(path: &Path, new_size: u64, assume_clean: bool) -> Result<Grown, Met
     drop(file);
     let old = stored.superblock;
     let geometry = old.layout.geometry();
-    if !old.clean {
+    if !old.clean && !in_use {
         return Err(invalid(
             "the daemon did not stop cleanly (or still runs): start vmsyncd and stop it, then resize".into(),
         ));
@@ -104,9 +132,17 @@ pub fn grow(path: &Path, new_size: u64, assume_clean: bool) -> Result<Grown, Met
         sb.inconsistent = old.inconsistent;
         sb.generation_unwritten = old.generation_unwritten;
     })?;
-    to.mark_clean()?;
-    from.mark_clean()?;
-    drop((from, to));
+    if old.clean {
+        to.mark_clean()?;
+        from.mark_clean()?;
+        drop((from, to));
+    } else {
+        // Left as the previous run left it: unclean, with its activity log
+        // (whose place in the file does not depend on the device size).
+        to.flush_bitmaps()?;
+        drop((from, to));
+        copy_activity_log(path, &temp, &old.layout)?;
+    }
     std::fs::rename(&temp, path).map_err(|e| MetaError::Io {
         path: path.to_owned(),
         op: "replace with the grown metadata",
@@ -118,6 +154,19 @@ pub fn grow(path: &Path, new_size: u64, assume_clean: bool) -> Result<Grown, Met
         new_size,
         new_blocks_marked: marked,
     })
+}
+
+/// Copies the activity-log ring of `from` into `to`, sector for sector, and
+/// makes it durable.
+fn copy_activity_log(from: &Path, to: &Path, layout: &Layout) -> Result<(), MetaError> {
+    let (from, to) = (MetaFile::open(from)?, MetaFile::open(to)?);
+    let mut sector = vec![0u8; SECTOR_SIZE];
+    for index in 0..layout.al_ring_sectors() {
+        let offset = layout.al_sector_offset(index);
+        from.read_at(&mut sector, offset, "read the activity log")?;
+        to.write_at(&sector, offset, "copy the activity log")?;
+    }
+    to.sync("sync the copied activity log")
 }
 
 fn temp_path(path: &Path) -> PathBuf {

@@ -62,7 +62,7 @@ pub use activity_log::{ActivityLog, AlGuard, EvictionHook};
 pub use al_ring::MAX_AL_SLOTS;
 pub use bitmap::Bitmap;
 pub use error::MetaError;
-pub use grow::{grow, Grown};
+pub use grow::{grow, grow_in_use, stored_device_size, Grown};
 pub use layout::{
     Geometry, Layout, DEFAULT_AL_RING_SECTORS, DEFAULT_AL_SLOTS, DEFAULT_BLOCK_SIZE, EXTENT_SIZE,
     MAX_AL_RING_SECTORS, MAX_NODE_SLOTS, MIN_AL_RING_SECTORS, MIN_BLOCK_SIZE,

@@ -23,7 +23,7 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkError, UblkFlags};
 
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, SECTOR_SIZE};
 
 /// Name of this program's entry in the target data of libublk's JSON export;
 /// it is how a restarted daemon finds the device it should re-attach to.
@@ -220,9 +220,15 @@ fn serve<D: BlockDevice>(
         }
     };
     let started_ready = ready.clone();
+    let recovered = recover_id.is_some();
     let on_started = move |ctrl: &UblkCtrl| {
         let dev_id = ctrl.dev_info().dev_id;
         tracing::info!(dev_id, path = %ctrl.get_bdev_path(), "ublk device is live");
+        if recovered {
+            // A daemon that restarted itself to grow (`vmsyncctl resize`)
+            // serves more than the kernel's disk still shows.
+            grow_disk(ctrl, size);
+        }
         let _ = started_ready.send(Ok(dev_id));
     };
     if let Err(e) = ctrl.run_target(init, run_queue, on_started) {
@@ -270,6 +276,8 @@ fn build_ctrl(
                 .id(id as i32)
                 .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV | affinity)
                 .build()?;
+            // (libublk retries while the kernel still releases the
+            // previous server's queues.)
             ctrl.start_user_recover()?;
             Ok(ctrl)
         }
@@ -328,6 +336,38 @@ fn set_params(dev: &mut UblkDev, size: u64) {
         },
         ..Default::default()
     };
+}
+
+/// Whether this kernel can change a live device's size
+/// (`UBLK_U_CMD_UPDATE_SIZE`, Linux 6.16): what growing a primary's device
+/// online needs.
+pub fn can_grow_online() -> bool {
+    UblkCtrl::get_features().is_some_and(|f| f & sys::UBLK_F_UPDATE_SIZE as u64 != 0)
+}
+
+/// Tells the kernel the device now has `size` bytes if its disk is smaller
+/// (the guest sees the new capacity at once, with a change uevent). Never
+/// shrinks it: a smaller served size would be a bug elsewhere, and the
+/// guest's data past it must stay reachable.
+fn grow_disk(ctrl: &UblkCtrl, size: u64) {
+    let mut params = sys::ublk_params::default();
+    if let Err(e) = ctrl.get_params(&mut params) {
+        tracing::error!(error = %e, "cannot read the device's size");
+        return;
+    }
+    let shown = params.basic.dev_sectors * SECTOR_SIZE;
+    if shown >= size {
+        return;
+    }
+    match ctrl.update_size(size) {
+        Ok(_) => tracing::info!(from = shown, to = size, "device grown"),
+        Err(e) => tracing::error!(
+            error = %e,
+            from = shown,
+            to = size,
+            "cannot grow the device (the kernel needs UBLK_U_CMD_UPDATE_SIZE, Linux 6.16)"
+        ),
+    }
 }
 
 /// True when a killed daemon left a device of `resource` that a new daemon

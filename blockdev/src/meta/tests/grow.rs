@@ -1,7 +1,9 @@
 //! Growing metadata offline (`vmsyncctl resize`).
 
 use super::{Fixture, EXTENT_SIZE};
-use crate::meta::{grow, Expect, GenerationIds, MetaError, Metadata};
+use crate::meta::{
+    grow, grow_in_use, stored_device_size, Expect, GenerationIds, MetaError, Metadata,
+};
 
 const OLD: u64 = 16 * EXTENT_SIZE;
 const NEW: u64 = 40 * EXTENT_SIZE;
@@ -103,4 +105,44 @@ fn shrinking_an_unclean_or_a_same_size_replica_changes_nothing() {
             .device_size(),
         OLD
     );
+}
+
+#[test]
+fn growing_in_use_keeps_the_activity_log_and_the_crash_state() {
+    // What a daemon restarting itself to grow online leaves: metadata in
+    // use, writes in flight in two extents, a bit set for a peer.
+    let f = Fixture::new();
+    {
+        let md = f.open();
+        let al = std::sync::Arc::clone(md.activity_log());
+        let _first = al.begin_write(3 * EXTENT_SIZE, 4096).unwrap();
+        let _second = al.begin_write(9 * EXTENT_SIZE + 8192, 4096).unwrap();
+        md.bitmap(0).unwrap().set_range(7, 2);
+        md.flush_bitmaps().unwrap();
+        // Dropped without `mark_clean`: as a process that went away.
+    }
+    let grown = grow_in_use(&f.path, NEW, false).unwrap();
+    assert_eq!((grown.old_size, grown.new_size), (OLD, NEW));
+    assert_eq!(stored_device_size(&f.path).unwrap(), NEW);
+
+    let md = open_grown(&f);
+    let recovery = md.recovery();
+    assert!(
+        recovery.was_unclean,
+        "the restarted daemon must see a crash"
+    );
+    let mut extents = recovery.al_extents.clone();
+    extents.sort_unstable();
+    assert_eq!(extents, vec![3, 9]);
+    let old_blocks = OLD / 4096;
+    let peer = md.bitmap(0).unwrap();
+    assert!(peer.contains_range(7, 2));
+    assert_eq!(peer.count_range(0, old_blocks), 2);
+    assert_eq!(
+        peer.count_range(old_blocks, (NEW - OLD) / 4096),
+        (NEW - OLD) / 4096
+    );
+    // And the activity log still marks those extents for the peers.
+    let fresh = crate::meta::Bitmap::new(NEW / 4096, 4096);
+    assert_eq!(md.mark_active_extents(&fresh), 2 * EXTENT_SIZE / 4096);
 }
