@@ -317,7 +317,12 @@ fn events_now_prints_the_state_and_a_stopping_daemon_ends_the_stream() {
     assert!(
         events.wait_until(
             Duration::from_secs(10),
-            is("destroy", "resource", None, &[])
+            is(
+                "destroy",
+                "resource",
+                None,
+                &[("reason", serde_json::json!("stop"))]
+            )
         ),
         "no destroy event: {:?}",
         events.seen

@@ -161,6 +161,25 @@ fn the_agent_runs_a_promotable_clone_through_its_life_cycle() {
     b.expect("promote", OCF_SUCCESS);
     b.expect("monitor", OCF_RUNNING_MASTER);
 
+    // A daemon that runs but does not answer for a moment (as one that
+    // restarts itself in place to grow, `vmsyncctl resize`) is not
+    // reported as stopped: monitor waits for its answer.
+    // (Its control socket is away meanwhile, as between the two processes.)
+    let socket = dir.node(2).control_socket.clone();
+    let away = socket.with_extension("away");
+    std::fs::rename(&socket, &away).unwrap();
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        std::fs::rename(&away, &socket).unwrap();
+    });
+    let started = std::time::Instant::now();
+    b.expect("monitor", OCF_RUNNING_MASTER);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "monitor did not wait"
+    );
+    resume.join().unwrap();
+
     // Stop of a promoted instance demotes it first, then stops the daemon.
     b.expect("stop", OCF_SUCCESS);
     b.expect("monitor", OCF_NOT_RUNNING);

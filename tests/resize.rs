@@ -218,8 +218,15 @@ fn running_daemons_grow_in_place_and_refuse_what_they_cannot() {
     );
     assert_eq!(cluster.daemon(2).pid(), pids[1]);
 
-    // Grown in place.
+    // Grown in place. An events follower is told why the stream ends.
     cluster.dir.write_config(2, &plain);
+    let follower = std::process::Command::new(env!("CARGO_BIN_EXE_vmsyncctl"))
+        .args(["--config", cluster.dir.node(2).config.to_str().unwrap()])
+        .args(["events", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // subscribed
     let said = ok(&cluster.daemon(2).ctl(&["resize"]));
     assert!(
         said.contains(&format!("growing from {old} to {new} bytes")),
@@ -235,6 +242,15 @@ fn running_daemons_grow_in_place_and_refuse_what_they_cannot() {
         "{}",
         cluster.status(2)
     );
+    let events = follower.wait_with_output().unwrap();
+    let last = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["kind"], "destroy", "{last}");
+    assert_eq!(last["props"]["reason"], "restart to grow", "{last}");
 
     // The primary serves its device on a block socket: refused.
     grow_backing_with_garbage(&cluster, 1, old, new);

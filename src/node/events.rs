@@ -60,7 +60,12 @@ impl Node {
                     // means it is gone.
                     read = read.read(&mut probe) => if matches!(read, Ok(0) | Err(_)) { return Ok(()) },
                     _ = stopped.changed() => {
-                        let destroy = self.events.make(EventKind::Destroy, Object::Resource, None, props([]));
+                        // A daemon growing online comes back at once (same
+                        // pid): followers may subscribe again.
+                        let restarting = self.restart.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                        let reason = if restarting { "restart to grow" } else { "stop" };
+                        let destroy = self.events.make(EventKind::Destroy, Object::Resource, None,
+                            props([("reason", json!(reason))]));
                         return write_event(&mut write, &destroy).await;
                     }
                 }

@@ -27,7 +27,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 BUILD=${VM_BUILD_DIR:-$HERE/.build}
-ALL_SCENARIOS="smoke fs_basic standalone_direct raw_equals_backing crash_recovery discard replicated_fs machine_switch crash_torture failing_disk superseded_primary resize package_install"
+ALL_SCENARIOS="smoke fs_basic standalone_direct raw_equals_backing crash_recovery discard replicated_fs machine_switch crash_torture failing_disk superseded_primary resize online_resize package_install"
 
 usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 QUIET=0; SHELL_AFTER=0
