@@ -211,6 +211,26 @@ wait_gone() { # PATH TIMEOUT_S
   return 1
 }
 
+# ---- two-node resources (configs $W/n1.toml and $W/n2.toml) -----------------
+# peer_in_state ID STATE [ANY_STALE]: node ID's peer is in STATE, with no
+# stale bytes unless ANY_STALE is given.
+peer_in_state() {
+  local js
+  js=$(status_json "$W/n$1.toml" | tr -d ' \n') || return 1
+  grep -q "\"state\":\"$2\"" <<<"$js" && { [ -n "${3:-}" ] || ! grep -q '"stale_bytes":[1-9]' <<<"$js"; }
+}
+
+# wait_peer_state ID TIMEOUT_S [STATE [ANY_STALE]]: polls peer_in_state
+# (STATE up-to-date by default); after TIMEOUT_S logs the status, returns 1.
+wait_peer_state() {
+  local t0
+  t0=$(date +%s)
+  until peer_in_state "$1" "${3:-up-to-date}" "${4:-}"; do
+    [ $(($(date +%s) - t0)) -lt "$2" ] || { log "status of n$1: $(status_json "$W/n$1.toml")"; return 1; }
+    sleep 1
+  done
+}
+
 # ---- data helpers ---------------------------------------------------------------
 allocated_bytes() { echo $(( $(stat -c '%b * %B' "$1") )); }
 

@@ -48,21 +48,6 @@ address = "127.0.0.1:${PORTS[$p]}"
 EOT
 }
 
-linked() { # ID STATE [ANY_STALE]: node ID's peer is in STATE (with nothing stale)
-  local js
-  js=$(status_json "$W/n$1.toml" | tr -d ' \n') || return 1
-  grep -q "\"state\":\"$2\"" <<<"$js" && { [ -n "${3:-}" ] || ! grep -q '"stale_bytes":[1-9]' <<<"$js"; }
-}
-
-wait_linked() { # ID TIMEOUT [STATE [ANY_STALE]]
-  local t0
-  t0=$(date +%s)
-  until linked "$1" "${3:-up-to-date}" "${4:-}"; do
-    [ $(($(date +%s) - t0)) -lt "$2" ] || { log "status of n$1: $(status_json "$W/n$1.toml")"; return 1; }
-    sleep 1
-  done
-}
-
 size_of() { json_get size <<<"$(status_json "$W/n$1.toml")"; }
 
 declare -A PIDS
@@ -73,11 +58,11 @@ for id in 1 2; do
   start_daemon "$W/n$id.toml"
   PIDS[$id]=$DAEMON_PID
 done
-wait_linked 1 60 secondary || fail "nodes did not link"
+wait_peer_state 1 60 secondary || fail "nodes did not link"
 out=$("$VMSYNCCTL" --config "$W/n1.toml" promote 2>&1) || fail "promote failed: $out"
 CFG=$W/n1.toml SIZE_BYTES=$((OLD_MIB * MiB)) DAEMON_PID=${PIDS[1]}
 wait_device "$W/n1.toml"
-wait_linked 1 120 || fail "initial sync did not finish"
+wait_peer_state 1 120 || fail "initial sync did not finish"
 
 M=$W/mnt
 mkdir -p "$M"
@@ -157,7 +142,7 @@ blocks=$(df -k --output=size "$M" | tail -n 1)
 dd if=/dev/urandom of="$M/big" bs=1M count=70 conv=fsync status=none || fail "writing into the new area"
 sums_of "$M" > "$W/sums" || fail "sha256sum failed"
 must umount "$M"
-wait_linked 1 300 || fail "n2 did not catch up after the resize"
+wait_peer_state 1 300 || fail "n2 did not catch up after the resize"
 out=$("$VMSYNCCTL" --config "$W/n1.toml" demote 2>&1) || fail "demote failed: $out"
 wait_gone "$DEV" 20 || fail "$DEV still present after demote"
 for id in 1 2; do

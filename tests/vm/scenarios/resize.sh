@@ -41,21 +41,6 @@ address = "127.0.0.1:${PORTS[$p]}"
 EOT
 }
 
-linked() { # ID STATE: node ID's peer is in STATE with nothing stale
-  local js
-  js=$(status_json "$W/n$1.toml" | tr -d ' \n') || return 1
-  grep -q "\"state\":\"$2\"" <<<"$js" && { [ -n "${3:-}" ] || ! grep -q '"stale_bytes":[1-9]' <<<"$js"; }
-}
-
-wait_linked() { # ID TIMEOUT [STATE [ANY_STALE]]
-  local t0
-  t0=$(date +%s)
-  until linked "$1" "${3:-up-to-date}" "${4:-}"; do
-    [ $(($(date +%s) - t0)) -lt "$2" ] || { log "status of n$1: $(status_json "$W/n$1.toml")"; return 1; }
-    sleep 1
-  done
-}
-
 declare -A PIDS
 start_all() {
   for id in 1 2; do
@@ -92,9 +77,9 @@ for id in 1 2; do
   create_md "$W/n$id.toml"
 done
 start_all
-wait_linked 1 60 secondary || fail "nodes did not link"
+wait_peer_state 1 60 secondary || fail "nodes did not link"
 promote_n1 $((OLD_MIB * MiB))
-wait_linked 1 120 || fail "initial sync did not finish"
+wait_peer_state 1 120 || fail "initial sync did not finish"
 
 M=$W/mnt
 mkdir -p "$M"
@@ -123,7 +108,7 @@ done
 
 start_all
 # Secondaries: the new area stays stale until one of them is primary.
-wait_linked 1 60 secondary any || fail "nodes did not link after the resize"
+wait_peer_state 1 60 secondary any || fail "nodes did not link after the resize"
 stale=$(status_json "$W/n1.toml" | tr -d ' \n' | sed -n 's/.*"peers":\[{[^}]*"stale_bytes":\([0-9]*\).*/\1/p')
 [ "$stale" = $(((NEW_MIB - OLD_MIB) * MiB)) ] || fail "n1 does not show the new area stale for n2: $stale"
 promote_n1 $((NEW_MIB * MiB))
@@ -136,7 +121,7 @@ blocks=$(df -k --output=size "$M" | tail -n 1)
 dd if=/dev/urandom of="$M/big" bs=1M count=80 conv=fsync status=none || fail "writing into the new area"
 sums_of "$M" > "$W/sums2" || fail "sha256sum failed"
 must umount "$M"
-wait_linked 1 300 || fail "the new area did not resync"
+wait_peer_state 1 300 || fail "the new area did not resync"
 demote_n1
 stop_all
 
