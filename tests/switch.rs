@@ -532,3 +532,100 @@ fn a_wan_node_is_promoted_like_any_other_and_the_push_leaves_it_nothing_to_fetch
     );
     site.wait_identical(&[1, 2], &model);
 }
+
+/// A resize going round online with a directory: every running daemon
+/// restarts in place at the new size and the directory takes it back (a
+/// member may be larger than the primary's copy while a resize goes
+/// round, and contact it any number of times). The primary, on a block
+/// socket here, is refused until demoted; then it grows too, a switch to
+/// the other node (taking over the old primary's pre-resize report) and
+/// back serves the grown device with every write intact, and both
+/// replicas end identical.
+#[test]
+fn a_resize_goes_round_online_and_the_directory_follows() {
+    let mut site = Site::new(2, &[], "");
+    let old = site.dir.spec.size;
+    let new = 2 * old;
+    site.start(1);
+    site.start(2);
+    site.promote(1);
+    site.wait_up_to_date(1, &[2]);
+    let client = site.client(1);
+    let mut gen = Workload::new(31, old);
+    let model = site.write(&client, &mut gen, 300, Model::zeroed(old));
+    site.wait_up_to_date(1, &[2]);
+    drop(client);
+    let pids = [site.daemon(1).pid(), site.daemon(2).pid()];
+    for id in 1..=2 {
+        // Node 1's new area full of garbage, node 2's zeros.
+        let fill = if id == 1 { 0x5a } else { 0 };
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new()
+                .write(true)
+                .open(&site.dir.node(id).backing)
+                .unwrap(),
+            &vec![fill; (new - old) as usize],
+            old,
+        )
+        .unwrap();
+        let toml = site
+            .dir
+            .config_toml(id)
+            .replace(&format!("size = {old}\n"), &format!("size = {new}\n"));
+        site.dir.write_config(id, &toml);
+    }
+
+    let said = text(&site.ctl(2, &["resize"]));
+    assert!(said.contains(&format!("n2 serves {new} bytes")), "{said}");
+    let said = text(&site.ctl(1, &["resize"]));
+    assert!(said.contains("block socket"), "{said}");
+    assert_eq!(site.status(1)["size"], old);
+
+    // Demoted (its final report describes the old size), it grows in
+    // place too.
+    let out = site.ctl(1, &["demote"]);
+    assert!(out.status.success(), "demote: {}", text(&out));
+    let said = text(&site.ctl(1, &["resize"]));
+    assert!(said.contains(&format!("n1 serves {new} bytes")), "{said}");
+    assert_eq!(
+        [site.daemon(1).pid(), site.daemon(2).pid()],
+        pids,
+        "not restarted in place"
+    );
+
+    // A switch to node 2 takes over that pre-resize report: it serves the
+    // grown device, old data intact, its own new area kept (zeros) and
+    // sent to node 1 (whose garbage there goes).
+    site.promote(2);
+    assert_eq!(site.status(2)["size"], new, "{}", site.status(2));
+    assert_eq!(
+        site.status(2)["sync"]["stale_bytes"],
+        0,
+        "{}",
+        site.status(2)
+    );
+    let mut image = model.image().to_vec();
+    image.resize(new as usize, 0);
+    let model = Model::from_image(image);
+    let client = site.client(2);
+    site.assert_reads(&client, &model, 0..new);
+    let mut gen = Workload::new(32, new);
+    let model = site.write(&client, &mut gen, 300, model);
+    site.wait_up_to_date(2, &[1]);
+    drop(client);
+
+    // And back to node 1, at the new size.
+    site.promote(1);
+    assert_eq!(site.status(1)["size"], new, "{}", site.status(1));
+    let client = site.client(1);
+    site.assert_reads(&client, &model, 0..new);
+    let model = site.write(&client, &mut gen, 200, model);
+    site.wait_up_to_date(1, &[2]);
+    for id in 1..=2 {
+        assert_eq!(
+            support::blake3_of_file(&site.dir.node(id).backing, new),
+            model.blake3(),
+            "n{id} does not hold the grown device's data"
+        );
+    }
+}

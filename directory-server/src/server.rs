@@ -272,23 +272,22 @@ impl Directory {
             )));
         }
         let mut state = res.state.lock().await;
-        // Every copy must have the same size, except while a resize goes
-        // round (`vmsyncctl resize`, node by node): a member may come back
-        // larger than the others, never smaller, and a new member must
-        // match.
-        let growing = state
-            .members
-            .get(&node)
-            .is_some_and(|known| known.size < member.size);
-        if let Some((id, other)) = state.members.iter().find(|(id, m)| {
-            **id != node && (m.size > member.size || (m.size < member.size && !growing))
-        }) {
-            return Ok(Err(format!(
-                "node {} (id {node}) has a {}-byte copy of resource '{}', but node {} (id {id}) \
-                 has {} bytes: every member's copy must have the same size (grow the smaller ones \
-                 with `vmsyncctl resize`)",
-                member.name, member.size, res.name, other.name, other.size
-            )));
+        // Every copy must hold the resource's data: a member may not be
+        // smaller than the copy that data lives on (see `size_reference`);
+        // members first heard of now included (a secondary talks to the
+        // directory only when it is promoted). While a resize goes round
+        // (`vmsyncctl resize`, node by node, online or not) a member may be
+        // larger: a grown secondary while the primary still serves the old
+        // size, or the primary once it grew before the others.
+        if let Some((id, reference)) = size_reference(&state, node) {
+            if member.size < reference.size {
+                return Ok(Err(format!(
+                    "node {} (id {node}) has a {}-byte copy of resource '{}', but node {} (id {id}) \
+                     has {} bytes: every member's copy must have the same size (grow the smaller \
+                     ones with `vmsyncctl resize`)",
+                    member.name, member.size, res.name, reference.name, reference.size
+                )));
+            }
         }
         if state.members.get(&node) != Some(&member) {
             let mut new = state.clone();
@@ -632,4 +631,22 @@ async fn read_report(
         },
         bitmaps,
     })
+}
+
+/// The member whose copy a joining `node`'s size is checked against: the
+/// node itself when it is the primary (it may grow, never shrink); else
+/// the primary, or when none is (it demoted) the last one that reported:
+/// the copy the resource's data is on; with neither, the largest other
+/// member. None for the first member of a resource.
+fn size_reference(state: &ResourceState, node: u32) -> Option<(u32, &Member)> {
+    let serving = state.primary.or(state.report.as_ref().map(|r| r.from));
+    if let Some(m) = serving.and_then(|id| state.members.get(&id).map(|m| (id, m))) {
+        return Some(m);
+    }
+    state
+        .members
+        .iter()
+        .filter(|(id, _)| **id != node)
+        .max_by_key(|(_, m)| m.size)
+        .map(|(id, m)| (*id, m))
 }

@@ -108,6 +108,11 @@ pub struct PrevReport {
     pub hot_extents: Vec<u64>,
     /// Per node id, the blocks that node lacks.
     pub bitmaps: BTreeMap<u32, Bitmap>,
+    /// Blocks the report described: fewer than this node has when the
+    /// device grew since (`vmsyncctl resize`); the bitmaps mark the blocks
+    /// past them as lacking, which the new primary corrects for itself
+    /// (it holds its own version of the new area).
+    pub covered_blocks: u64,
 }
 
 /// Why a directory request failed. Each variant holds a whole sentence
@@ -276,10 +281,12 @@ impl DirectoryClient {
             };
         };
         let mut bitmaps = BTreeMap::new();
+        let mut covered_blocks = nbits;
         for _ in 0..count {
             let msg = self.next(&mut s.reader, ANSWER_TIMEOUT).await?;
-            let (node_id, bitmap) =
+            let (node_id, bitmap, covered) =
                 decode_bitmap(msg, nbits, block_size).map_err(|e| self.protocol(e))?;
+            covered_blocks = covered_blocks.min(covered);
             if bitmaps.insert(node_id, bitmap).is_some() {
                 return Err(self.protocol(format!("two bitmaps for node {node_id}")));
             }
@@ -292,6 +299,7 @@ impl DirectoryClient {
             age: Duration::from_millis(report_age_ms),
             hot_extents: decode_extents(&hot_extents),
             bitmaps,
+            covered_blocks,
         });
         Ok(Grant {
             term,
@@ -330,7 +338,11 @@ fn decode_extents(bytes: &[u8]) -> Vec<u64> {
 }
 
 /// Checks a DirBitmap against our geometry and decodes it.
-fn decode_bitmap(msg: Message, nbits: u64, block_size: u32) -> Result<(u32, Bitmap), String> {
+/// One node's bitmap of a report, sized for this node's `nbits` blocks,
+/// and how many blocks the report covered. A report from before the device
+/// grew covers fewer: the blocks past them are marked lacking (every other
+/// copy lacks the new primary's version of the new area).
+fn decode_bitmap(msg: Message, nbits: u64, block_size: u32) -> Result<(u32, Bitmap, u64), String> {
     let Message::DirBitmap {
         node_id,
         block_size: their_block_size,
@@ -347,7 +359,7 @@ fn decode_bitmap(msg: Message, nbits: u64, block_size: u32) -> Result<(u32, Bitm
             crate::config::MAX_NODES - 1
         ));
     }
-    if their_block_size != block_size || their_nbits != nbits {
+    if their_block_size != block_size || their_nbits > nbits {
         return Err(format!(
             "the bitmap of node {node_id} covers {their_nbits} blocks of {their_block_size} bytes; \
              this node has {nbits} blocks of {block_size} bytes"
@@ -358,9 +370,22 @@ fn decode_bitmap(msg: Message, nbits: u64, block_size: u32) -> Result<(u32, Bitm
             "the bitmap of node {node_id} has unknown encoding {encoding}"
         ));
     }
-    let bitmap = Bitmap::decode(nbits, block_size, &data)
+    let reported = Bitmap::decode(their_nbits, block_size, &data)
         .map_err(|e| format!("the bitmap of node {node_id} does not decode: {e}"))?;
-    Ok((node_id, bitmap))
+    if their_nbits == nbits {
+        return Ok((node_id, reported, nbits));
+    }
+    let bitmap = Bitmap::new(nbits, block_size);
+    let mut block = 0;
+    while let Some(first) = reported.next_set_in(block..their_nbits) {
+        let end = reported
+            .next_clear_in(first..their_nbits)
+            .unwrap_or(their_nbits);
+        bitmap.set_range(first, end - first);
+        block = end;
+    }
+    bitmap.set_range(their_nbits, nbits - their_nbits);
+    Ok((node_id, bitmap, their_nbits))
 }
 
 /// Queues a DirReport and its DirBitmaps.

@@ -155,6 +155,11 @@ impl Replication {
                 own.set_all();
             }
         }
+        // Past what the report covered (the device grew since), our own
+        // version of the new area is the one to keep: we lack none of it.
+        if prev.covered_blocks < own.nbits() {
+            own.clear_range(prev.covered_blocks, own.nbits() - prev.covered_blocks);
+        }
         let mut holds = BTreeMap::new();
         for peer in self.peers.load().iter() {
             peer.bitmap.clear_all();
