@@ -337,7 +337,6 @@ fn decode_extents(bytes: &[u8]) -> Vec<u64> {
         .collect()
 }
 
-/// Checks a DirBitmap against our geometry and decodes it.
 /// One node's bitmap of a report, sized for this node's `nbits` blocks,
 /// and how many blocks the report covered. A report from before the device
 /// grew covers fewer: the blocks past them are marked lacking (every other
@@ -376,14 +375,9 @@ fn decode_bitmap(msg: Message, nbits: u64, block_size: u32) -> Result<(u32, Bitm
         return Ok((node_id, reported, nbits));
     }
     let bitmap = Bitmap::new(nbits, block_size);
-    let mut block = 0;
-    while let Some(first) = reported.next_set_in(block..their_nbits) {
-        let end = reported
-            .next_clear_in(first..their_nbits)
-            .unwrap_or(their_nbits);
-        bitmap.set_range(first, end - first);
-        block = end;
-    }
+    bitmap
+        .merge_prefix_from(&reported)
+        .map_err(|e| format!("the bitmap of node {node_id}: {e}"))?;
     bitmap.set_range(their_nbits, nbits - their_nbits);
     Ok((node_id, bitmap, their_nbits))
 }

@@ -18,15 +18,7 @@ impl Node {
     pub(super) fn adjust(&self) -> Result<String, String> {
         let path = &self.config.path;
         let new = config::load(path).map_err(|e| format!("{e}; nothing changed"))?;
-        // Peers are compared with the running set (earlier adjusts may have
-        // changed it), everything else with what the daemon started with.
-        let running: Vec<Peer> = match &self.replication {
-            Some(repl) => repl.peers.load().iter().map(|p| p.config.clone()).collect(),
-            None => Vec::new(),
-        };
-        let plan = PeerPlan::new(&running, &new.peers);
-        let mut needs_restart = needs_restart(&self.config, &new);
-        needs_restart.extend(plan.needs_restart);
+        let (mut needs_restart, plan) = self.compare_with(&new);
         match (&self.replication, new.peers.is_empty()) {
             (None, false) => needs_restart.push("[[peer]] added to a standalone node".into()),
             (Some(_), true) => needs_restart.push("every [[peer]] removed".into()),
@@ -66,11 +58,28 @@ impl Node {
     }
 }
 
+impl Node {
+    /// How `new` differs from the running daemon: the keys only a restart
+    /// applies, and the peers to add or remove. Peers are compared with the
+    /// running set (earlier adjusts may have changed it), everything else
+    /// with what the daemon started with.
+    pub(super) fn compare_with(&self, new: &Config) -> (Vec<String>, PeerPlan) {
+        let running: Vec<Peer> = match &self.replication {
+            Some(repl) => repl.peers.load().iter().map(|p| p.config.clone()).collect(),
+            None => Vec::new(),
+        };
+        let mut plan = PeerPlan::new(&running, &new.peers);
+        let mut keys = needs_restart(&self.config, new);
+        keys.append(&mut plan.needs_restart);
+        (keys, plan)
+    }
+}
+
 /// How the `[[peer]]` sections differ from the running peers.
 #[derive(Debug, Default)]
-struct PeerPlan {
-    added: Vec<Peer>,
-    removed: Vec<Peer>,
+pub(super) struct PeerPlan {
+    pub(super) added: Vec<Peer>,
+    pub(super) removed: Vec<Peer>,
     /// Peers whose id stayed but whose name, address or group changed.
     needs_restart: Vec<String>,
 }
@@ -99,7 +108,7 @@ impl PeerPlan {
 
 /// The parts of the configuration a running daemon cannot take over
 /// (peers apart: see [`PeerPlan`]).
-pub(super) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
+fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     let mut keys = Vec::new();
     if old.resource != new.resource {
         keys.push("[resource]".to_string());

@@ -101,16 +101,8 @@ impl Node {
     fn changes_besides_size(&self, new: &Config) -> Vec<String> {
         let mut probe = new.clone();
         probe.resource.size = self.config.resource.size;
-        let mut changes = super::adjust::needs_restart(&self.config, &probe);
-        let running: Vec<u32> = match &self.replication {
-            Some(repl) => repl.peers.load().iter().map(|p| p.id()).collect(),
-            None => Vec::new(),
-        };
-        let mut wanted: Vec<u32> = new.peers.iter().map(|p| p.id).collect();
-        let mut running_sorted = running;
-        running_sorted.sort_unstable();
-        wanted.sort_unstable();
-        if running_sorted != wanted {
+        let (mut changes, peers) = self.compare_with(&probe);
+        if !peers.added.is_empty() || !peers.removed.is_empty() {
             changes.push("[[peer]]".into());
         }
         changes

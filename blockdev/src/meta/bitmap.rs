@@ -268,11 +268,30 @@ impl Bitmap {
     /// ORs `other` into `self` (e.g. a peer's report); returns bits newly set.
     pub fn merge_from(&self, other: &Bitmap) -> Result<u64, super::MetaError> {
         if other.nbits != self.nbits {
-            return Err(super::MetaError::BitmapSizeMismatch {
-                left: self.nbits,
-                right: other.nbits,
-            });
+            return Err(self.size_mismatch(other));
         }
+        Ok(self.merge_words(other))
+    }
+
+    /// ORs a bitmap of fewer (or as many) blocks into the first blocks of
+    /// `self`: the bits of a device before it grew. Returns bits newly set.
+    pub fn merge_prefix_from(&self, other: &Bitmap) -> Result<u64, super::MetaError> {
+        if other.nbits > self.nbits {
+            return Err(self.size_mismatch(other));
+        }
+        Ok(self.merge_words(other))
+    }
+
+    fn size_mismatch(&self, other: &Bitmap) -> super::MetaError {
+        super::MetaError::BitmapSizeMismatch {
+            left: self.nbits,
+            right: other.nbits,
+        }
+    }
+
+    /// ORs `other`'s words into ours, word by word (no bit is set past a
+    /// bitmap's `nbits`, so a shorter `other` touches only its blocks).
+    fn merge_words(&self, other: &Bitmap) -> u64 {
         let mut added = 0;
         for (w, (mine, theirs)) in self.words.iter().zip(other.words.iter()).enumerate() {
             let mask = theirs.load(SeqCst);
@@ -285,7 +304,7 @@ impl Bitmap {
         if added != 0 {
             self.ones.fetch_add(added as i64, SeqCst);
         }
-        Ok(added)
+        added
     }
 
     /// Sets every bit.

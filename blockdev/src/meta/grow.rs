@@ -115,12 +115,7 @@ fn grow_metadata(
         let (Some(src), Some(dst)) = (from.bitmap(node), to.bitmap(node)) else {
             continue;
         };
-        let mut block = 0;
-        while let Some(first) = src.next_set_in(block..old_blocks) {
-            let end = src.next_clear_in(first..old_blocks).unwrap_or(old_blocks);
-            dst.set_range(first, end - first);
-            block = end;
-        }
+        dst.merge_prefix_from(src)?;
         if !assume_clean && node != old.node_id {
             marked = dst.set_range(old_blocks, new_blocks);
         }
