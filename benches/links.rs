@@ -333,49 +333,20 @@ fn run(
     if setup.napi_threads {
         star.receive_in_napi_threads();
     }
-    let mut dir = TestDir::with_spec(ClusterSpec {
-        nodes: peers as u32 + 1,
-        protocol: "C",
-        size: 256 * MIB,
-        extra_toml: format!(
-            "[replication]\ncongestion_limit = \"64MiB\"\nzero_copy_send = \"{}\"\n",
-            setup.zero_copy
-        ),
-        ..ClusterSpec::default()
-    });
-    for node in &mut dir.nodes {
-        // Node 1 dials every peer (the lower id dials), so it only needs
-        // an address of its own on one link.
-        let ip = match node.id {
-            1 => star.spokes[0].hub_ip,
-            id => star.spokes[id as usize - 2].ip,
-        };
-        node.listen = std::net::SocketAddr::new(ip, node.listen.port());
-    }
-    for id in 1..=dir.spec.nodes {
-        dir.write_config(id, &dir.config_toml(id));
-    }
-    for n in &dir.nodes {
-        assert!(ctl(&n.config, &["create-md"]).status.success());
-    }
-    let daemons = dir
-        .nodes
-        .iter()
-        .map(|n| {
-            let netns = match n.id {
-                1 => &star.hub,
-                id => &star.spokes[id as usize - 2].netns,
-            };
-            Daemon::start_in_netns_with_env(n, netns, setup.env)
-        })
-        .collect();
-    let mut cluster = Cluster { dir, daemons };
-    for d in &mut cluster.daemons {
-        d.wait_ready(Duration::from_secs(15));
-    }
-    for id in 1..=cluster.dir.spec.nodes {
-        cluster.wait_linked(id);
-    }
+    let cluster = Cluster::start_on_star(
+        &star,
+        ClusterSpec {
+            nodes: peers as u32 + 1,
+            protocol: "C",
+            size: 256 * MIB,
+            extra_toml: format!(
+                "[replication]\ncongestion_limit = \"64MiB\"\nzero_copy_send = \"{}\"\n",
+                setup.zero_copy
+            ),
+            ..ClusterSpec::default()
+        },
+        setup.env,
+    );
     cluster.promote(1);
     assert!(cluster.wait_peers_up_to_date(1), "initial sync");
     let rt = support::runtime();

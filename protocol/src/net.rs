@@ -300,6 +300,16 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Caps the bytes the kernel holds unsent for this connection
+    /// (`TCP_NOTSENT_LOWAT`: a write waits until fewer are), so that what
+    /// is queued next does not wait behind a full socket buffer; `None`
+    /// restores the system's default (no cap). Best effort.
+    pub fn limit_unsent(&self, limit: Option<u32>) {
+        let socket = socket2::SockRef::from(self.write.as_ref());
+        // 0: the `net.ipv4.tcp_notsent_lowat` sysctl (unlimited by default).
+        let _ = socket.set_tcp_notsent_lowat(limit.unwrap_or(0));
+    }
+
     /// What zero-copy sending did on this connection so far.
     pub fn zero_copy_stats(&self) -> ZeroCopyStats {
         self.zero_copy

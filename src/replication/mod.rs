@@ -7,6 +7,7 @@
 //! * [`bitmap_exchange`]: a joining secondary reports what may differ.
 //! * [`link`]: keeping a link to every peer up, and what runs on it:
 //!   [`source`] when we are primary, [`target`] when the peer is.
+//! * [`pacing`]: how fast a resync may go without holding the guest up.
 //! * [`wan`]: the lazy, budgeted push to peers in another LAN group.
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod invalidate;
 mod link;
 mod liveness;
 mod membership;
+mod pacing;
 pub mod peer;
 pub mod peer_set;
 mod source;
@@ -115,7 +117,7 @@ pub struct Replication {
     /// The current or last online verify (see `verify`).
     verify_progress: Mutex<verify::VerifyProgress>,
     /// When the guest last did I/O: the WAN push trickles while it works.
-    guest_io: wan::GuestActivity,
+    guest_io: pacing::GuestActivity,
     /// State changes, for `vmsyncctl events`.
     pub events: Arc<EventBus>,
     /// Starts link tasks for peers added while running (set by `start`).
@@ -219,7 +221,7 @@ impl Replication {
             holders: Mutex::new(None),
             fenced: AtomicBool::new(false),
             verify_progress: Mutex::new(verify::VerifyProgress::default()),
-            guest_io: wan::GuestActivity::default(),
+            guest_io: pacing::GuestActivity::default(),
             events,
             link_starter: std::sync::OnceLock::new(),
             shared_sealer: ArcSwap::from_pointee(SharedSealer::new()),

@@ -15,13 +15,12 @@ use tracing::Instrument;
 use super::bitmap_exchange;
 use super::link::{our_state, Link, PeerState};
 use super::liveness::{Due, Liveness};
+use super::pacing::{ResyncPace, UNSENT_WHILE_RESYNCING};
 use super::peer::{Outgoing, PeerMode, PeerReplica};
 use super::split_brain::{self, Decision, Side};
 use super::transport::{FrameWriter, LinkError};
 use super::{Replication, RoleState};
 
-/// Largest resync chunk (contiguous stale blocks sent in one message).
-const MAX_RESYNC_CHUNK: u64 = 256 * 1024;
 /// Resync chunks per epoch: bits clear when the epoch's barrier is acked.
 const RESYNC_CHUNKS_PER_EPOCH: u32 = 16;
 /// Bytes sent per socket write at most (batching small messages).
@@ -299,6 +298,8 @@ async fn send_data(
 ) -> Result<(), LinkError> {
     // What this connection sent zero-copy, counted so far.
     let mut zero_copy_bytes = 0;
+    // Whether the kernel's unsent bytes are capped (see `pacing`).
+    let mut unsent_limited = false;
     while let Some(first) = rx.recv().await {
         let mut bytes = first.bytes;
         queue_one(&peer, &mut writer, &first)?;
@@ -309,6 +310,11 @@ async fn send_data(
         if writer.buffered() < SEND_BATCH {
             tokio::task::yield_now().await;
             bytes += queue_ready(&peer, &mut rx, &mut writer)?;
+        }
+        let resyncing = peer.mode() == PeerMode::Resyncing;
+        if resyncing != unsent_limited {
+            writer.limit_unsent(resyncing.then_some(UNSENT_WHILE_RESYNCING));
+            unsent_limited = resyncing;
         }
         writer.flush().await?;
         let sent = writer.zero_copy_stats().sent_bytes;
@@ -411,7 +417,6 @@ pub(super) fn in_sync_state(repl: &Replication) -> Message {
 async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::io::Result<()> {
     let bitmap = &peer.bitmap;
     let block = bitmap.block_size() as u64;
-    let blocks_per_chunk = (MAX_RESYNC_CHUNK / block).max(1);
     let total = bitmap.count_ones() * block;
     let started = Instant::now();
     *peer
@@ -422,7 +427,9 @@ async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::i
     peer.stats.run_bytes.store(0, Ordering::Release);
     tracing::info!(stale_bytes = total, "resync starting");
     let rate_limit = repl.tunables().resync_rate;
-    let throttle_at = repl.tunables().congestion_bytes / 4;
+    // Never more than a quarter of the congestion limit: guest writes
+    // always find room.
+    let mut pace = ResyncPace::new(repl.tunables().congestion_bytes / 4);
     let mut cursor = 0;
     let mut chunks = 0;
     let mut last_report = Instant::now();
@@ -431,6 +438,7 @@ async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::i
         if peer.mode() != PeerMode::Resyncing {
             return Ok(());
         }
+        let blocks_per_chunk = (pace.chunk(&repl.guest_io) / block).max(1);
         let end = bitmap
             .find_next_clear(first)
             .unwrap_or(bitmap.nbits())
@@ -465,12 +473,8 @@ async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::i
             last_report = Instant::now();
             report_progress(sent, total, started);
         }
-        // Leave room for guest writes: never let resync fill the peer's queue.
-        while peer.queued.load(Ordering::Acquire) > throttle_at
-            && peer.mode() == PeerMode::Resyncing
-        {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        // Leave the link to guest writes as far as they need it.
+        pace.after_chunk(len, peer, &repl.guest_io).await;
         if rate_limit > 0 {
             let due = Duration::from_secs_f64(sent as f64 / rate_limit as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {

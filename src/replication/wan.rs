@@ -59,12 +59,10 @@ use protocol::Message;
 use tokio::sync::mpsc;
 
 use super::fetcher::Fetcher;
+use super::pacing::GUEST_BUSY;
 use super::peer::{PeerMode, PeerReplica};
 use super::{transport, Replication};
 
-/// Guest I/O this recent makes the push trickle (as the lazy layer's
-/// background sync does).
-pub const GUEST_BUSY: Duration = Duration::from_millis(100);
 /// While the guest is busy: one window per this long at most.
 const BUSY_PAUSE: Duration = Duration::from_millis(100);
 /// Blocks hashed and read together (one hash round trip).
@@ -92,35 +90,6 @@ pub const RELAY_BACKOFF: Duration = Duration::from_secs(60);
 const RELAY_WAIT: Duration = Duration::from_millis(200);
 /// Largest range one `ResyncFrom` names.
 const MAX_REFERENCE: u64 = 1 << 20;
-
-/// When the guest last did I/O on the primary.
-pub struct GuestActivity {
-    since: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Default for GuestActivity {
-    fn default() -> Self {
-        GuestActivity {
-            since: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-}
-
-impl GuestActivity {
-    /// The guest did I/O now.
-    pub fn touch(&self) {
-        let now = self.since.elapsed().as_millis() as u64 + 1;
-        self.last_ms.store(now, Ordering::Relaxed);
-    }
-
-    /// Whether the guest did I/O within `window`.
-    pub fn busy_within(&self, window: Duration) -> bool {
-        let last = self.last_ms.load(Ordering::Relaxed);
-        last != 0 && self.since.elapsed().as_millis() as u64 + 1 - last <= window.as_millis() as u64
-    }
-}
 
 /// What the push to one WAN peer did, for `status`.
 #[derive(Default)]
@@ -711,16 +680,6 @@ fn pack(codec: Codec, term: u64, offset: u64, data: Bytes) -> (Message, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn guest_activity_is_recent_only_within_the_window() {
-        let activity = GuestActivity::default();
-        assert!(!activity.busy_within(GUEST_BUSY), "never touched");
-        activity.touch();
-        assert!(activity.busy_within(GUEST_BUSY));
-        std::thread::sleep(Duration::from_millis(150));
-        assert!(!activity.busy_within(GUEST_BUSY));
-    }
 
     #[test]
     fn hashing_backs_off_after_windows_without_a_match_and_resumes_on_one() {

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use blockdev::blocksock::BlockClient;
 
+use super::netns::Star;
 use super::proxy::Proxy;
 use super::{blake3_of_file, ctl, wait_for, ClusterSpec, Daemon, TestDir};
 
@@ -39,6 +40,52 @@ impl Cluster {
             );
         }
         let daemons = dir.nodes.iter().map(Daemon::start).collect();
+        let mut cluster = Cluster { dir, daemons };
+        for d in &mut cluster.daemons {
+            d.wait_ready(START);
+        }
+        for id in 1..=cluster.dir.spec.nodes {
+            cluster.wait_linked(id);
+        }
+        cluster
+    }
+
+    /// A cluster on `star`'s links: node 1 in the hub, node k + 2 in spoke
+    /// k (so `spec.nodes` must be the spokes + 1), every daemon started in
+    /// its namespace with `env`; waits until every node is linked.
+    pub fn start_on_star(
+        star: &Star,
+        spec: ClusterSpec,
+        env: &[(&str, Option<&str>)],
+    ) -> Cluster {
+        assert_eq!(spec.nodes as usize, star.spokes.len() + 1);
+        let mut dir = TestDir::with_spec(spec);
+        for node in &mut dir.nodes {
+            // Node 1 dials every peer (the lower id dials), so it only
+            // needs an address of its own on one link.
+            let ip = match node.id {
+                1 => star.spokes[0].hub_ip,
+                id => star.spokes[id as usize - 2].ip,
+            };
+            node.listen = std::net::SocketAddr::new(ip, node.listen.port());
+        }
+        for id in 1..=dir.spec.nodes {
+            dir.write_config(id, &dir.config_toml(id));
+        }
+        for n in &dir.nodes {
+            assert!(ctl(&n.config, &["create-md"]).status.success());
+        }
+        let daemons = dir
+            .nodes
+            .iter()
+            .map(|n| {
+                let netns = match n.id {
+                    1 => &star.hub,
+                    id => &star.spokes[id as usize - 2].netns,
+                };
+                Daemon::start_in_netns_with_env(n, netns, env)
+            })
+            .collect();
         let mut cluster = Cluster { dir, daemons };
         for d in &mut cluster.daemons {
             d.wait_ready(START);

@@ -150,6 +150,9 @@ pub struct Spoke {
 pub struct Star {
     pub hub: String,
     pub spokes: Vec<Spoke>,
+    /// Each link's `tbf` rate and bucket.
+    rate: String,
+    burst: String,
 }
 
 impl Star {
@@ -177,6 +180,8 @@ impl Star {
         let mut star = Star {
             hub,
             spokes: Vec::new(),
+            rate: rate.to_string(),
+            burst: burst.clone(),
         };
         for i in 0..spokes {
             let subnet = base.wrapping_add(i as u8);
@@ -220,8 +225,8 @@ impl Star {
                 ]);
                 run(&["ip", "-n", ns, "link", "set", dev, "up"]);
                 run(&[
-                    "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                    "rate", rate, "burst", &burst, "latency", "50ms",
+                    "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "handle",
+                    "1:", "tbf", "rate", rate, "burst", &burst, "latency", "50ms",
                 ]);
             }
             run(&[
@@ -257,6 +262,23 @@ impl Star {
                     "sh",
                     "-c",
                     &format!("echo 1 > /sys/class/net/{dev}/threaded"),
+                ]);
+            }
+        }
+    }
+
+    /// Shortens what each link's shaper may queue from 50 ms of its rate
+    /// to `latency`, dropping what would wait longer (as an AQM would: a
+    /// TCP flow then backs off instead of filling the queue). A latency
+    /// measured across the link then shows the sender's own queueing, not
+    /// the shaper's. (This machine's kernel has no `fq_codel`.)
+    pub fn limit_queues(&self, latency: &str) {
+        for spoke in &self.spokes {
+            for (ns, dev) in [(&self.hub, &spoke.hub_veth), (&spoke.netns, &spoke.veth)] {
+                run(&[
+                    "ip", "netns", "exec", ns, "tc", "qdisc", "change", "dev", dev, "root",
+                    "handle", "1:", "tbf", "rate", &self.rate, "burst", &self.burst, "latency",
+                    latency,
                 ]);
             }
         }

@@ -1,0 +1,186 @@
+//! How fast a LAN resync may go without holding the guest up.
+//!
+//! A resync and the guest's mirrored writes share one ordered stream to
+//! the peer: a write queued behind N bytes of resync data waits N ÷ the
+//! link's rate before the peer even sees it, and with protocol C the guest
+//! waits for that. When a resync kept up to a quarter of
+//! `congestion_limit` queued (16 MiB by default), a 4 KiB write took
+//! 140 ms at 1 Gbit/s and 1.5 s at 100 Mbit/s (`benches/resync.rs`). So a
+//! resync keeps little queued, and less while the guest works:
+//!
+//! * **guest idle**: enough queued to keep the link busy while the next
+//!   chunk is read from the local disk: [`IDLE_FILL_TIME`] of the rate the
+//!   pass has reached, at least two chunks (DRBD's `c-fill-target`, sized
+//!   by time instead of bytes so it suits 100 Mbit/s and 10 Gbit/s alike);
+//! * **guest busy** (I/O within [`GUEST_BUSY`]): chunks of [`BUSY_CHUNK`],
+//!   each queued only when nothing at all waits in the peer's queue, and
+//!   after each a pause as long as that wait was: the resync takes about
+//!   half of the link, and a guest write finds no resync data ahead of it
+//!   about half of the time and at most one small chunk otherwise (DRBD
+//!   throttles a resync to `c-min-rate` while the application does I/O;
+//!   half the link keeps a resync under a steadily writing guest finite);
+//! * what the kernel holds unsent for the connection is capped as well
+//!   while the peer resyncs ([`UNSENT_WHILE_RESYNCING`], applied by the
+//!   sender as `TCP_NOTSENT_LOWAT`): otherwise the socket's send buffer
+//!   (autotuned up to `tcp_wmem`'s 4 MiB) would become the queue instead.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::peer::{PeerMode, PeerReplica};
+
+/// Guest I/O this recent counts as a busy guest: the LAN resync yields
+/// and the WAN push trickles (as the lazy layer's background sync does).
+pub const GUEST_BUSY: Duration = Duration::from_millis(100);
+/// Largest resync chunk while the guest is idle (one read, one message).
+pub const IDLE_CHUNK: u64 = 256 * 1024;
+/// Largest resync chunk while the guest is busy: what a guest write may
+/// find queued ahead of it.
+pub const BUSY_CHUNK: u64 = 64 * 1024;
+/// While the guest is idle, a resync keeps this long of its rate queued.
+const IDLE_FILL_TIME: Duration = Duration::from_millis(10);
+/// Bytes the kernel may hold unsent on a connection to a resyncing peer.
+pub const UNSENT_WHILE_RESYNCING: u32 = 64 * 1024;
+/// A wait for the peer's queue re-checks the peer's mode this often (a
+/// drained queue wakes it at once).
+const RECHECK: Duration = Duration::from_millis(20);
+
+/// When the guest last did I/O on the primary.
+pub struct GuestActivity {
+    since: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for GuestActivity {
+    fn default() -> Self {
+        GuestActivity {
+            since: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl GuestActivity {
+    /// The guest did I/O now.
+    pub fn touch(&self) {
+        let now = self.since.elapsed().as_millis() as u64 + 1;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether the guest did I/O within `window`.
+    pub fn busy_within(&self, window: Duration) -> bool {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        last != 0 && self.since.elapsed().as_millis() as u64 + 1 - last <= window.as_millis() as u64
+    }
+
+    fn busy(&self) -> bool {
+        self.busy_within(GUEST_BUSY)
+    }
+}
+
+/// The pace of one resync pass to one peer.
+pub struct ResyncPace {
+    started: Instant,
+    /// Bytes queued by this pass.
+    sent: u64,
+    /// The most an idle-guest pass keeps queued.
+    max_fill: u64,
+}
+
+impl ResyncPace {
+    /// `max_fill`: the most ever kept queued (a share of `congestion_limit`,
+    /// so guest writes always find room).
+    pub fn new(max_fill: u64) -> ResyncPace {
+        ResyncPace {
+            started: Instant::now(),
+            sent: 0,
+            max_fill: max_fill.max(2 * IDLE_CHUNK),
+        }
+    }
+
+    /// The largest chunk to read next.
+    pub fn chunk(&self, guest: &GuestActivity) -> u64 {
+        if guest.busy() {
+            BUSY_CHUNK
+        } else {
+            IDLE_CHUNK
+        }
+    }
+
+    /// After a chunk of `bytes` was queued to `peer`: waits until the next
+    /// may be (see the module's comment). Returns early when the peer stops
+    /// resyncing.
+    pub async fn after_chunk(&mut self, bytes: u64, peer: &PeerReplica, guest: &GuestActivity) {
+        self.sent += bytes;
+        if guest.busy() {
+            let waited = wait_for_queue(peer, 0).await;
+            if peer.mode() == PeerMode::Resyncing {
+                tokio::time::sleep(waited).await;
+            }
+        } else {
+            let fill = self.idle_fill();
+            wait_for_queue(peer, fill.saturating_sub(IDLE_CHUNK)).await;
+        }
+    }
+
+    /// What an idle-guest pass keeps queued: [`IDLE_FILL_TIME`] of its rate.
+    fn idle_fill(&self) -> u64 {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = self.sent as f64 / secs;
+        ((rate * IDLE_FILL_TIME.as_secs_f64()) as u64).clamp(2 * IDLE_CHUNK, self.max_fill)
+    }
+}
+
+/// Waits until at most `at_most` bytes are queued to `peer` (or it stops
+/// resyncing); returns how long that took.
+async fn wait_for_queue(peer: &PeerReplica, at_most: u64) -> Duration {
+    let started = Instant::now();
+    loop {
+        let drained = peer.drained.notified();
+        tokio::pin!(drained);
+        drained.as_mut().enable();
+        if peer.queued.load(Ordering::Acquire) <= at_most || peer.mode() != PeerMode::Resyncing {
+            return started.elapsed();
+        }
+        let _ = tokio::time::timeout(RECHECK, drained).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_activity_is_recent_only_within_the_window() {
+        let activity = GuestActivity::default();
+        assert!(!activity.busy_within(GUEST_BUSY), "never touched");
+        activity.touch();
+        assert!(activity.busy_within(GUEST_BUSY));
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!activity.busy_within(GUEST_BUSY));
+    }
+
+    #[test]
+    fn an_idle_pass_keeps_its_fill_time_of_its_rate_queued() {
+        let mut pace = ResyncPace::new(16 << 20);
+        // Nothing sent yet: two chunks, so the link never waits for a read.
+        assert_eq!(pace.idle_fill(), 2 * IDLE_CHUNK);
+        // 100 MB in about a second: 10 ms of it is about 1 MB.
+        pace.started = Instant::now() - Duration::from_secs(1);
+        pace.sent = 100_000_000;
+        let fill = pace.idle_fill();
+        assert!((900_000..=1_000_000).contains(&fill), "{fill}");
+        // Never more than the cap, however fast.
+        pace.sent = 100_000_000_000;
+        assert_eq!(pace.idle_fill(), 16 << 20);
+    }
+
+    #[test]
+    fn a_busy_guest_gets_small_chunks() {
+        let guest = GuestActivity::default();
+        let pace = ResyncPace::new(16 << 20);
+        assert_eq!(pace.chunk(&guest), IDLE_CHUNK);
+        guest.touch();
+        assert_eq!(pace.chunk(&guest), BUSY_CHUNK);
+    }
+}
