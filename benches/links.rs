@@ -40,7 +40,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use support::netns::{rate_bits, Star};
-use support::{ctl, Cluster, ClusterSpec, Daemon, TestDir};
+use support::{Cluster, ClusterSpec};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;

@@ -216,7 +216,11 @@ fn full_resync(cluster: &mut Cluster, size: u64) -> Resync {
         Duration::from_secs(600),
     );
     let finished_at = Instant::now();
-    assert!(finished, "the resync did not finish: {}", cluster.peer(1, 2));
+    assert!(
+        finished,
+        "the resync did not finish: {}",
+        cluster.peer(1, 2)
+    );
     let started = started.expect("the peer was never seen resyncing");
     Resync {
         started,
@@ -238,7 +242,10 @@ async fn write_until(
     while !stop.load(Ordering::Acquire) {
         let offset = rng.gen_range(0..size / WRITE) * WRITE;
         let t = Instant::now();
-        client.write(offset, data.clone(), false).await.expect("write");
+        client
+            .write(offset, data.clone(), false)
+            .await
+            .expect("write");
         latencies.push((t, t.elapsed()));
     }
     latencies

@@ -134,3 +134,74 @@ fn invalidate_on_a_standalone_disk_is_refused() {
     }
     assert_eq!(node.status_json()["disk"], "up-to-date");
 }
+
+/// A full resync while the guest writes throughout (the resync then goes
+/// in small chunks with pauses, see `replication::pacing`): the guest's
+/// writes keep being mirrored (the peer never falls behind), the resync
+/// still finishes under them, and both copies end equal to what the guest
+/// wrote.
+#[test]
+fn a_resync_under_steady_guest_writes_finishes_and_the_copies_match() {
+    let rt = runtime();
+    let mut cluster = Cluster::start(ClusterSpec {
+        protocol: "C",
+        size: 128 << 20,
+        ..ClusterSpec::default()
+    });
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+    let size = cluster.dir.spec.size;
+    let c1 = client(&rt, &cluster, 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (c1, stop) = (c1.clone(), std::sync::Arc::clone(&stop));
+        rt.spawn(async move {
+            let mut workload = Workload::new(11, size);
+            let mut model = Model::zeroed(size);
+            let mut batches = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                model = support::workload::run(&c1, &workload.ops(50), 4, model)
+                    .await
+                    .expect("guest writes during the resync");
+                batches += 1;
+            }
+            (model, batches)
+        })
+    };
+    // The guest is writing before the resync starts.
+    std::thread::sleep(Duration::from_millis(300));
+    let from = cluster.peer(1, 2)["resynced_bytes"].as_u64().unwrap();
+    let out = cluster.daemon(2).ctl(&["invalidate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut states = std::collections::BTreeSet::new();
+    let resynced = wait_for(
+        || {
+            let peer = cluster.peer(1, 2);
+            states.insert(peer["state"].as_str().unwrap_or("?").to_string());
+            peer["resynced_bytes"].as_u64().unwrap_or(0) >= from + size
+                && peer["state"] == "up-to-date"
+        },
+        Duration::from_secs(120),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (model, batches) = rt.block_on(writer).unwrap();
+    assert!(
+        resynced,
+        "the resync did not finish under guest writes: {}",
+        cluster.peer(1, 2)
+    );
+    assert!(batches >= 2, "the guest wrote only {batches} batches");
+    assert!(
+        states.contains("resyncing") && !states.contains("behind"),
+        "states seen: {states:?}"
+    );
+    rt.block_on(c1.flush()).unwrap();
+    assert!(
+        cluster.wait_identical(Some(model.blake3())).is_ok(),
+        "the copies differ from what the guest wrote"
+    );
+}

@@ -914,6 +914,40 @@ mod tests {
         assert!(!wire.windows(64).any(|w| w.iter().all(|&b| b == 0xa5)));
     }
 
+    /// With the kernel's unsent bytes capped, a flush far larger than the
+    /// cap still arrives whole (the writer waits for the socket, as for a
+    /// full buffer, zero-copy or not), and lifting the cap restores the
+    /// system's default.
+    #[tokio::test]
+    async fn a_flush_larger_than_the_unsent_cap_arrives_whole() {
+        for zero_copy in [ZeroCopySend::Off, ZeroCopySend::On] {
+            let (mut client, mut server, _) = recorded_pair().await;
+            client.writer.set_zero_copy(zero_copy);
+            let lowat = |w: &FrameWriter| {
+                socket2::SockRef::from(w.write.as_ref())
+                    .tcp_notsent_lowat()
+                    .unwrap()
+            };
+            client.writer.limit_unsent(Some(64 * 1024));
+            assert_eq!(lowat(&client.writer), 64 * 1024);
+            let writes: Vec<Message> = (0..8u8).map(|i| write_of(i, 1 << 20)).collect();
+            let receiving = tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..8 {
+                    got.push(server.reader.next().await.unwrap());
+                }
+                got
+            });
+            for w in &writes {
+                client.writer.queue(w).unwrap();
+            }
+            client.writer.flush().await.unwrap();
+            assert_eq!(receiving.await.unwrap(), writes);
+            client.writer.limit_unsent(None);
+            assert_eq!(lowat(&client.writer), 0, "the sysctl's value applies");
+        }
+    }
+
     /// A write sealed once goes out byte for byte the same on every
     /// connection, and each receiver opens it (and the connection's own
     /// records around it), also after the sender replaced its sealer.

@@ -115,7 +115,8 @@ impl ResyncPace {
         if guest.busy() {
             let waited = wait_for_queue(peer, 0).await;
             if peer.mode() == PeerMode::Resyncing {
-                tokio::time::sleep(waited).await;
+                // At most a guest-busy window: then look again.
+                tokio::time::sleep(waited.min(GUEST_BUSY)).await;
             }
         } else {
             let fill = self.idle_fill();

@@ -53,11 +53,7 @@ impl Cluster {
     /// A cluster on `star`'s links: node 1 in the hub, node k + 2 in spoke
     /// k (so `spec.nodes` must be the spokes + 1), every daemon started in
     /// its namespace with `env`; waits until every node is linked.
-    pub fn start_on_star(
-        star: &Star,
-        spec: ClusterSpec,
-        env: &[(&str, Option<&str>)],
-    ) -> Cluster {
+    pub fn start_on_star(star: &Star, spec: ClusterSpec, env: &[(&str, Option<&str>)]) -> Cluster {
         assert_eq!(spec.nodes as usize, star.spokes.len() + 1);
         let mut dir = TestDir::with_spec(spec);
         for node in &mut dir.nodes {

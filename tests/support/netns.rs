@@ -275,11 +275,13 @@ impl Star {
     pub fn limit_queues(&self, latency: &str) {
         for spoke in &self.spokes {
             for (ns, dev) in [(&self.hub, &spoke.hub_veth), (&spoke.netns, &spoke.veth)] {
-                run(&[
-                    "ip", "netns", "exec", ns, "tc", "qdisc", "change", "dev", dev, "root",
-                    "handle", "1:", "tbf", "rate", &self.rate, "burst", &self.burst, "latency",
-                    latency,
-                ]);
+                let tbf = format!(
+                    "tc qdisc change dev {dev} root handle 1: tbf rate {} burst {} latency {latency}",
+                    self.rate, self.burst
+                );
+                let mut args = vec!["ip", "netns", "exec", ns.as_str()];
+                args.extend(tbf.split_whitespace());
+                run(&args);
             }
         }
     }
