@@ -19,7 +19,7 @@ use support::cluster::{client, primary_with_proxy, primary_with_proxy_edited};
 use support::netns::WanLink;
 use support::proxy::Proxy;
 use support::workload::fill_pattern;
-use support::{ctl, runtime, Cluster, ClusterSpec, Daemon, TestDir};
+use support::{runtime, Cluster, ClusterSpec};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
@@ -289,40 +289,10 @@ fn over_a_shaped_8_mbit_link_the_burst_runs_at_lan_speed_and_the_remote_site_con
     let rt = runtime();
     let link = WanLink::create("8mbit");
     let link_rate = 1_000_000f64; // 8 Mbit/s in bytes
-    let mut dir = TestDir::with_spec(spec("16Mbit"));
-    for node in &mut dir.nodes {
-        let ip = if node.id == 3 {
-            link.away.ip
-        } else {
-            link.home.ip
-        };
-        node.listen = std::net::SocketAddr::new(ip, node.listen.port());
-    }
-    for id in 1..=3 {
-        dir.write_config(id, &dir.config_toml(id));
-    }
-    for n in &dir.nodes {
-        assert!(ctl(&n.config, &["create-md"]).status.success());
-    }
-    let daemons = dir
-        .nodes
-        .iter()
-        .map(|n| {
-            let netns = if n.id == 3 {
-                &link.away.netns
-            } else {
-                &link.home.netns
-            };
-            Daemon::start_in_netns(n, netns)
-        })
-        .collect();
-    let mut cluster = Cluster { dir, daemons };
-    for d in &mut cluster.daemons {
-        d.wait_ready(std::time::Duration::from_secs(15));
-    }
-    for id in 1..=3 {
-        cluster.wait_linked(id);
-    }
+    let cluster = Cluster::start_in_namespaces(spec("16Mbit"), &[], |id| {
+        let site = if id == 3 { &link.away } else { &link.home };
+        (site.ip, site.netns.clone())
+    });
     cluster.promote(1);
     assert!(cluster.wait_peers_up_to_date(1), "initial sync");
     let c = client(&rt, &cluster, 1);

@@ -1,5 +1,6 @@
 //! A running cluster of real `vmsyncd` processes on loopback.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -40,30 +41,20 @@ impl Cluster {
             );
         }
         let daemons = dir.nodes.iter().map(Daemon::start).collect();
-        let mut cluster = Cluster { dir, daemons };
-        for d in &mut cluster.daemons {
-            d.wait_ready(START);
-        }
-        for id in 1..=cluster.dir.spec.nodes {
-            cluster.wait_linked(id);
-        }
-        cluster
+        Cluster::linked(dir, daemons)
     }
 
-    /// A cluster on `star`'s links: node 1 in the hub, node k + 2 in spoke
-    /// k (so `spec.nodes` must be the spokes + 1), every daemon started in
-    /// its namespace with `env`; waits until every node is linked.
-    pub fn start_on_star(star: &Star, spec: ClusterSpec, env: &[(&str, Option<&str>)]) -> Cluster {
-        assert_eq!(spec.nodes as usize, star.spokes.len() + 1);
+    /// A cluster whose node `id` listens on `place(id).0` and runs in
+    /// network namespace `place(id).1`, every daemon started with `env`;
+    /// waits until every node is linked.
+    pub fn start_in_namespaces(
+        spec: ClusterSpec,
+        env: &[(&str, Option<&str>)],
+        place: impl Fn(u32) -> (IpAddr, String),
+    ) -> Cluster {
         let mut dir = TestDir::with_spec(spec);
         for node in &mut dir.nodes {
-            // Node 1 dials every peer (the lower id dials), so it only
-            // needs an address of its own on one link.
-            let ip = match node.id {
-                1 => star.spokes[0].hub_ip,
-                id => star.spokes[id as usize - 2].ip,
-            };
-            node.listen = std::net::SocketAddr::new(ip, node.listen.port());
+            node.listen = SocketAddr::new(place(node.id).0, node.listen.port());
         }
         for id in 1..=dir.spec.nodes {
             dir.write_config(id, &dir.config_toml(id));
@@ -74,14 +65,28 @@ impl Cluster {
         let daemons = dir
             .nodes
             .iter()
-            .map(|n| {
-                let netns = match n.id {
-                    1 => &star.hub,
-                    id => &star.spokes[id as usize - 2].netns,
-                };
-                Daemon::start_in_netns_with_env(n, netns, env)
-            })
+            .map(|n| Daemon::start_in_netns_with_env(n, &place(n.id).1, env))
             .collect();
+        Cluster::linked(dir, daemons)
+    }
+
+    /// A cluster on `star`'s links: node 1 in the hub, node k + 2 in spoke
+    /// k (so `spec.nodes` must be the spokes + 1).
+    pub fn start_on_star(star: &Star, spec: ClusterSpec, env: &[(&str, Option<&str>)]) -> Cluster {
+        assert_eq!(spec.nodes as usize, star.spokes.len() + 1);
+        Cluster::start_in_namespaces(spec, env, |id| match id {
+            // Node 1 dials every peer (the lower id dials), so it only
+            // needs an address of its own on one link.
+            1 => (star.spokes[0].hub_ip, star.hub.clone()),
+            id => {
+                let spoke = &star.spokes[id as usize - 2];
+                (spoke.ip, spoke.netns.clone())
+            }
+        })
+    }
+
+    /// Waits until every one of `daemons` is ready and linked to every other.
+    fn linked(dir: TestDir, daemons: Vec<Daemon>) -> Cluster {
         let mut cluster = Cluster { dir, daemons };
         for d in &mut cluster.daemons {
             d.wait_ready(START);
