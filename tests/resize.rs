@@ -168,9 +168,9 @@ fn grow_backing_with_garbage(cluster: &Cluster, id: u32, old: u64, new: u64) {
 /// at the new size. What cannot be done is refused with the reason and
 /// changes nothing: a backing store not grown yet, a shrink, a file that
 /// changes more than the size, a device on a block socket (whose clients a
-/// restart would cut off). Grown one after the other (the primary after
-/// demoting), the nodes link again, the new area is resynced, and the
-/// replicas are identical, old data intact.
+/// restart would cut off). The grown secondary stays linked to the smaller
+/// primary and mirrored; the primary grows after demoting, the new area is
+/// resynced, and the replicas are identical, old data intact.
 #[test]
 fn running_daemons_grow_in_place_and_refuse_what_they_cannot() {
     let rt = runtime();
@@ -258,8 +258,20 @@ fn running_daemons_grow_in_place_and_refuse_what_they_cannot() {
     let why = refused(&cluster.daemon(1).ctl(&["resize"]));
     assert!(why.contains("block socket"), "{why}");
     assert_eq!(size_of(&cluster, 1), old);
-    // Sizes differ: no link meanwhile, and the primary's writes go on.
+    // The grown secondary links to the smaller primary and stays mirrored
+    // meanwhile: the primary's writes (protocol C) reach it, and its first
+    // `old` bytes are the primary's; its tail is its own until the primary
+    // grows.
+    cluster.wait_linked(1);
+    assert!(cluster.wait_peers_up_to_date(1), "{}", cluster.peer(1, 2));
     let during = write_flushed(&rt, &c1, &Workload::new(44, old).ops(100), before);
+    assert_eq!(cluster.peer(1, 2)["state"], "up-to-date");
+    assert_eq!(cluster.peer(1, 2)["stale_bytes"], 0);
+    assert_eq!(
+        blake3_of_file(&cluster.dir.node(2).backing, old),
+        during.blake3(),
+        "the grown secondary does not hold the primary's writes"
+    );
     drop(c1);
 
     // Demoted (no device), it grows in place too.
@@ -296,4 +308,71 @@ fn running_daemons_grow_in_place_and_refuse_what_they_cannot() {
             "node {id} does not hold the grown device's data"
         );
     }
+}
+
+/// The primary grown first: a secondary smaller than the primary is not
+/// linked (the reason is in its status), the primary's writes mark it
+/// stale meanwhile; grown online, it links, is resynced (the writes and the
+/// new area) and holds the primary's data over the new size.
+#[test]
+fn a_secondary_smaller_than_the_primary_is_refused_until_it_grows() {
+    let rt = runtime();
+    let old = 32u64 << 20;
+    let new = 2 * old;
+    let mut cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        size: old,
+        protocol: "C",
+        ..ClusterSpec::default()
+    });
+    cluster.promote(1);
+    assert!(cluster.wait_peers_up_to_date(1));
+
+    // Node 1 grows first (demoted: its device is on a block socket).
+    ok(&cluster.daemon(1).ctl(&["demote"]));
+    grow_backing_with_garbage(&cluster, 1, old, new);
+    configure_size(&cluster, 1, old, new);
+    ok(&cluster.daemon(1).ctl(&["resize"]));
+    cluster.promote(1);
+    let why = |c: &Cluster| {
+        c.peer(1, 2)["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        support::wait_for(
+            || why(&cluster).contains("smaller than the primary's"),
+            Duration::from_secs(20)
+        ),
+        "{}",
+        cluster.peer(1, 2)
+    );
+    assert!(
+        why(&cluster).contains("vmsyncctl resize"),
+        "{}",
+        why(&cluster)
+    );
+    assert_eq!(cluster.peer(1, 2)["connected"], false);
+    let c1 = client(&rt, &cluster, 1);
+    let mut image = std::fs::read(&cluster.dir.node(1).backing).unwrap();
+    image.truncate(new as usize);
+    let written = write_flushed(
+        &rt,
+        &c1,
+        &Workload::new(46, new).ops(100),
+        Model::from_image(image),
+    );
+    assert!(cluster.peer(1, 2)["stale_bytes"].as_u64().unwrap() > 0);
+
+    // Grown, the secondary links and gets everything it lacks.
+    grow_backing_with_garbage(&cluster, 2, old, new);
+    configure_size(&cluster, 2, old, new);
+    ok(&cluster.daemon(2).ctl(&["resize"]));
+    assert!(cluster.wait_peers_up_to_date(1), "{}", cluster.peer(1, 2));
+    assert_eq!(
+        blake3_of_file(&cluster.dir.node(2).backing, new),
+        written.blake3(),
+        "the secondary does not hold the primary's data"
+    );
 }

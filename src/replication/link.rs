@@ -388,6 +388,32 @@ pub fn our_state(repl: &Replication) -> Message {
     }
 }
 
+/// A secondary must hold at least the primary's device. A larger one is
+/// linked and replicates the primary's size, keeping the rest to itself:
+/// a resize round grows the secondaries first, and each stays mirrored
+/// until the primary grows too (its own resize then marks its new area
+/// stale for every peer, so the peers' tails get the primary's version).
+/// Between two secondaries nothing flows, so their sizes do not matter.
+fn check_sizes(our_role: Role, ours: u64, theirs: &PeerState) -> Result<(), LinkError> {
+    let (primary, secondary) = match (our_role, theirs.role) {
+        (Role::Primary, Role::Secondary) => (ours, theirs.size),
+        (Role::Secondary, Role::Primary) => (theirs.size, ours),
+        _ => return Ok(()),
+    };
+    if secondary < primary {
+        let whose = if our_role == Role::Primary {
+            "the peer's"
+        } else {
+            "our"
+        };
+        return Err(LinkError::Violation(format!(
+            "{whose} device ({secondary} bytes) is smaller than the primary's ({primary} bytes): \
+             refusing to replicate until it is grown (`vmsyncctl resize` on that node)"
+        )));
+    }
+    Ok(())
+}
+
 /// Exchanges State and runs the session the two roles call for.
 async fn run_session(
     repl: &Arc<Replication>,
@@ -426,13 +452,7 @@ async fn run_session(
     // Before anything else: a term we cannot take (it would wrap), or one
     // newer than our tenure as primary (we have been replaced: fenced).
     repl.check_peer_term(theirs.term, &peer.config.name)?;
-    if theirs.size != repl.local_size() {
-        return Err(LinkError::Violation(format!(
-            "peer's device is {} bytes, ours is {}: refusing to replicate",
-            theirs.size,
-            repl.local_size()
-        )));
-    }
+    check_sizes(me.role, repl.local_size(), &theirs)?;
     if theirs.role == Role::Primary && theirs.term < repl.known_term() {
         return Err(LinkError::Violation(format!(
             "stale primary: peer is primary of term {}, but term {} has been seen",

@@ -219,6 +219,8 @@ pub async fn run(
         meta_sender.abort();
         return Err(e);
     }
+    // Our blocks the primary has (all of them unless we grew first).
+    let primary_blocks = theirs.size.div_ceil(u64::from(peer.bitmap.block_size()));
     let mut applier = Applier {
         local: Arc::clone(&repl.local),
         al: Arc::clone(repl.metadata.activity_log()),
@@ -264,8 +266,10 @@ pub async fn run(
                         if let Err(e) = repl.adopt_generation(generation) {
                             break Err(LinkError::Io(e));
                         }
-                        // Whatever we reported differing has been overwritten.
-                        peer.bitmap.clear_all();
+                        // Whatever we reported differing has been overwritten
+                        // (only the primary's blocks: a tail past its size,
+                        // ours after a resize, it does not hold).
+                        peer.bitmap.clear_range(0, primary_blocks.min(peer.bitmap.nbits()));
                         tracing::info!(generation = format!("{:016x}", generation.current), "in sync with the primary");
                     }
                     Message::State { term, .. } => {
@@ -324,7 +328,14 @@ fn report_what_may_differ(
         .flush_bitmaps()
         .and_then(|()| repl.metadata.set_data_term(theirs.term))
         .map_err(|e| LinkError::Io(io::Error::other(e)))?;
-    bitmap_exchange::send(meta_tx, peer.id(), &peer.bitmap);
+    // A primary smaller than us (a resize round, see `link::check_sizes`)
+    // gets the bits of its own blocks only.
+    let primary_blocks = theirs.size.div_ceil(u64::from(peer.bitmap.block_size()));
+    if primary_blocks < peer.bitmap.nbits() {
+        bitmap_exchange::send(meta_tx, peer.id(), &peer.bitmap.prefix(primary_blocks));
+    } else {
+        bitmap_exchange::send(meta_tx, peer.id(), &peer.bitmap);
+    }
     Ok(())
 }
 

@@ -282,6 +282,22 @@ impl Bitmap {
         Ok(self.merge_words(other))
     }
 
+    /// A copy of the first `nbits` bits (at most all of them): the part of
+    /// a grown device's bitmap that a peer not yet grown has blocks for.
+    pub fn prefix(&self, nbits: u64) -> Bitmap {
+        let nbits = nbits.min(self.nbits);
+        let prefix = Bitmap::new(nbits, self.block_size());
+        let mut ones = 0;
+        for (w, (mine, copy)) in self.words.iter().zip(prefix.words.iter()).enumerate() {
+            let base = w as u64 * WORD_BITS;
+            let word = mine.load(SeqCst) & bit_mask(0, (nbits - base).min(WORD_BITS));
+            copy.store(word, SeqCst);
+            ones += i64::from(word.count_ones());
+        }
+        prefix.ones.store(ones, SeqCst);
+        prefix
+    }
+
     fn size_mismatch(&self, other: &Bitmap) -> super::MetaError {
         super::MetaError::BitmapSizeMismatch {
             left: self.nbits,
@@ -487,6 +503,33 @@ mod tests {
         assert_eq!(bm.clear_all(), 200);
         assert_eq!(bm.count_ones(), 0);
         assert_eq!(bm.set_range(10, 0), 0);
+    }
+
+    #[test]
+    fn a_prefix_holds_exactly_the_first_bits() {
+        let bm = Bitmap::new(300, 4096);
+        bm.set_range(60, 10);
+        bm.set_range(126, 4);
+        bm.set_range(250, 50);
+        for (nbits, want) in [
+            (
+                128,
+                [(60..70).collect::<Vec<_>>(), (126..128).collect()].concat(),
+            ),
+            (
+                129,
+                [(60..70).collect::<Vec<_>>(), (126..129).collect()].concat(),
+            ),
+            (64, (60..64).collect()),
+            (0, Vec::new()),
+            (1000, ones(&bm)),
+        ] {
+            let prefix = bm.prefix(nbits);
+            assert_eq!(prefix.nbits(), nbits.min(300));
+            assert_eq!(prefix.block_size(), 4096);
+            assert_eq!(ones(&prefix), want, "first {nbits} bits");
+            assert_eq!(prefix.count_ones(), want.len() as u64);
+        }
     }
 
     #[test]

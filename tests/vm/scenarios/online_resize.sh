@@ -83,13 +83,14 @@ out=$("$VMSYNCCTL" --config "$W/n2.toml" resize 2>&1) && fail "resize with anoth
 case "$out" in *"more than [resource] size"*"nothing changed"*) log "refused: $out" ;; *) fail "unclear refusal: $out" ;; esac
 [ "$(size_of 2)" = $((OLD_MIB * MiB)) ] || fail "n2's size changed after a refused resize"
 
-# The secondary grows online. Until the primary has grown too, their link
-# stays down (sizes differ).
+# The secondary grows online, and stays mirrored while the primary has
+# not grown yet (a larger secondary replicates the primary's size).
 node_config 2 "$NEW_MIB"
 out=$("$VMSYNCCTL" --config "$W/n2.toml" resize 2>&1) || fail "resize n2 failed: $out"
 log "n2: $out"
 case "$out" in *"n2 serves $((NEW_MIB * MiB)) bytes"*) ;; *) fail "resize n2 did not report the new size: $out" ;; esac
 proc_alive "${PIDS[2]}" || fail "n2's daemon is gone: it must restart in place"
+wait_peer_state 1 60 || fail "the grown n2 is not mirrored by the smaller primary"
 
 # A writer on the mounted file system across the primary's restart: its
 # I/O is held by the kernel meanwhile, never failed.
