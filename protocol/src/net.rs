@@ -103,6 +103,25 @@ impl FrameReader {
 /// requested reply ended up in memory at once (hundreds of MiB).
 pub const MAX_BATCH: usize = 1 << 20;
 
+/// A duplicate of a connection's socket descriptor that only asks the
+/// kernel about the connection (it keeps the socket open while it lives,
+/// but never reads or writes).
+pub struct SocketProbe(std::os::fd::OwnedFd);
+
+impl SocketProbe {
+    /// Bytes the kernel holds for the connection: not yet sent, or sent and
+    /// not yet acknowledged by the peer (`SIOCOUTQ`). `None` if it cannot
+    /// tell.
+    pub fn held_bytes(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let mut held: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ for sockets) writes one int through
+        // the pointer, which points at `held`; the descriptor is ours.
+        let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::TIOCOUTQ, &mut held) };
+        (rc == 0).then(|| held.max(0) as u64)
+    }
+}
+
 /// Sending half of a connection.
 ///
 /// Before the handshake is done (and on unprotected test links), messages
@@ -298,6 +317,19 @@ impl FrameWriter {
             .send(Socket::Tcp(self.write.as_ref()), flight)
             .await?;
         Ok(())
+    }
+
+    /// A second handle on this connection's socket, to ask how much the
+    /// kernel still holds for it ([`SocketProbe`]); `None` if the handle
+    /// cannot be made (out of file descriptors).
+    pub fn probe(&self) -> Option<SocketProbe> {
+        use std::os::fd::AsFd;
+        self.write
+            .as_ref()
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(SocketProbe)
     }
 
     /// Caps the bytes the kernel holds unsent for this connection
@@ -946,6 +978,50 @@ mod tests {
             client.writer.limit_unsent(None);
             assert_eq!(lowat(&client.writer), 0, "the sysctl's value applies");
         }
+    }
+
+    /// The probe tells what the kernel holds for a connection: data the
+    /// peer has not read (so not all acknowledged) is counted, and nothing
+    /// once the peer read it all.
+    #[tokio::test]
+    async fn the_socket_probe_counts_what_the_peer_has_not_acknowledged() {
+        let (mut client, mut server, _) = recorded_pair().await;
+        let probe = client.writer.probe().expect("a probe");
+        assert_eq!(probe.held_bytes(), Some(0));
+        // More than the kernel's buffers on both sides take together.
+        let writes: Vec<Message> = (0..24u8).map(|i| write_of(i, 1 << 20)).collect();
+        let sending = {
+            let writes = writes.clone();
+            tokio::spawn(async move {
+                for w in &writes {
+                    client.writer.queue(w).unwrap();
+                }
+                client.writer.flush().await.unwrap();
+                client
+            })
+        };
+        let mut held = 0;
+        for _ in 0..200 {
+            held = probe.held_bytes().unwrap();
+            if held > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(held > 0, "nothing held while the peer does not read");
+        for w in &writes {
+            assert_eq!(&server.reader.next().await.unwrap(), w);
+        }
+        let _client = sending.await.unwrap();
+        let mut held = u64::MAX;
+        for _ in 0..200 {
+            held = probe.held_bytes().unwrap();
+            if held == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(held, 0, "still held after the peer read everything");
     }
 
     /// A write sealed once goes out byte for byte the same on every

@@ -12,13 +12,19 @@
 //!   chunk is read from the local disk: [`IDLE_FILL_TIME`] of the rate the
 //!   pass has reached, at least two chunks (DRBD's `c-fill-target`, sized
 //!   by time instead of bytes so it suits 100 Mbit/s and 10 Gbit/s alike);
-//! * **guest busy** (I/O within [`GUEST_BUSY`]): chunks of [`BUSY_CHUNK`],
-//!   each queued only when nothing at all waits in the peer's queue, and
-//!   after each a pause as long as that wait was: the resync takes about
-//!   half of the link, and a guest write finds no resync data ahead of it
-//!   about half of the time and at most one small chunk otherwise (DRBD
-//!   throttles a resync to `c-min-rate` while the application does I/O;
-//!   half the link keeps a resync under a steadily writing guest finite);
+//! * **guest busy** (I/O within [`GUEST_BUSY`]): one chunk at a time, each
+//!   queued only when nothing waits in the peer's queue and the kernel
+//!   holds at most a chunk for the connection (sent but unacknowledged
+//!   included: on a slow link what TCP has in flight would otherwise keep
+//!   the link busy), then a pause as long as that wait: the resync takes
+//!   about half of the link, and a guest write finds nothing of it ahead
+//!   about half of the time and about one chunk otherwise. The chunk is
+//!   sized to the link, between [`MIN_BUSY_CHUNK`] and [`IDLE_CHUNK`]:
+//!   larger while one drains within a timer tick (a fast link, where the
+//!   tick would otherwise be most of each cycle), smaller while one takes
+//!   longer than [`BUSY_CHUNK_TIME`]. (DRBD throttles a resync to
+//!   `c-min-rate` while the application does I/O; half the link keeps a
+//!   resync under a steadily writing guest finite);
 //! * what the kernel holds unsent for the connection is capped as well
 //!   while the peer resyncs ([`UNSENT_WHILE_RESYNCING`], applied by the
 //!   sender as `TCP_NOTSENT_LOWAT`): otherwise the socket's send buffer
@@ -28,15 +34,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::peer::{PeerMode, PeerReplica};
+use super::transport::SocketProbe;
 
 /// Guest I/O this recent counts as a busy guest: the LAN resync yields
 /// and the WAN push trickles (as the lazy layer's background sync does).
 pub const GUEST_BUSY: Duration = Duration::from_millis(100);
 /// Largest resync chunk while the guest is idle (one read, one message).
 pub const IDLE_CHUNK: u64 = 256 * 1024;
-/// Largest resync chunk while the guest is busy: what a guest write may
-/// find queued ahead of it.
-pub const BUSY_CHUNK: u64 = 64 * 1024;
+/// Smallest resync chunk while the guest is busy.
+pub const MIN_BUSY_CHUNK: u64 = 32 * 1024;
+/// While the guest is busy a chunk should drain in about this long (a guest
+/// write waits about that long behind one).
+const BUSY_CHUNK_TIME: Duration = Duration::from_millis(4);
+/// The timer's resolution: what the kernel holds is polled this often.
+const TICK: Duration = Duration::from_millis(1);
 /// While the guest is idle, a resync keeps this long of its rate queued.
 const IDLE_FILL_TIME: Duration = Duration::from_millis(10);
 /// Bytes the kernel may hold unsent on a connection to a resyncing peer.
@@ -79,29 +90,35 @@ impl GuestActivity {
 }
 
 /// The pace of one resync pass to one peer.
-pub struct ResyncPace {
+pub struct ResyncPace<'a> {
     started: Instant,
     /// Bytes queued by this pass.
     sent: u64,
     /// The most an idle-guest pass keeps queued.
     max_fill: u64,
+    /// What the kernel still holds for the data connection.
+    socket: Option<&'a SocketProbe>,
+    /// The chunk while the guest is busy, sized to the link.
+    busy_chunk: u64,
 }
 
-impl ResyncPace {
+impl<'a> ResyncPace<'a> {
     /// `max_fill`: the most ever kept queued (a share of `congestion_limit`,
-    /// so guest writes always find room).
-    pub fn new(max_fill: u64) -> ResyncPace {
+    /// so guest writes always find room). `socket`: the data connection's.
+    pub fn new(max_fill: u64, socket: Option<&'a SocketProbe>) -> ResyncPace<'a> {
         ResyncPace {
             started: Instant::now(),
             sent: 0,
             max_fill: max_fill.max(2 * IDLE_CHUNK),
+            socket,
+            busy_chunk: 2 * MIN_BUSY_CHUNK,
         }
     }
 
     /// The largest chunk to read next.
     pub fn chunk(&self, guest: &GuestActivity) -> u64 {
         if guest.busy() {
-            BUSY_CHUNK
+            self.busy_chunk
         } else {
             IDLE_CHUNK
         }
@@ -113,15 +130,47 @@ impl ResyncPace {
     pub async fn after_chunk(&mut self, bytes: u64, peer: &PeerReplica, guest: &GuestActivity) {
         self.sent += bytes;
         if guest.busy() {
-            let waited = wait_for_queue(peer, 0).await;
+            let started = Instant::now();
+            wait_for_queue(peer, 0).await;
+            let drained = self.wait_for_socket(peer).await;
+            self.busy_chunk = if drained.is_zero() {
+                (self.busy_chunk * 2).min(IDLE_CHUNK)
+            } else if drained > BUSY_CHUNK_TIME {
+                (self.busy_chunk / 2).max(MIN_BUSY_CHUNK)
+            } else {
+                self.busy_chunk
+            };
             if peer.mode() == PeerMode::Resyncing {
                 // At most a guest-busy window: then look again.
-                tokio::time::sleep(waited.min(GUEST_BUSY)).await;
+                tokio::time::sleep(started.elapsed().min(GUEST_BUSY)).await;
             }
         } else {
             let fill = self.idle_fill();
             wait_for_queue(peer, fill.saturating_sub(IDLE_CHUNK)).await;
         }
+    }
+
+    /// Waits until the kernel holds at most the smallest busy chunk for the
+    /// peer (sent and unacknowledged included); returns how long that took
+    /// (zero: it held no more when first asked).
+    async fn wait_for_socket(&self, peer: &PeerReplica) -> Duration {
+        let Some(socket) = self.socket else {
+            return Duration::ZERO;
+        };
+        let too_much = || {
+            socket
+                .held_bytes()
+                .is_some_and(|held| held > MIN_BUSY_CHUNK)
+        };
+        if !too_much() {
+            return Duration::ZERO;
+        }
+        let started = Instant::now();
+        while too_much() && peer.mode() == PeerMode::Resyncing && started.elapsed() < GUEST_BUSY {
+            // No wake-up exists for "acknowledged": poll.
+            tokio::time::sleep(TICK).await;
+        }
+        started.elapsed()
     }
 
     /// What an idle-guest pass keeps queued: [`IDLE_FILL_TIME`] of its rate.
@@ -163,7 +212,7 @@ mod tests {
 
     #[test]
     fn an_idle_pass_keeps_its_fill_time_of_its_rate_queued() {
-        let mut pace = ResyncPace::new(16 << 20);
+        let mut pace = ResyncPace::new(16 << 20, None);
         // Nothing sent yet: two chunks, so the link never waits for a read.
         assert_eq!(pace.idle_fill(), 2 * IDLE_CHUNK);
         // 100 MB in about a second: 10 ms of it is about 1 MB.
@@ -179,9 +228,9 @@ mod tests {
     #[test]
     fn a_busy_guest_gets_small_chunks() {
         let guest = GuestActivity::default();
-        let pace = ResyncPace::new(16 << 20);
+        let pace = ResyncPace::new(16 << 20, None);
         assert_eq!(pace.chunk(&guest), IDLE_CHUNK);
         guest.touch();
-        assert_eq!(pace.chunk(&guest), BUSY_CHUNK);
+        assert_eq!(pace.chunk(&guest), 2 * MIN_BUSY_CHUNK);
     }
 }

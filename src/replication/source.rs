@@ -18,7 +18,7 @@ use super::liveness::{Due, Liveness};
 use super::pacing::{ResyncPace, UNSENT_WHILE_RESYNCING};
 use super::peer::{Outgoing, PeerMode, PeerReplica};
 use super::split_brain::{self, Decision, Side};
-use super::transport::{FrameWriter, LinkError};
+use super::transport::{FrameWriter, LinkError, SocketProbe};
 use super::{Replication, RoleState};
 
 /// Resync chunks per epoch: bits clear when the epoch's barrier is acked.
@@ -206,6 +206,7 @@ pub async fn run(
     let (data_tx, data_rx) = mpsc::unbounded_channel();
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
     // In the link's span: what the writers log names node and peer.
+    let data_socket = data_writer.probe();
     let mut sender = tokio::spawn(
         send_data(Arc::clone(peer), data_writer, data_rx, congestion).in_current_span(),
     );
@@ -213,7 +214,13 @@ pub async fn run(
     peer.start_mirroring(data_tx);
     let resync = if peer.is_lan {
         tokio::spawn(
-            resync_loop(Arc::clone(repl), Arc::clone(peer), meta_tx.clone()).in_current_span(),
+            resync_loop(
+                Arc::clone(repl),
+                Arc::clone(peer),
+                meta_tx.clone(),
+                data_socket,
+            )
+            .in_current_span(),
         )
     } else {
         // WAN peers: the lazy, budgeted push (see `wan`).
@@ -367,12 +374,13 @@ async fn resync_loop(
     repl: Arc<Replication>,
     peer: Arc<PeerReplica>,
     meta_tx: mpsc::UnboundedSender<Message>,
+    data_socket: Option<SocketProbe>,
 ) {
     loop {
         peer.resync_wanted.notified().await;
         match peer.mode() {
             PeerMode::Resyncing => {
-                if let Err(e) = resync_pass(&repl, &peer).await {
+                if let Err(e) = resync_pass(&repl, &peer, data_socket.as_ref()).await {
                     tracing::error!(error = %e, "resync stopped");
                     return;
                 }
@@ -414,7 +422,11 @@ pub(super) fn in_sync_state(repl: &Replication) -> Message {
 }
 
 /// One pass over the bitmap; returns once every chunk it sent is acked.
-async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::io::Result<()> {
+async fn resync_pass(
+    repl: &Arc<Replication>,
+    peer: &Arc<PeerReplica>,
+    data_socket: Option<&SocketProbe>,
+) -> std::io::Result<()> {
     let bitmap = &peer.bitmap;
     let block = bitmap.block_size() as u64;
     let total = bitmap.count_ones() * block;
@@ -429,7 +441,7 @@ async fn resync_pass(repl: &Arc<Replication>, peer: &Arc<PeerReplica>) -> std::i
     let rate_limit = repl.tunables().resync_rate;
     // Never more than a quarter of the congestion limit: guest writes
     // always find room.
-    let mut pace = ResyncPace::new(repl.tunables().congestion_bytes / 4);
+    let mut pace = ResyncPace::new(repl.tunables().congestion_bytes / 4, data_socket);
     let mut cursor = 0;
     let mut chunks = 0;
     let mut last_report = Instant::now();
