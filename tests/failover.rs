@@ -420,6 +420,17 @@ fn a_peer_whose_resync_was_cut_short_by_the_primarys_death_is_fully_resynced() {
         "the resync finished before it could be cut short"
     );
     drop(c1);
+    // Node 2 (not stalled, but behind too after the burst: the congestion
+    // limit is 1 MiB) must have caught up, or it cannot be promoted.
+    assert!(
+        wait_for(
+            || cluster.peer(1, 2)["state"] == "up-to-date"
+                && cluster.status(2)["disk"] == "up-to-date",
+            support::cluster::CONVERGE
+        ),
+        "node 2 did not catch up: {}",
+        cluster.peer(1, 2)
+    );
     cluster.daemon(1).sigkill();
     proxy.cut();
     wait_link_down(&cluster, 3, 1);

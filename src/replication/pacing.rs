@@ -23,10 +23,11 @@
 //!   link, between [`MIN_BUSY_CHUNK`] and [`IDLE_CHUNK`]: it doubles while
 //!   one is gone before it is even checked (a fast link, where the 1 ms
 //!   timer tick of the wait would otherwise be most of each cycle) and
-//!   halves while one takes longer than [`BUSY_CHUNK_TIME`]. (DRBD
-//!   throttles a resync to `c-min-rate` while the application does I/O;
-//!   a share of the link keeps a resync under a steadily writing guest
-//!   finite.)
+//!   halves while one takes longer than [`BUSY_CHUNK_TIME`]. No wait lasts
+//!   more than [`GUEST_BUSY`], so a guest writing as fast as the link goes
+//!   still lets a chunk through every two windows (at least 160 KiB/s; as
+//!   DRBD, which throttles a resync to `c-min-rate`, 250 KiB/s by default,
+//!   while the application does I/O, and never to nothing).
 //! * what the kernel holds unsent for the connection is capped as well
 //!   while the peer resyncs ([`UNSENT_WHILE_RESYNCING`], applied by the
 //!   sender as `TCP_NOTSENT_LOWAT`): otherwise the socket's send buffer
@@ -133,7 +134,10 @@ impl<'a> ResyncPace<'a> {
         self.sent += bytes;
         if guest.busy() {
             let started = Instant::now();
-            wait_for_queue(peer, 0).await;
+            // Not forever: a guest writing as fast as the link goes would
+            // otherwise keep the queue from ever draining, and the peer
+            // stale (inconsistent) for as long.
+            wait_for_queue(peer, 0, GUEST_BUSY).await;
             let drained = self.wait_for_socket(peer).await;
             self.busy_chunk = if drained.is_zero() {
                 (self.busy_chunk * 2).min(IDLE_CHUNK)
@@ -148,7 +152,7 @@ impl<'a> ResyncPace<'a> {
             }
         } else {
             let fill = self.idle_fill();
-            wait_for_queue(peer, fill.saturating_sub(IDLE_CHUNK)).await;
+            wait_for_queue(peer, fill.saturating_sub(IDLE_CHUNK), Duration::MAX).await;
         }
     }
 
@@ -183,16 +187,19 @@ impl<'a> ResyncPace<'a> {
     }
 }
 
-/// Waits until at most `at_most` bytes are queued to `peer` (or it stops
-/// resyncing); returns how long that took.
-async fn wait_for_queue(peer: &PeerReplica, at_most: u64) -> Duration {
+/// Waits until at most `at_most` bytes are queued to `peer`, it stops
+/// resyncing, or `limit` passed.
+async fn wait_for_queue(peer: &PeerReplica, at_most: u64, limit: Duration) {
     let started = Instant::now();
     loop {
         let drained = peer.drained.notified();
         tokio::pin!(drained);
         drained.as_mut().enable();
-        if peer.queued.load(Ordering::Acquire) <= at_most || peer.mode() != PeerMode::Resyncing {
-            return started.elapsed();
+        if peer.queued.load(Ordering::Acquire) <= at_most
+            || peer.mode() != PeerMode::Resyncing
+            || started.elapsed() >= limit
+        {
+            return;
         }
         let _ = tokio::time::timeout(RECHECK, drained).await;
     }
@@ -225,6 +232,30 @@ mod tests {
         // Never more than the cap, however fast.
         pace.sent = 100_000_000_000;
         assert_eq!(pace.idle_fill(), 16 << 20);
+    }
+
+    /// A guest that keeps the peer's queue from ever draining (as one
+    /// writing as fast as the link goes would) does not stop the resync:
+    /// a chunk still goes every guest-busy window at least.
+    #[tokio::test]
+    async fn a_guest_that_never_lets_the_queue_drain_does_not_stall_the_resync() {
+        let peer = super::super::peer::test_peer(8);
+        assert_eq!(peer.mode(), PeerMode::Resyncing);
+        peer.queued.store(4096, Ordering::Release); // never sent
+        let guest = GuestActivity::default();
+        guest.touch();
+        let mut pace = ResyncPace::new(16 << 20, None);
+        let started = Instant::now();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(2),
+            pace.after_chunk(MIN_BUSY_CHUNK, &peer, &guest),
+        )
+        .await;
+        assert!(waited.is_ok(), "the resync waits for the guest forever");
+        let took = started.elapsed();
+        // The wait (one window) and the pause as long as it (one more).
+        assert!(took >= GUEST_BUSY, "{took:?}");
+        assert!(took < 4 * GUEST_BUSY, "{took:?}");
     }
 
     #[test]

@@ -752,28 +752,37 @@ impl PeerReplica {
     }
 }
 
+/// A LAN peer mirrored to (its channel kept open, nothing reads it),
+/// resyncing when `stale` blocks of its 1024 are set: for unit tests.
+#[cfg(test)]
+pub(crate) fn test_peer(stale: u64) -> PeerReplica {
+    let config = Peer {
+        id: 2,
+        name: "n2".into(),
+        address: "127.0.0.1:1".parse().unwrap(),
+        lan_group: "default".into(),
+    };
+    let bitmap = Arc::new(Bitmap::new(1024, 4096));
+    bitmap.set_range(0, stale);
+    let replica = PeerReplica::new(
+        config,
+        true,
+        bitmap,
+        Arc::new(AtomicBool::new(false)),
+        Arc::default(),
+    );
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::mem::forget(rx); // keep the channel open
+    replica.start_mirroring(tx);
+    replica
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn peer() -> PeerReplica {
-        let config = Peer {
-            id: 2,
-            name: "n2".into(),
-            address: "127.0.0.1:1".parse().unwrap(),
-            lan_group: "default".into(),
-        };
-        let replica = PeerReplica::new(
-            config,
-            true,
-            Arc::new(Bitmap::new(1024, 4096)),
-            Arc::new(AtomicBool::new(false)),
-            Arc::default(),
-        );
-        let (tx, rx) = mpsc::unbounded_channel();
-        std::mem::forget(rx); // keep the channel open
-        replica.start_mirroring(tx);
-        replica
+        test_peer(0)
     }
 
     #[test]
