@@ -206,7 +206,12 @@ pub async fn run(
     let (data_tx, data_rx) = mpsc::unbounded_channel();
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
     // In the link's span: what the writers log names node and peer.
-    let data_socket = data_writer.probe();
+    // The LAN resync paces itself by what the kernel holds (see `pacing`).
+    let data_socket = if peer.is_lan {
+        data_writer.probe()
+    } else {
+        None
+    };
     let mut sender = tokio::spawn(
         send_data(Arc::clone(peer), data_writer, data_rx, congestion).in_current_span(),
     );
