@@ -27,6 +27,18 @@ fn refused(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Two nodes of `size` bytes, protocol C, node 1 promoted.
+fn primary_and_secondary(size: u64) -> Cluster {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        size,
+        protocol: "C",
+        ..ClusterSpec::default()
+    });
+    cluster.promote(1);
+    cluster
+}
+
 /// Two nodes hold identical data; both are stopped, their backing files
 /// grown (node 2's new area full of garbage, as a reused disk would be),
 /// their configs given the new size, and `resize` run on each. Restarted
@@ -38,13 +50,7 @@ fn resize_grows_every_replica_and_the_new_area_converges() {
     let rt = runtime();
     let old = 64u64 << 20;
     let new = 2 * old;
-    let mut cluster = Cluster::start(ClusterSpec {
-        nodes: 2,
-        size: old,
-        protocol: "C",
-        ..ClusterSpec::default()
-    });
-    cluster.promote(1);
+    let mut cluster = primary_and_secondary(old);
     let c1 = client(&rt, &cluster, 1);
     let before = write_flushed(
         &rt,
@@ -176,13 +182,7 @@ fn running_daemons_grow_in_place_and_refuse_what_they_cannot() {
     let rt = runtime();
     let old = 32u64 << 20;
     let new = 3 * old;
-    let mut cluster = Cluster::start(ClusterSpec {
-        nodes: 2,
-        size: old,
-        protocol: "C",
-        ..ClusterSpec::default()
-    });
-    cluster.promote(1);
+    let mut cluster = primary_and_secondary(old);
     let c1 = client(&rt, &cluster, 1);
     let before = write_flushed(
         &rt,
@@ -319,13 +319,7 @@ fn a_secondary_smaller_than_the_primary_is_refused_until_it_grows() {
     let rt = runtime();
     let old = 32u64 << 20;
     let new = 2 * old;
-    let mut cluster = Cluster::start(ClusterSpec {
-        nodes: 2,
-        size: old,
-        protocol: "C",
-        ..ClusterSpec::default()
-    });
-    cluster.promote(1);
+    let mut cluster = primary_and_secondary(old);
     assert!(cluster.wait_peers_up_to_date(1));
 
     // Node 1 grows first (demoted: its device is on a block socket).

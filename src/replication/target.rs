@@ -215,12 +215,12 @@ pub async fn run(
     } = link;
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
     let meta_sender = tokio::spawn(meta_writer.pump(meta_rx).in_current_span());
-    if let Err(e) = report_what_may_differ(repl, peer, &theirs, &meta_tx) {
+    // Our blocks the primary has (all of them unless we grew first).
+    let primary_blocks = theirs.size.div_ceil(u64::from(peer.bitmap.block_size()));
+    if let Err(e) = report_what_may_differ(repl, peer, &theirs, primary_blocks, &meta_tx) {
         meta_sender.abort();
         return Err(e);
     }
-    // Our blocks the primary has (all of them unless we grew first).
-    let primary_blocks = theirs.size.div_ceil(u64::from(peer.bitmap.block_size()));
     let mut applier = Applier {
         local: Arc::clone(&repl.local),
         al: Arc::clone(repl.metadata.activity_log()),
@@ -301,6 +301,7 @@ fn report_what_may_differ(
     repl: &Replication,
     peer: &PeerReplica,
     theirs: &PeerState,
+    primary_blocks: u64,
     meta_tx: &mpsc::UnboundedSender<Message>,
 ) -> Result<(), LinkError> {
     // A primary other than the one we followed (another promotion) may lack
@@ -330,7 +331,6 @@ fn report_what_may_differ(
         .map_err(|e| LinkError::Io(io::Error::other(e)))?;
     // A primary smaller than us (a resize round, see `link::check_sizes`)
     // gets the bits of its own blocks only.
-    let primary_blocks = theirs.size.div_ceil(u64::from(peer.bitmap.block_size()));
     if primary_blocks < peer.bitmap.nbits() {
         bitmap_exchange::send(meta_tx, peer.id(), &peer.bitmap.prefix(primary_blocks));
     } else {
