@@ -16,8 +16,12 @@
 //! 3. the same resync with the guest writing throughout: the resync's rate
 //!    again, and the write latency during it against the baseline.
 //!
+//! A third configuration repeats 100 Mbit/s with `resync_min_rate` set to
+//! 80 Mbit/s (DRBD's `c-min-rate`): the operator's trade of guest latency
+//! for resync time.
+//!
 //! Needs root. `cargo bench --bench resync [-- FILTER]` (FILTER matches the
-//! link rate, e.g. `1gbit`). Environment: `VMSYNC_BENCH_BASELINE_SECS` (3).
+//! configuration's name, e.g. `1gbit`). Environment: `VMSYNC_BENCH_BASELINE_SECS` (3).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -47,24 +51,34 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    // (link rate, device size: about two seconds of the link and more)
-    let configs = [("1gbit", 256 * MIB), ("100mbit", 48 * MIB)];
+    // (name, link rate, device size: about two seconds of the link and
+    // more, extra [replication] keys)
+    let configs = [
+        ("1gbit", "1gbit", 256 * MIB, ""),
+        ("100mbit", "100mbit", 48 * MIB, ""),
+        (
+            "100mbit-min-rate-80mbit",
+            "100mbit",
+            48 * MIB,
+            "resync_min_rate = \"80Mbit\"",
+        ),
+    ];
     let mut rows = Vec::new();
-    for (rate, size) in configs {
-        if !filters.is_empty() && !filters.iter().any(|f| rate.contains(f.as_str())) {
+    for (name, rate, size, keys) in configs {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
-        let row = run(rate, size, Duration::from_secs(baseline_secs));
+        let row = run(name, rate, size, keys, Duration::from_secs(baseline_secs));
         println!("{row:?}");
         rows.push(row);
     }
     println!();
-    println!("| link | link payload MB/s | resync MB/s, guest idle (ratio) | resync MB/s, guest writing (ratio) | 4K QD1 write latency mean / p50 / p99, peer up to date | the same during the resync | max during the resync | mean during ÷ mean before |");
+    println!("| config | link payload MB/s | resync MB/s, guest idle (ratio) | resync MB/s, guest writing (ratio) | 4K QD1 write latency mean / p50 / p99, peer up to date | the same during the resync | max during the resync | mean during ÷ mean before |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
             "| {} | {:.1} | {:.1} ({:.2}) | {:.1} ({:.2}) | {} / {} / {} | {} / {} / {} | {} | {:.1} |",
-            r.rate,
+            r.config,
             r.payload_mb_s,
             r.idle_resync_mb_s,
             r.idle_resync_mb_s / r.payload_mb_s,
@@ -89,7 +103,7 @@ fn ms(d: Duration) -> String {
 #[derive(Debug)]
 #[allow(dead_code)] // read through Debug
 struct Row {
-    rate: &'static str,
+    config: &'static str,
     payload_mb_s: f64,
     idle_resync_mb_s: f64,
     busy_resync_mb_s: f64,
@@ -122,7 +136,13 @@ impl Latencies {
     }
 }
 
-fn run(rate: &'static str, size: u64, baseline: Duration) -> Row {
+fn run(
+    config: &'static str,
+    rate: &'static str,
+    size: u64,
+    replication_keys: &str,
+    baseline: Duration,
+) -> Row {
     let star = Star::create(1, rate);
     star.limit_queues("5ms");
     let mut cluster = Cluster::start_on_star(
@@ -131,6 +151,7 @@ fn run(rate: &'static str, size: u64, baseline: Duration) -> Row {
             nodes: 2,
             protocol: "C",
             size,
+            extra_toml: format!("[replication]\n{replication_keys}\n"),
             ..ClusterSpec::default()
         },
         &[],
@@ -174,7 +195,7 @@ fn run(rate: &'static str, size: u64, baseline: Duration) -> Row {
         "the replicas differ after the resyncs"
     );
     Row {
-        rate,
+        config,
         payload_mb_s: rate_bits(rate) as f64 / 8.0 * PAYLOAD_FRACTION / 1e6,
         idle_resync_mb_s,
         busy_resync_mb_s: resync.rate_mb_s,

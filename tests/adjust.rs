@@ -79,6 +79,16 @@ fn adjust_changes_the_resync_rate_of_a_running_resync() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // At once, in the running pass: what is left (at least 8 MiB, 8 s at
+    // the old cap) goes at the link's speed.
+    assert!(
+        wait_for(
+            || cluster.peer(1, 2)["state"] == "up-to-date",
+            Duration::from_secs(4)
+        ),
+        "the lifted cap did not apply to the running resync: {}",
+        cluster.peer(1, 2)
+    );
     let mut image = vec![0u8; size as usize];
     image[..data.len()].copy_from_slice(&data);
     assert!(

@@ -103,6 +103,12 @@ pub struct Replication {
     pub max_peer_wait_ms: u64,
     /// Resync bandwidth cap in bytes per second (0: unlimited).
     pub resync_rate: u64,
+    /// The rate a LAN resync keeps while the guest does I/O, in bytes per
+    /// second (DRBD's `c-min-rate`). A resync yields the link to guest
+    /// writes, down to about one chunk every 200 ms (~160 KiB/s) when the
+    /// guest alone fills it; below this rate it stops yielding, so guest
+    /// writes wait behind more resync data (0: yield fully).
+    pub resync_min_rate: u64,
     /// Background sync (pulling the blocks a new primary lacks) cap in bytes
     /// per second (0: unlimited; it always yields to guest reads).
     pub sync_rate: u64,
@@ -186,6 +192,7 @@ impl Default for Replication {
             congestion_bytes: 64 << 20,
             max_peer_wait_ms: 2000,
             resync_rate: 0,
+            resync_min_rate: 0,
             sync_rate: 0,
             // DRBD's resync controller caps at 100 MiB/s by default
             // (c-max-rate); verify reads the whole device on both sides.
@@ -347,6 +354,7 @@ struct RawReplication {
     congestion_limit: Option<RawSize>,
     max_peer_wait_ms: Option<i64>,
     resync_rate: Option<RawSize>,
+    resync_min_rate: Option<RawSize>,
     sync_rate: Option<RawSize>,
     verify_rate: Option<RawSize>,
     wan_rate: Option<RawSize>,
@@ -457,6 +465,15 @@ impl Validator<'_> {
                 u64::try_from(n).map_err(|_| self.err(key, format!("{n} is negative")))
             }
             RawSize::Text(t) => parse_size(&t).map_err(|reason| self.err(key, reason)),
+        }
+    }
+
+    /// A rate in bytes per second: a number, a size ("10MiB") or a bit
+    /// rate ("80Mbit").
+    fn rate(&self, key: &str, raw: RawSize) -> Result<u64, ConfigError> {
+        match raw {
+            RawSize::Text(t) => parse_rate(&t).map_err(|reason| self.err(key, reason)),
+            bytes => self.size(key, bytes),
         }
     }
 
@@ -628,6 +645,9 @@ impl Validator<'_> {
             if let Some(s) = r.resync_rate {
                 replication.resync_rate = self.size("replication.resync_rate", s)?;
             }
+            if let Some(s) = r.resync_min_rate {
+                replication.resync_min_rate = self.rate("replication.resync_min_rate", s)?;
+            }
             if let Some(s) = r.sync_rate {
                 replication.sync_rate = self.size("replication.sync_rate", s)?;
             }
@@ -635,12 +655,7 @@ impl Validator<'_> {
                 replication.verify_rate = self.size("replication.verify_rate", s)?;
             }
             if let Some(s) = r.wan_rate {
-                replication.wan_rate = match s {
-                    RawSize::Text(t) => {
-                        parse_rate(&t).map_err(|reason| self.err("replication.wan_rate", reason))?
-                    }
-                    bytes => self.size("replication.wan_rate", bytes)?,
-                };
+                replication.wan_rate = self.rate("replication.wan_rate", s)?;
             }
             if let Some(name) = r.wan_compression {
                 replication.wan_compression = self.choice(
@@ -674,6 +689,16 @@ impl Validator<'_> {
                     protocol::zerocopy::ZeroCopySend::parse,
                     protocol::zerocopy::ZeroCopySend::NAMES,
                 )?;
+            }
+            if replication.resync_rate > 0 && replication.resync_min_rate > replication.resync_rate
+            {
+                return Err(self.err(
+                    "replication.resync_min_rate",
+                    format!(
+                        "{} is above replication.resync_rate ({}), the resync's cap",
+                        replication.resync_min_rate, replication.resync_rate
+                    ),
+                ));
             }
             // A timeout of less than two ping intervals drops healthy links
             // whenever one ping is a little late.

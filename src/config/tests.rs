@@ -362,3 +362,20 @@ fn ublk_queues_default_to_one_and_are_bounded() {
         );
     }
 }
+
+#[test]
+fn resync_min_rate_is_off_unless_set_and_never_above_the_cap() {
+    assert_eq!(parse_str(GOOD).unwrap().replication.resync_min_rate, 0);
+    let with = |keys: &str| format!("{GOOD}\n[replication]\n{keys}\n");
+    let c = parse_str(&with("resync_min_rate = \"80Mbit\"")).unwrap();
+    assert_eq!(c.replication.resync_min_rate, 10_000_000);
+    let c = parse_str(&with("resync_min_rate = \"4MiB\"\nresync_rate = \"8MiB\"")).unwrap();
+    assert_eq!(c.replication.resync_min_rate, 4 << 20);
+    let e = error_of(&with("resync_min_rate = \"8MiB\"\nresync_rate = \"4MiB\""));
+    assert!(
+        e.contains("`replication.resync_min_rate`")
+            && e.contains("8388608 is above replication.resync_rate (4194304)"),
+        "{e}"
+    );
+    assert!(error_of(&with("resync_min_rate = \"quick\"")).contains("replication.resync_min_rate"));
+}

@@ -152,6 +152,7 @@ fn tunable_changes(old: &config::Replication, new: &config::Replication) -> Vec<
         new.max_peer_wait_ms,
     );
     compare("resync_rate", old.resync_rate, new.resync_rate);
+    compare("resync_min_rate", old.resync_min_rate, new.resync_min_rate);
     compare("sync_rate", old.sync_rate, new.sync_rate);
     compare("verify_rate", old.verify_rate, new.verify_rate);
     compare("wan_rate", old.wan_rate, new.wan_rate);

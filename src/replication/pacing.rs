@@ -28,6 +28,13 @@
 //!   still lets a chunk through every two windows (at least 160 KiB/s; as
 //!   DRBD, which throttles a resync to `c-min-rate`, 250 KiB/s by default,
 //!   while the application does I/O, and never to nothing).
+//! * the operator bounds both ([`RateBounds`], read before every chunk so
+//!   `vmsyncctl adjust` applies to a running pass): `resync_rate` caps the
+//!   pass, and `resync_min_rate` is a floor while the guest is busy (DRBD's
+//!   `c-min-rate`): a pass that fell below it over the last
+//!   [`FLOOR_WINDOW`] stops yielding and goes as if the guest were idle
+//!   until it has caught up, so guest writes then wait behind more resync
+//!   data (the trade the operator chose);
 //! * what the kernel holds unsent for the connection is capped as well
 //!   while the peer resyncs ([`UNSENT_WHILE_RESYNCING`], applied by the
 //!   sender as `TCP_NOTSENT_LOWAT`): otherwise the socket's send buffer
@@ -55,6 +62,9 @@ const TICK: Duration = Duration::from_millis(1);
 const IDLE_FILL_TIME: Duration = Duration::from_millis(10);
 /// Bytes the kernel may hold unsent on a connection to a resyncing peer.
 pub const UNSENT_WHILE_RESYNCING: u32 = 64 * 1024;
+/// The window over which a busy-guest pass's rate is held against
+/// `resync_min_rate`.
+const FLOOR_WINDOW: Duration = Duration::from_secs(1);
 /// A wait for the peer's queue re-checks the peer's mode this often (a
 /// drained queue wakes it at once).
 const RECHECK: Duration = Duration::from_millis(20);
@@ -92,6 +102,47 @@ impl GuestActivity {
     }
 }
 
+/// The operator's bounds on a resync's rate, in bytes per second (0: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateBounds {
+    /// `resync_rate`: the pass never goes faster.
+    pub max: u64,
+    /// `resync_min_rate`: while the guest is busy the pass stops yielding
+    /// to it below this rate.
+    pub min: u64,
+}
+
+/// Bytes queued since a point in time, held against a rate.
+#[derive(Debug, Clone, Copy)]
+struct RateWindow {
+    since: Instant,
+    bytes: u64,
+}
+
+impl RateWindow {
+    fn new() -> Self {
+        RateWindow {
+            since: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// How much sooner than `rate` allows these bytes went (zero: not
+    /// ahead).
+    fn ahead_of(&self, rate: u64) -> Duration {
+        if rate == 0 {
+            return Duration::ZERO;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        due.saturating_sub(self.since.elapsed())
+    }
+
+    /// Whether fewer bytes went than `rate` asks for by now.
+    fn behind(&self, rate: u64) -> bool {
+        rate > 0 && (self.bytes as f64) < rate as f64 * self.since.elapsed().as_secs_f64()
+    }
+}
+
 /// The pace of one resync pass to one peer.
 pub struct ResyncPace<'a> {
     started: Instant,
@@ -103,6 +154,11 @@ pub struct ResyncPace<'a> {
     socket: Option<&'a SocketProbe>,
     /// The chunk while the guest is busy, sized to the link.
     busy_chunk: u64,
+    /// The bounds of the last chunk, and the windows they are held against:
+    /// the cap's since it last changed, the floor's over [`FLOOR_WINDOW`].
+    bounds: RateBounds,
+    capped: RateWindow,
+    floor: RateWindow,
 }
 
 impl<'a> ResyncPace<'a> {
@@ -115,12 +171,21 @@ impl<'a> ResyncPace<'a> {
             max_fill: max_fill.max(2 * IDLE_CHUNK),
             socket,
             busy_chunk: 2 * MIN_BUSY_CHUNK,
+            bounds: RateBounds::default(),
+            capped: RateWindow::new(),
+            floor: RateWindow::new(),
         }
+    }
+
+    /// Whether the pass yields to the guest now: the guest is busy and the
+    /// pass is not below the operator's floor.
+    fn yields(&self, guest: &GuestActivity) -> bool {
+        guest.busy() && !self.floor.behind(self.bounds.min)
     }
 
     /// The largest chunk to read next.
     pub fn chunk(&self, guest: &GuestActivity) -> u64 {
-        if guest.busy() {
+        if self.yields(guest) {
             self.busy_chunk
         } else {
             IDLE_CHUNK
@@ -128,11 +193,18 @@ impl<'a> ResyncPace<'a> {
     }
 
     /// After a chunk of `bytes` was queued to `peer`: waits until the next
-    /// may be (see the module's comment). Returns early when the peer stops
-    /// resyncing.
-    pub async fn after_chunk(&mut self, bytes: u64, peer: &PeerReplica, guest: &GuestActivity) {
+    /// may be (see the module's comment), within `bounds`. Returns early
+    /// when the peer stops resyncing.
+    pub async fn after_chunk(
+        &mut self,
+        bytes: u64,
+        peer: &PeerReplica,
+        guest: &GuestActivity,
+        bounds: RateBounds,
+    ) {
         self.sent += bytes;
-        if guest.busy() {
+        self.count(bytes, bounds);
+        if self.yields(guest) {
             let started = Instant::now();
             // Not forever: a guest writing as fast as the link goes would
             // otherwise keep the queue from ever draining, and the peer
@@ -154,6 +226,26 @@ impl<'a> ResyncPace<'a> {
             let fill = self.idle_fill();
             wait_for_queue(peer, fill.saturating_sub(IDLE_CHUNK), Duration::MAX).await;
         }
+        let ahead = self.capped.ahead_of(bounds.max);
+        if !ahead.is_zero() {
+            tokio::time::sleep(ahead).await;
+        }
+    }
+
+    /// Counts a chunk against the bounds' windows; a changed cap starts
+    /// its window afresh (a cap lowered in the middle of a pass must not
+    /// make it sleep for what went before), the floor's restarts every
+    /// [`FLOOR_WINDOW`].
+    fn count(&mut self, bytes: u64, bounds: RateBounds) {
+        if bounds.max != self.bounds.max {
+            self.capped = RateWindow::new();
+        }
+        if bounds.min != self.bounds.min || self.floor.since.elapsed() >= FLOOR_WINDOW {
+            self.floor = RateWindow::new();
+        }
+        self.bounds = bounds;
+        self.capped.bytes += bytes;
+        self.floor.bytes += bytes;
     }
 
     /// Waits until the kernel holds at most the smallest busy chunk for the
@@ -248,7 +340,7 @@ mod tests {
         let started = Instant::now();
         let waited = tokio::time::timeout(
             Duration::from_secs(2),
-            pace.after_chunk(MIN_BUSY_CHUNK, &peer, &guest),
+            pace.after_chunk(MIN_BUSY_CHUNK, &peer, &guest, RateBounds::default()),
         )
         .await;
         assert!(waited.is_ok(), "the resync waits for the guest forever");
@@ -265,5 +357,76 @@ mod tests {
         assert_eq!(pace.chunk(&guest), IDLE_CHUNK);
         guest.touch();
         assert_eq!(pace.chunk(&guest), 2 * MIN_BUSY_CHUNK);
+    }
+
+    /// Bytes a busy-guest pass gets through in `time` to a peer whose
+    /// queue never drains (a guest writing as fast as the link goes).
+    async fn busy_pass_bytes(bounds: RateBounds, time: Duration) -> u64 {
+        let peer = super::super::peer::test_peer(8);
+        peer.queued.store(4096, Ordering::Release); // never sent
+        let guest = GuestActivity::default();
+        let mut pace = ResyncPace::new(16 << 20, None);
+        let started = Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < time {
+            guest.touch();
+            let chunk = pace.chunk(&guest);
+            pace.after_chunk(chunk, &peer, &guest, bounds).await;
+            sent += chunk;
+        }
+        sent
+    }
+
+    /// `resync_min_rate`: below it a pass stops yielding to a busy guest.
+    #[tokio::test]
+    async fn a_busy_guest_does_not_hold_a_pass_below_its_floor() {
+        let time = Duration::from_millis(1500);
+        let yielding = busy_pass_bytes(RateBounds::default(), time).await;
+        let floor = 8 << 20;
+        let floored = busy_pass_bytes(RateBounds { max: 0, min: floor }, time).await;
+        // Yielding fully: a chunk (at most the idle one) every two
+        // guest-busy windows.
+        let windows = (time.as_millis() / (2 * GUEST_BUSY).as_millis()) as u64 + 1;
+        assert!(yielding <= windows * IDLE_CHUNK, "{yielding}");
+        // With the floor: about the floor's rate (it catches up in bursts,
+        // a chunk at a time).
+        let expected = floor as f64 * time.as_secs_f64();
+        assert!(floored as f64 >= 0.7 * expected, "{floored} < {expected}");
+        assert!(
+            floored as f64 <= 1.3 * expected + IDLE_CHUNK as f64,
+            "{floored} > {expected}"
+        );
+    }
+
+    /// `resync_rate` caps a pass, and a cap lowered in the middle of it
+    /// counts from then on (no sleep for what went before at the old rate).
+    #[tokio::test]
+    async fn the_cap_holds_and_a_changed_cap_counts_from_its_change() {
+        let peer = super::super::peer::test_peer(8);
+        let guest = GuestActivity::default(); // idle
+        let mut pace = ResyncPace::new(16 << 20, None);
+        let cap = RateBounds {
+            max: 2 << 20,
+            min: 0,
+        };
+        let started = Instant::now();
+        for _ in 0..4 {
+            pace.after_chunk(IDLE_CHUNK, &peer, &guest, cap).await;
+        }
+        // 1 MiB at 2 MiB/s.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(450), "{took:?}");
+        assert!(took < Duration::from_millis(900), "{took:?}");
+        // 64 MiB "sent" unlimited, then a cap of 2 MiB/s: the next chunk
+        // waits for itself only (128 ms), not for the 64 MiB (32 s).
+        for _ in 0..256 {
+            pace.after_chunk(IDLE_CHUNK, &peer, &guest, RateBounds::default())
+                .await;
+        }
+        let started = Instant::now();
+        pace.after_chunk(IDLE_CHUNK, &peer, &guest, cap).await;
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_millis(600), "{took:?}");
     }
 }

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::bitmap_exchange;
 use super::link::{our_state, Link, PeerState};
 use super::liveness::{Due, Liveness};
-use super::pacing::{ResyncPace, UNSENT_WHILE_RESYNCING};
+use super::pacing::{RateBounds, ResyncPace, UNSENT_WHILE_RESYNCING};
 use super::peer::{Outgoing, PeerMode, PeerReplica};
 use super::split_brain::{self, Decision, Side};
 use super::transport::{FrameWriter, LinkError, SocketProbe};
@@ -443,7 +443,6 @@ async fn resync_pass(
         .unwrap_or_else(|e| e.into_inner()) = Some(started);
     peer.stats.run_bytes.store(0, Ordering::Release);
     tracing::info!(stale_bytes = total, "resync starting");
-    let rate_limit = repl.tunables().resync_rate;
     // Never more than a quarter of the congestion limit: guest writes
     // always find room.
     let mut pace = ResyncPace::new(repl.tunables().congestion_bytes / 4, data_socket);
@@ -490,14 +489,14 @@ async fn resync_pass(
             last_report = Instant::now();
             report_progress(sent, total, started);
         }
-        // Leave the link to guest writes as far as they need it.
-        pace.after_chunk(len, peer, &repl.guest_io).await;
-        if rate_limit > 0 {
-            let due = Duration::from_secs_f64(sent as f64 / rate_limit as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
+        // Leave the link to guest writes as far as they need it, within
+        // the operator's bounds (read each time: `adjust` applies at once).
+        let tunables = repl.tunables();
+        let bounds = RateBounds {
+            max: tunables.resync_rate,
+            min: tunables.resync_min_rate,
+        };
+        pace.after_chunk(len, peer, &repl.guest_io, bounds).await;
     }
     // Close the last epoch and wait until the peer made it durable; the
     // bits of everything sent clear with that ack.
