@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::peer::{PeerMode, PeerReplica};
+use super::rate::RatePacer;
 use super::transport::SocketProbe;
 
 /// Guest I/O this recent counts as a busy guest: the LAN resync yields
@@ -127,16 +128,6 @@ impl RateWindow {
         }
     }
 
-    /// How much sooner than `rate` allows these bytes went (zero: not
-    /// ahead).
-    fn ahead_of(&self, rate: u64) -> Duration {
-        if rate == 0 {
-            return Duration::ZERO;
-        }
-        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
-        due.saturating_sub(self.since.elapsed())
-    }
-
     /// Whether fewer bytes went than `rate` asks for by now.
     fn behind(&self, rate: u64) -> bool {
         rate > 0 && (self.bytes as f64) < rate as f64 * self.since.elapsed().as_secs_f64()
@@ -154,11 +145,11 @@ pub struct ResyncPace<'a> {
     socket: Option<&'a SocketProbe>,
     /// The chunk while the guest is busy, sized to the link.
     busy_chunk: u64,
-    /// The bounds of the last chunk, and the windows they are held against:
-    /// the cap's since it last changed, the floor's over [`FLOOR_WINDOW`].
+    /// The bounds of the last chunk; the pass's rate over the current
+    /// [`FLOOR_WINDOW`], held against the floor; the cap's pacer.
     bounds: RateBounds,
-    capped: RateWindow,
     floor: RateWindow,
+    capped: RatePacer,
 }
 
 impl<'a> ResyncPace<'a> {
@@ -172,8 +163,8 @@ impl<'a> ResyncPace<'a> {
             socket,
             busy_chunk: 2 * MIN_BUSY_CHUNK,
             bounds: RateBounds::default(),
-            capped: RateWindow::new(),
             floor: RateWindow::new(),
+            capped: RatePacer::default(),
         }
     }
 
@@ -226,25 +217,16 @@ impl<'a> ResyncPace<'a> {
             let fill = self.idle_fill();
             wait_for_queue(peer, fill.saturating_sub(IDLE_CHUNK), Duration::MAX).await;
         }
-        let ahead = self.capped.ahead_of(bounds.max);
-        if !ahead.is_zero() {
-            tokio::time::sleep(ahead).await;
-        }
+        self.capped.spend(bytes, bounds.max).await;
     }
 
-    /// Counts a chunk against the bounds' windows; a changed cap starts
-    /// its window afresh (a cap lowered in the middle of a pass must not
-    /// make it sleep for what went before), the floor's restarts every
-    /// [`FLOOR_WINDOW`].
+    /// Counts a chunk against the floor's window, which restarts every
+    /// [`FLOOR_WINDOW`] (and when the floor changes).
     fn count(&mut self, bytes: u64, bounds: RateBounds) {
-        if bounds.max != self.bounds.max {
-            self.capped = RateWindow::new();
-        }
         if bounds.min != self.bounds.min || self.floor.since.elapsed() >= FLOOR_WINDOW {
             self.floor = RateWindow::new();
         }
         self.bounds = bounds;
-        self.capped.bytes += bytes;
         self.floor.bytes += bytes;
     }
 
@@ -396,37 +378,5 @@ mod tests {
             floored as f64 <= 1.3 * expected + IDLE_CHUNK as f64,
             "{floored} > {expected}"
         );
-    }
-
-    /// `resync_rate` caps a pass, and a cap lowered in the middle of it
-    /// counts from then on (no sleep for what went before at the old rate).
-    #[tokio::test]
-    async fn the_cap_holds_and_a_changed_cap_counts_from_its_change() {
-        let peer = super::super::peer::test_peer(8);
-        let guest = GuestActivity::default(); // idle
-        let mut pace = ResyncPace::new(16 << 20, None);
-        let cap = RateBounds {
-            max: 2 << 20,
-            min: 0,
-        };
-        let started = Instant::now();
-        for _ in 0..4 {
-            pace.after_chunk(IDLE_CHUNK, &peer, &guest, cap).await;
-        }
-        // 1 MiB at 2 MiB/s.
-        let took = started.elapsed();
-        assert!(took >= Duration::from_millis(450), "{took:?}");
-        assert!(took < Duration::from_millis(900), "{took:?}");
-        // 64 MiB "sent" unlimited, then a cap of 2 MiB/s: the next chunk
-        // waits for itself only (128 ms), not for the 64 MiB (32 s).
-        for _ in 0..256 {
-            pace.after_chunk(IDLE_CHUNK, &peer, &guest, RateBounds::default())
-                .await;
-        }
-        let started = Instant::now();
-        pace.after_chunk(IDLE_CHUNK, &peer, &guest, cap).await;
-        let took = started.elapsed();
-        assert!(took >= Duration::from_millis(100), "{took:?}");
-        assert!(took < Duration::from_millis(600), "{took:?}");
     }
 }

@@ -19,6 +19,7 @@ use protocol::Role;
 
 use super::fetcher::Fetcher;
 use super::peer::{PeerMode, PeerReplica};
+use super::rate::RatePacer;
 use super::{transport, Replication};
 use crate::control::VerifyStatus;
 
@@ -181,6 +182,7 @@ impl Replication {
         tracing::info!(peers = peers.len(), bytes = size, repair, "verify starting");
         let mut results = Vec::new();
         let mut compared = 0u64;
+        let mut pacer = RatePacer::default();
         for peer in &peers {
             let mut found = PeerVerify {
                 name: peer.config.name.clone(),
@@ -202,7 +204,9 @@ impl Replication {
                     p.bytes_done = compared;
                     p.candidate_blocks = blocks_in(&suspects, block_size(peer));
                 }
-                self.pace(compared, started).await;
+                // Within `verify_rate` over all peers (it reads the whole
+                // device here and on every peer).
+                pacer.spend(len, self.tunables().verify_rate).await;
             }
             // Writes in flight looked like differences: once every earlier
             // write is applied on the peer, look again.
@@ -282,18 +286,6 @@ impl Replication {
             }
         }
         Ok(differing)
-    }
-
-    /// Keeps verify within `verify_rate` (it reads the whole device here and
-    /// on every peer; `done` counts over all peers), when one is set.
-    async fn pace(&self, done: u64, started: Instant) {
-        let rate = self.tunables().verify_rate;
-        if rate > 0 {
-            let due = Duration::from_secs_f64(done as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
     }
 }
 

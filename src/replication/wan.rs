@@ -61,6 +61,7 @@ use tokio::sync::mpsc;
 use super::fetcher::Fetcher;
 use super::pacing::GUEST_BUSY;
 use super::peer::{PeerMode, PeerReplica};
+use super::rate::RatePacer;
 use super::{transport, Replication};
 
 /// While the guest is busy: one window per this long at most.
@@ -168,30 +169,6 @@ impl WanStats {
     fn wire(&self, bytes: u64) {
         self.wire_bytes.fetch_add(bytes, Ordering::AcqRel);
         self.pass_wire.fetch_add(bytes, Ordering::AcqRel);
-    }
-}
-
-/// Spaces sends so the wire bytes stay within `rate` bytes per second.
-/// A virtual clock rather than a bucket: time spent waiting for the guest
-/// to quiet down is not saved up for a burst afterwards.
-struct Pacer {
-    next: tokio::time::Instant,
-}
-
-impl Pacer {
-    fn new() -> Pacer {
-        Pacer {
-            next: tokio::time::Instant::now(),
-        }
-    }
-
-    async fn spend(&mut self, bytes: u64, rate: u64) {
-        if rate == 0 {
-            return;
-        }
-        let now = tokio::time::Instant::now();
-        self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
-        tokio::time::sleep_until(self.next).await;
     }
 }
 
@@ -322,7 +299,7 @@ async fn data_pass(
         budget = repl.tunables().wan_rate,
         "WAN push starting"
     );
-    let mut pacer = Pacer::new();
+    let mut pacer = RatePacer::default();
     let mut cursor = 0;
     let mut windows = 0u32;
     while let Some(first) = bitmap.find_next_set(cursor) {
@@ -550,7 +527,7 @@ async fn relay_pass(
     stats.start_pass();
     tracing::debug!(postmaster = %postmaster.config.name, stale_bytes = bitmap.count_ones() * block,
         "WAN pass by reference through the group's postmaster");
-    let mut pacer = Pacer::new();
+    let mut pacer = RatePacer::default();
     let mut cursor = 0;
     let mut windows = 0u32;
     let mut referenced = 0u64;
