@@ -292,6 +292,43 @@ fn a_switch_to_an_empty_node_serves_everything_at_once_and_converges() {
     assert_eq!(term, 4, "four promotions, four terms");
 }
 
+/// `vmsyncctl adjust` changes `sync_rate` for a background sync already
+/// running, as it does every other rate.
+#[test]
+fn adjust_reaches_a_background_sync_already_running() {
+    let mut site = Site::new(2, &[], "[replication]\nsync_rate = \"1MiB\"\n");
+    let size = site.dir.spec.size;
+    let mut gen = Workload::new(11, size);
+    let model = site.first_primary_writes(&[], &mut gen, 500);
+    let _client = site.switch_to_empty_node_2();
+    std::thread::sleep(Duration::from_secs(2));
+    let stale = site.stale_bytes(2);
+    assert!(
+        stale > size / 2,
+        "at 1 MiB/s node 2 should still lack most of {size} bytes, lacks {stale}"
+    );
+
+    let config = site.dir.config_toml(2);
+    let unlimited = config.replace("sync_rate = \"1MiB\"", "sync_rate = 0");
+    assert_ne!(config, unlimited);
+    site.dir.write_config(2, &unlimited);
+    let out = site.ctl(2, &["adjust"]);
+    assert!(out.status.success(), "adjust: {}", text(&out));
+    assert!(
+        text(&out).contains("sync_rate 1048576 → 0"),
+        "{}",
+        text(&out)
+    );
+    // What is left (over 32 MiB: half a minute at the old rate) comes at
+    // once.
+    assert!(
+        wait_for(|| site.stale_bytes(2) == 0, Duration::from_secs(10)),
+        "the lifted sync_rate did not reach the running sync: {}",
+        site.status(2)
+    );
+    site.wait_identical(&[2], &model);
+}
+
 /// The guest hammers the very blocks the background sync is pulling: no
 /// fetched (older) data may ever overwrite what the guest wrote.
 #[test]

@@ -243,11 +243,12 @@ impl Replication {
     }
 
     /// Replaces the tunables (`vmsyncctl adjust`). Each takes effect at its
-    /// next use: rates and limits at once, ping settings on the next link,
-    /// the background sync's rate on the next sync.
+    /// next use: rates and limits at once (of a resync, verify, WAN push or
+    /// background sync already running too), ping settings on the next link.
     pub fn set_tunables(&self, tunables: crate::config::Replication) {
         // Connections made from now on follow it.
         protocol::zerocopy::set_zero_copy_send(tunables.zero_copy_send);
+        self.local.set_sync_rate(tunables.sync_rate);
         *self.tunables.write().unwrap_or_else(|e| e.into_inner()) = tunables;
     }
 

@@ -75,9 +75,9 @@ impl Cursor {
     }
 }
 
-/// Paces starts to `rate` bytes per second (0: unlimited).
+/// Paces starts to a rate in bytes per second (0: unlimited) that may
+/// change between starts (`set_sync_rate`): it applies from the next start.
 struct Pacer {
-    rate: u64,
     next: Instant,
 }
 
@@ -86,10 +86,10 @@ impl Pacer {
         (self.next > Instant::now()).then_some(self.next)
     }
 
-    fn started(&mut self, bytes: u64) {
-        if self.rate > 0 {
+    fn started(&mut self, bytes: u64, rate: u64) {
+        if rate > 0 {
             let base = self.next.max(Instant::now());
-            self.next = base + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+            self.next = base + Duration::from_secs_f64(bytes as f64 / rate as f64);
         }
     }
 }
@@ -180,7 +180,6 @@ pub(super) async fn run<D: BlockDevice>(
     });
     let mut cursor = Cursor::new(hot.chain(std::iter::once(0..nbits)).collect());
     let mut pacer = Pacer {
-        rate: options.rate,
         next: Instant::now(),
     };
     let mut progress = Progress::new(&shared);
@@ -272,7 +271,10 @@ pub(super) async fn run<D: BlockDevice>(
         let (Some(op), Ok(source)) = (shared.begin_op(), shared.source()) else {
             break; // deactivated
         };
-        pacer.started(shared.byte_range(&blocks).1);
+        pacer.started(
+            shared.byte_range(&blocks).1,
+            shared.counters.sync_rate.load(SeqCst),
+        );
         if busy {
             // Leave the guest room between fetches.
             pacer.next = pacer.next.max(Instant::now() + TRICKLE_PAUSE);

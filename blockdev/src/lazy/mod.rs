@@ -174,6 +174,9 @@ struct SyncHandle {
 
 #[derive(Default)]
 struct Counters {
+    /// The background sync's cap in bytes per second (0: unlimited); set by
+    /// `start_background_sync` and `set_sync_rate`, read before every fetch.
+    sync_rate: AtomicU64,
     fetched_bytes: AtomicU64,
     same_bytes: AtomicU64,
     on_demand_fetches: AtomicU64,
@@ -706,6 +709,7 @@ impl<D: BlockDevice> LazyDevice<D> {
     /// running sync). Call it after [`activate`](Self::activate): the sync
     /// ends at once when the layer is inactive.
     pub fn start_background_sync(self: &Arc<Self>, options: SyncOptions) {
+        self.set_sync_rate(options.rate);
         let (stop, stopped) = watch::channel(false);
         let task =
             self.shared
@@ -715,6 +719,12 @@ impl<D: BlockDevice> LazyDevice<D> {
         if let Some(old) = old {
             let _ = old.stop.send(true);
         }
+    }
+
+    /// Changes the background sync's cap (bytes per second, 0: unlimited),
+    /// for a sync already running too.
+    pub fn set_sync_rate(&self, rate: u64) {
+        self.shared.counters.sync_rate.store(rate, SeqCst);
     }
 
     pub fn sync_stats(&self) -> SyncStats {
