@@ -24,7 +24,6 @@ mod membership;
 mod pacing;
 pub mod peer;
 pub mod peer_set;
-mod rate;
 mod source;
 mod split_brain;
 mod target;

@@ -44,8 +44,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use blockdev::pace::RatePacer;
+
 use super::peer::{PeerMode, PeerReplica};
-use super::rate::RatePacer;
 use super::transport::SocketProbe;
 
 /// Guest I/O this recent counts as a busy guest: the LAN resync yields

@@ -14,12 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use blockdev::buffer::AlignedBuf;
+use blockdev::pace::RatePacer;
 use blockdev::BlockDevice;
 use protocol::Role;
 
 use super::fetcher::Fetcher;
 use super::peer::{PeerMode, PeerReplica};
-use super::rate::RatePacer;
 use super::{transport, Replication};
 use crate::control::VerifyStatus;
 

@@ -52,6 +52,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockdev::buffer::AlignedBuf;
+use blockdev::pace::RatePacer;
 use blockdev::BlockDevice;
 use bytes::Bytes;
 use protocol::compress::Codec;
@@ -61,7 +62,6 @@ use tokio::sync::mpsc;
 use super::fetcher::Fetcher;
 use super::pacing::GUEST_BUSY;
 use super::peer::{PeerMode, PeerReplica};
-use super::rate::RatePacer;
 use super::{transport, Replication};
 
 /// While the guest is busy: one window per this long at most.

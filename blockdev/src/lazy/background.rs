@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use super::{FetchKind, Shared, SyncOptions, MAX_SOURCE_REQUEST};
 use crate::device::BlockDevice;
 use crate::meta::EXTENT_SIZE;
+use crate::pace::RatePacer;
 
 /// Pause after a failed fetch before starting new ones.
 pub(crate) const BACKOFF: Duration = Duration::from_secs(1);
@@ -71,25 +72,6 @@ impl Cursor {
             if let Some(next) = self.segments.get(self.index) {
                 self.pos = next.start;
             }
-        }
-    }
-}
-
-/// Paces starts to a rate in bytes per second (0: unlimited) that may
-/// change between starts (`set_sync_rate`): it applies from the next start.
-struct Pacer {
-    next: Instant,
-}
-
-impl Pacer {
-    fn ready_at(&self) -> Option<Instant> {
-        (self.next > Instant::now()).then_some(self.next)
-    }
-
-    fn started(&mut self, bytes: u64, rate: u64) {
-        if rate > 0 {
-            let base = self.next.max(Instant::now());
-            self.next = base + Duration::from_secs_f64(bytes as f64 / rate as f64);
         }
     }
 }
@@ -179,9 +161,8 @@ pub(super) async fn run<D: BlockDevice>(
         (start < nbits).then(|| start..(start + extent_blocks).min(nbits))
     });
     let mut cursor = Cursor::new(hot.chain(std::iter::once(0..nbits)).collect());
-    let mut pacer = Pacer {
-        next: Instant::now(),
-    };
+    // Starts are paced to `sync_rate`, read before each (`set_sync_rate`).
+    let mut pacer = RatePacer::default();
     let mut progress = Progress::new(&shared);
     let mut backoff_until: Option<Instant> = None;
     let mut started_this_pass = 0u64;
@@ -271,13 +252,13 @@ pub(super) async fn run<D: BlockDevice>(
         let (Some(op), Ok(source)) = (shared.begin_op(), shared.source()) else {
             break; // deactivated
         };
-        pacer.started(
+        pacer.charge(
             shared.byte_range(&blocks).1,
             shared.counters.sync_rate.load(SeqCst),
         );
         if busy {
             // Leave the guest room between fetches.
-            pacer.next = pacer.next.max(Instant::now() + TRICKLE_PAUSE);
+            pacer.hold_until(Instant::now() + TRICKLE_PAUSE);
         }
         started_this_pass += 1;
         let task_shared = Arc::clone(&shared);

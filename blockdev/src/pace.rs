@@ -1,5 +1,5 @@
-//! Keeping background work (a resync, a verify, the WAN push) within a rate
-//! the operator set.
+//! Keeping background work (a resync, a verify, the WAN push, the lazy
+//! layer's background sync) within a rate the operator set.
 
 use std::time::Duration;
 
@@ -31,9 +31,28 @@ impl RatePacer {
         if rate == 0 {
             return;
         }
-        let now = Instant::now();
-        self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        self.charge(bytes, rate);
         tokio::time::sleep_until(self.next).await;
+    }
+
+    /// Accounts for `bytes` at `rate` without waiting (see [`ready_at`]).
+    ///
+    /// [`ready_at`]: RatePacer::ready_at
+    pub fn charge(&mut self, bytes: u64, rate: u64) {
+        if rate > 0 {
+            let now = Instant::now();
+            self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        }
+    }
+
+    /// When the next work may start, if not now.
+    pub fn ready_at(&self) -> Option<Instant> {
+        (self.next > Instant::now()).then_some(self.next)
+    }
+
+    /// Holds the next work back until `at` at least.
+    pub fn hold_until(&mut self, at: Instant) {
+        self.next = self.next.max(at);
     }
 }
 
