@@ -32,10 +32,11 @@
 //!   `vmsyncctl adjust` applies to a running pass): `resync_rate` caps the
 //!   pass, and `resync_min_rate` is a floor while the guest is busy (DRBD's
 //!   `c-min-rate`): a pass behind the floor's schedule ([`Floor`]) stops
-//!   yielding and paces as if the guest were idle until it has caught up
-//!   (each chunk waiting for the queue no longer than it takes at twice
-//!   the floor's rate, however full guest writes keep it), so guest writes
-//!   then wait behind more resync data (the trade the operator chose);
+//!   yielding until it has caught up: it keeps one busy-sized chunk
+//!   queued ahead, each waiting for the queue no longer than it takes at
+//!   twice the floor's rate (however full guest writes keep it), so guest
+//!   writes then wait behind more resync data (the trade the operator
+//!   chose);
 //! * what the kernel holds unsent for the connection is capped as well
 //!   while the peer resyncs ([`UNSENT_WHILE_RESYNCING`], applied by the
 //!   sender as `TCP_NOTSENT_LOWAT`): otherwise the socket's send buffer
@@ -195,7 +196,7 @@ impl<'a> ResyncPace<'a> {
 
     /// The largest chunk to read next.
     pub fn chunk(&self, guest: &GuestActivity) -> u64 {
-        if self.yields(guest) {
+        if guest.busy() {
             self.busy_chunk
         } else {
             IDLE_CHUNK
@@ -236,17 +237,19 @@ impl<'a> ResyncPace<'a> {
                 tokio::time::sleep(pause.min(self.floor.until_due(bounds.min))).await;
             }
         } else {
-            // Behind the floor while the guest is busy: its writes may keep
-            // the queue from ever draining, so wait for it no longer than
-            // this chunk takes at twice the floor's rate (the pass makes up
-            // what it is behind, never more than [`FLOOR_SLACK`] of it).
-            let limit = if guest.busy() {
-                Duration::from_secs_f64(bytes as f64 / (2 * bounds.min.max(1)) as f64)
+            // Behind the floor while the guest is busy: busy-sized chunks,
+            // one ahead (a guest write waits behind about one, not behind
+            // an idle pass's fill), and its writes may keep the queue from
+            // ever draining, so wait for it no longer than this chunk
+            // takes at twice the floor's rate (the pass makes up what it is
+            // behind, never more than [`FLOOR_SLACK`] of it).
+            let (limit, ahead) = if guest.busy() {
+                let limit = Duration::from_secs_f64(bytes as f64 / (2 * bounds.min.max(1)) as f64);
+                (limit, self.busy_chunk)
             } else {
-                Duration::MAX
+                (Duration::MAX, self.idle_fill().saturating_sub(IDLE_CHUNK))
             };
-            let fill = self.idle_fill();
-            wait_for_queue(peer, fill.saturating_sub(IDLE_CHUNK), limit).await;
+            wait_for_queue(peer, ahead, limit).await;
         }
         self.capped.spend(bytes, bounds.max).await;
     }
