@@ -166,8 +166,8 @@ pub struct ResyncPace<'a> {
     socket: Option<&'a SocketProbe>,
     /// The chunk while the guest is busy, sized to the link.
     busy_chunk: u64,
-    /// The bounds of the last chunk; the floor's schedule; the cap's pacer.
-    bounds: RateBounds,
+    /// The floor of the last chunk and its schedule; the cap's pacer.
+    floor_rate: u64,
     floor: Floor,
     capped: RatePacer,
 }
@@ -182,16 +182,16 @@ impl<'a> ResyncPace<'a> {
             max_fill: max_fill.max(2 * IDLE_CHUNK),
             socket,
             busy_chunk: 2 * MIN_BUSY_CHUNK,
-            bounds: RateBounds::default(),
+            floor_rate: 0,
             floor: Floor::new(),
             capped: RatePacer::default(),
         }
     }
 
     /// Whether the pass yields to the guest now: the guest is busy and the
-    /// pass is not below the operator's floor.
+    /// pass is not behind the operator's floor.
     fn yields(&self, guest: &GuestActivity) -> bool {
-        guest.busy() && !self.floor.behind(self.bounds.min)
+        guest.busy() && !self.floor.behind(self.floor_rate)
     }
 
     /// The largest chunk to read next.
@@ -214,7 +214,7 @@ impl<'a> ResyncPace<'a> {
         bounds: RateBounds,
     ) {
         self.sent += bytes;
-        self.count(bytes, bounds);
+        self.count(bytes, bounds.min);
         if self.yields(guest) {
             let started = Instant::now();
             // Not forever: a guest writing as fast as the link goes would
@@ -256,12 +256,12 @@ impl<'a> ResyncPace<'a> {
 
     /// Counts a chunk against the floor's schedule (afresh when the floor
     /// changed).
-    fn count(&mut self, bytes: u64, bounds: RateBounds) {
-        if bounds.min != self.bounds.min {
+    fn count(&mut self, bytes: u64, floor_rate: u64) {
+        if floor_rate != self.floor_rate {
             self.floor = Floor::new();
+            self.floor_rate = floor_rate;
         }
-        self.bounds = bounds;
-        self.floor.count(bytes, bounds.min);
+        self.floor.count(bytes, floor_rate);
     }
 
     /// Waits until the kernel holds at most the smallest busy chunk for the
