@@ -173,8 +173,8 @@ pub struct ResyncPace<'a> {
 }
 
 impl<'a> ResyncPace<'a> {
-    /// `max_fill`: the most ever kept queued (a share of `congestion_limit`,
-    /// so guest writes always find room). `socket`: the data connection's.
+    /// `max_fill`: see [`ResyncPace::set_max_fill`]. `socket`: the data
+    /// connection's.
     pub fn new(max_fill: u64, socket: Option<&'a SocketProbe>) -> ResyncPace<'a> {
         ResyncPace {
             started: Instant::now(),
@@ -186,6 +186,13 @@ impl<'a> ResyncPace<'a> {
             floor: Floor::new(),
             capped: RatePacer::default(),
         }
+    }
+
+    /// The most ever kept queued (a share of `congestion_limit`, so guest
+    /// writes always find room), at least two idle chunks; set before
+    /// every chunk, so a changed `congestion_limit` applies at once.
+    pub fn set_max_fill(&mut self, max_fill: u64) {
+        self.max_fill = max_fill.max(2 * IDLE_CHUNK);
     }
 
     /// Whether the pass yields to the guest now: the guest is busy and the
@@ -341,6 +348,12 @@ mod tests {
         // Never more than the cap, however fast.
         pace.sent = 100_000_000_000;
         assert_eq!(pace.idle_fill(), 16 << 20);
+        // A cap changed during the pass (`adjust` of congestion_limit)
+        // applies to the next chunk; never below two chunks.
+        pace.set_max_fill(4 << 20);
+        assert_eq!(pace.idle_fill(), 4 << 20);
+        pace.set_max_fill(0);
+        assert_eq!(pace.idle_fill(), 2 * IDLE_CHUNK);
     }
 
     /// A guest that keeps the peer's queue from ever draining (as one

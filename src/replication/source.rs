@@ -443,9 +443,7 @@ async fn resync_pass(
         .unwrap_or_else(|e| e.into_inner()) = Some(started);
     peer.stats.run_bytes.store(0, Ordering::Release);
     tracing::info!(stale_bytes = total, "resync starting");
-    // Never more than a quarter of the congestion limit: guest writes
-    // always find room.
-    let mut pace = ResyncPace::new(repl.tunables().congestion_bytes / 4, data_socket);
+    let mut pace = ResyncPace::new(resync_fill_cap(&repl.tunables()), data_socket);
     let mut cursor = 0;
     let mut chunks = 0;
     let mut last_report = Instant::now();
@@ -496,6 +494,7 @@ async fn resync_pass(
             max: tunables.resync_rate,
             min: tunables.resync_min_rate,
         };
+        pace.set_max_fill(resync_fill_cap(&tunables));
         pace.after_chunk(len, peer, &repl.guest_io, bounds).await;
     }
     // Close the last epoch and wait until the peer made it durable; the
@@ -506,6 +505,12 @@ async fn resync_pass(
     }
     report_progress(sent, total, started);
     Ok(())
+}
+
+/// The most a resync keeps queued to a peer: a quarter of the congestion
+/// limit, so guest writes always find room.
+fn resync_fill_cap(tunables: &crate::config::Replication) -> u64 {
+    tunables.congestion_bytes / 4
 }
 
 fn report_progress(done: u64, total: u64, started: Instant) {
