@@ -28,6 +28,8 @@
 //! Environment: `VMSYNC_BENCH_SECS` (measured seconds, 5),
 //! `VMSYNC_BENCH_WARMUP_SECS` (1).
 
+#[path = "links/plain_tcp.rs"]
+mod plain_tcp;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -118,7 +120,7 @@ fn main() {
     let secs = env_u64("VMSYNC_BENCH_SECS", 5);
     let warmup = env_u64("VMSYNC_BENCH_WARMUP_SECS", 1);
     // (name, link rate, peers, workloads, set-up)
-    let configs: [(&str, &str, usize, &[Workload], Setup); 11] = [
+    let configs: [(&str, &str, usize, &[Workload], Setup); 15] = [
         // No peer: the primary's own CPU per request, the base of "CPU per
         // extra peer" (issue 10, target 3).
         ("local", "-", 0, &[SEQ_1M, RAND_4K], DEFAULTS),
@@ -147,6 +149,19 @@ fn main() {
         ),
         (
             "1gbit-2p-napi-zerocopy",
+            "1gbit",
+            2,
+            &[SEQ_1M],
+            NAPI_ZERO_COPY,
+        ),
+        // No vmsync: a plain TCP sender in the primary's namespace hands
+        // each peer the same cold MiB over the same shaped links (see
+        // `run_plain_tcp`), the kernel's own price of a peer.
+        ("tcp-1gbit-1p", "1gbit", 1, &[SEQ_1M], DEFAULTS),
+        ("tcp-1gbit-2p", "1gbit", 2, &[SEQ_1M], DEFAULTS),
+        ("tcp-1gbit-2p-napi-copy", "1gbit", 2, &[SEQ_1M], NAPI_COPY),
+        (
+            "tcp-1gbit-2p-napi-zerocopy",
             "1gbit",
             2,
             &[SEQ_1M],
@@ -227,6 +242,22 @@ fn print_cpu_per_peer(rows: &[Row]) {
                 println!(
                     "  the second peer alone: {two_peers:.0} - {one_peer:.0} = {second:.0} µs = {:.2} x local",
                     second / local
+                );
+            }
+            // What the kernel alone charges a sender for the same bytes
+            // over the same links (a plain TCP sender, same run).
+            let plain = format!("tcp-{two}");
+            if let (Some(local), Some(tcp), true) = (
+                local,
+                cpu(&plain, workload, of),
+                two.starts_with("1gbit-2p"),
+            ) {
+                let per_peer = (two_peers - local) / 2.0;
+                println!(
+                    "  a plain TCP sender over the same links ({plain}): {tcp:.0} / 2 = {:.0} µs per peer = {:.2} x local; vmsync per extra peer = {:.2} x plain TCP's",
+                    tcp / 2.0,
+                    tcp / 2.0 / local,
+                    per_peer / (tcp / 2.0)
                 );
             }
             let unshared = format!("{two}-unshared");
@@ -328,6 +359,15 @@ fn run(
 ) -> Row {
     if peers == 0 {
         return run_local(config, rate, w, secs, warmup);
+    }
+    if config.starts_with("tcp-") {
+        let zero_copy = setup.zero_copy == "on";
+        return plain_tcp::run(
+            config,
+            (rate, peers, setup.napi_threads, zero_copy),
+            w,
+            (secs, warmup),
+        );
     }
     let star = Star::create(peers, rate);
     if setup.napi_threads {
