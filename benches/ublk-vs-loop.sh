@@ -12,6 +12,8 @@
 # (a rublk binary to use; "none": skip rublk), BENCH_RUBLK_ARGS (extra
 # `rublk add loop` options; default none: rublk as a user starts it, depth
 # 128 and 512 KiB buffers; "-d 64 -b 1MiB" gives it vmsync's shape),
+# BENCH_PASSES (passes with rublk, 2: vmsync and rublk swap backing files
+# every pass and which runs first every two; 4 hold each combination once),
 # BENCH_PEER=1 (vmsync as a replicated primary with one peer on the guest's
 # loopback, protocol C: the replication layer's path, not the standalone's),
 # VMSYNC_BIN_DIR, and everything
@@ -27,6 +29,7 @@ export BENCH_RUNTIME=${BENCH_RUNTIME:-20} BENCH_SIZE_MIB=${BENCH_SIZE_MIB:-512} 
 [ -z "${BENCH_TESTS:-}" ] || export BENCH_TESTS
 [ -z "${BENCH_SCHED+x}" ] || export BENCH_SCHED
 export BENCH_QUEUES=${BENCH_QUEUES:-1}
+export BENCH_PASSES=${BENCH_PASSES:-2}
 export BENCH_RUBLK_ARGS=${BENCH_RUBLK_ARGS:-}
 
 # rublk 0.2.15 (the version the performance issue names), built once into
@@ -50,8 +53,8 @@ echo
 echo "vmsync (ublk, direct_io${BENCH_PEER:+, replicated primary with 1 peer}) vs rublk $RUBLK_VERSION (add loop${BENCH_RUBLK_ARGS:+ $BENCH_RUBLK_ARGS}, direct I/O) vs loop (--direct-io=on), $BENCH_QUEUES ublk queue(s), fio $BENCH_ENGINE, ${BENCH_RUNTIME}s per run, TCG guest"
 results=$(tr -d '\r' < "$VM_CONSOLE_LOG" | grep -a -E '^BENCH ' || true)
 [ -n "$results" ] || { echo "(no BENCH results)"; exit 1; }
-# Each figure is the mean over the passes (with rublk: two, vmsync and
-# rublk on swapped backing files).
+# Each figure is the mean over the passes (with rublk: BENCH_PASSES, vmsync
+# and rublk swapping backing files and which runs first, see the scenario).
 means() {
   awk '
     { t = $2; if (!(t in seen)) { seen[t] = 1; order[++n] = t }

@@ -10,7 +10,7 @@
 # and *_srv the server process's own CPU time per I/O (all its threads, the
 # exited io_uring workers included), both in microseconds over the measured
 # window: under TCG the closest thing to "work per request" the guest can
-# report. With rublk there are two passes (P = 1, 2; see below).
+# report. With rublk there are BENCH_PASSES passes (2; see below).
 # benches/ublk-vs-loop.sh turns them into a table. Only the ratios mean
 # anything: the guest runs under TCG.
 # Knobs: BENCH_RUNTIME (s per run, 20), BENCH_SIZE_MIB (512),
@@ -19,6 +19,9 @@
 #        BENCH_QUEUES (ublk hardware queues of vmsync and rublk, 1),
 #        BENCH_RUBLK (path of the rublk binary; unset: no rublk column),
 #        BENCH_RUBLK_ARGS (extra `rublk add loop` options, e.g. "-d 64 -b 1MiB"),
+#        BENCH_PASSES (passes with rublk, 2: vmsync and rublk swap backing
+#        files every pass and their order in the run every two; 4 passes
+#        hold each combination once),
 #        BENCH_PEER=1 (vmsync as a replicated primary: a second vmsyncd on the
 #        guest's loopback is its peer, protocol C, links protected; reads
 #        are then served by the replication layer, writes wait for the peer),
@@ -37,6 +40,7 @@ SCHED=${BENCH_SCHED-none}   # "" keeps each device's default scheduler
 QUEUES=${BENCH_QUEUES:-1}
 RUBLK=${BENCH_RUBLK:-}
 RUBLK_ARGS=${BENCH_RUBLK_ARGS:-}
+PASSES=${BENCH_PASSES:-2}
 RUBLK_ID=9
 PEER=${BENCH_PEER:-}
 PERF=
@@ -49,8 +53,10 @@ fi
 # unwritten extents would cost nothing). Which file a device gets matters
 # more than expected: giving vmsync the file rublk had (and rublk vmsync's)
 # moved vmsync/rublk for 4 KiB random writes from 0.73-0.87 to 1.01-1.13. So
-# with rublk the tests run in two passes, vmsync and rublk swapping files
-# between them, and benches/ublk-vs-loop.sh prints the mean of the two.
+# with rublk the tests run in passes (BENCH_PASSES, 2; 4 cover every
+# combination of file and place in the run, see run_pass), vmsync and rublk
+# swapping files from one pass to the next, and benches/ublk-vs-loop.sh
+# prints the mean of the passes.
 FILE_A=$W/a.img FILE_B=$W/b.img
 [ -z "$RUBLK" ] || [ -x "$RUBLK" ] || fail "BENCH_RUBLK=$RUBLK is not executable"
 for f in "$FILE_A" "$W/loop.img" ${RUBLK:+"$FILE_B"}; do
@@ -170,9 +176,18 @@ run_pass() {
   log "pass $pass: loop $LOOPDEV, vmsync $DEV on ${vfile##*/}, rublk ${RUBLKDEV:-none} on ${rfile##*/}, queues $QUEUES"
   for t in $TESTS; do
     res_l=$(fio_run "$LOOPDEV" "$t")
-    res_v=$(fio_run "$DEV" "$t" "$DAEMON_PID")
     res_r=
-    [ -z "$RUBLKDEV" ] || res_r=$(fio_run "$RUBLKDEV" "$t" "$RUBLK_PID")
+    # Which of vmsync and rublk runs first changes from pass to pass, the
+    # files every other pass, so four passes hold each combination of
+    # file and place once (1: A first, 2: B second, 3: A second, 4: B
+    # first): neither gets the better file or place every time.
+    if [ -n "$RUBLKDEV" ] && { [ $((pass % 4)) = 2 ] || [ $((pass % 4)) = 3 ]; }; then
+      res_r=$(fio_run "$RUBLKDEV" "$t" "$RUBLK_PID")
+      res_v=$(fio_run "$DEV" "$t" "$DAEMON_PID")
+    else
+      res_v=$(fio_run "$DEV" "$t" "$DAEMON_PID")
+      [ -z "$RUBLKDEV" ] || res_r=$(fio_run "$RUBLKDEV" "$t" "$RUBLK_PID")
+    fi
     case "$res_l $res_v $res_r" in *error*|"") fail "fio $t: loop=[$res_l] vmsync=[$res_v] rublk=[$res_r]" ;; esac
     proc_alive "$DAEMON_PID" || fail "vmsyncd died during $t"
     # Where each server's CPU went (threads alive now, ticks since start).
@@ -242,8 +257,13 @@ start_replicated() {
 }
 
 if [ -n "$RUBLK" ]; then
-  run_pass 1 "$FILE_A" "$FILE_B"
-  run_pass 2 "$FILE_B" "$FILE_A"
+  for pass in $(seq 1 "$PASSES"); do
+    if [ $((pass % 2)) = 1 ]; then
+      run_pass "$pass" "$FILE_A" "$FILE_B"
+    else
+      run_pass "$pass" "$FILE_B" "$FILE_A"
+    fi
+  done
 else
   run_pass 1 "$FILE_A"
 fi
