@@ -5,6 +5,7 @@
 //! turns [`BlockDevice`] calls into io_uring operations on one file
 //! descriptor, with O_DIRECT when the configuration asks for it.
 
+mod file_times;
 mod uring;
 
 use std::fs::{File, OpenOptions};
@@ -18,6 +19,7 @@ use io_uring::{opcode, squeue, types};
 
 use crate::buffer::{is_aligned, AlignedBuf};
 use crate::device::{check_range, BlockDevice};
+pub use file_times::FileTimes;
 use uring::{cqe_to_result, Uring};
 
 /// Queue depth of the ring; more in-flight requests simply wait in `push`.
@@ -102,6 +104,8 @@ pub struct BackingStore {
     direct_io: bool,
     uring: Uring,
     on_failure: std::sync::OnceLock<FailureHook>,
+    /// A file's times, kept current so writes start without blocking.
+    times: Option<FileTimes>,
 }
 
 impl BackingStore {
@@ -124,6 +128,7 @@ impl BackingStore {
             source,
         })?;
         Ok(BackingStore {
+            times: FileTimes::for_file(&file),
             file,
             path: path.to_path_buf(),
             kind,
@@ -257,6 +262,9 @@ impl BackingStore {
                     .rw_flags(rw_flags)
                     .build())
             };
+            if let Some(times) = &self.times {
+                times.before_write();
+            }
             // SAFETY: `data` is borrowed until the op completes.
             let done = unsafe { self.run(write) }.await?.min(data.len());
             if done == 0 {

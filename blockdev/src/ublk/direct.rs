@@ -43,6 +43,7 @@ use libublk::{sys, BufDesc, BufDescList, UblkIORes};
 
 use super::queue::{execute, RequestBuffer};
 use super::zero_copy::{user_copy_failed, UserCopy};
+use crate::backing::FileTimes;
 use crate::buffer::AlignedBuf;
 use crate::device::{BlockDevice, DirectFile, DirectOp, SECTOR_SIZE};
 
@@ -55,6 +56,8 @@ const SLOW_LANE_DONE: u64 = libublk::UblkUringData::NonAsync as u64;
 pub(super) struct DirectTarget {
     /// Its slot among the files registered with every queue ring.
     slot: u32,
+    /// The file itself (it stays open while the device exists).
+    fd: RawFd,
     size: u64,
     /// Tell the device of each request served (`served_directly`).
     report: bool,
@@ -68,6 +71,7 @@ impl DirectTarget {
         let slot = fds.iter().position(|&fd| fd == file.fd)?;
         Some(DirectTarget {
             slot: slot as u32,
+            fd: file.fd,
             size: file.size,
             report: file.report,
         })
@@ -291,6 +295,7 @@ pub(super) fn run_direct_queue<D: BlockDevice>(
         started: (0..dev.dev_info.queue_depth)
             .map(|_| Cell::new(None))
             .collect(),
+        times: FileTimes::for_fd(target.fd),
     };
     queue.wait_and_handle_io(|q, tag, cqe| handler.on_cqe(q, tag, cqe));
     lane.finish();
@@ -305,6 +310,9 @@ struct Handler<'a, D> {
     lane: &'a SlowLane,
     /// When each tag's request arrived (only with `target.report`).
     started: Vec<Cell<Option<Instant>>>,
+    /// The backing file's times, kept current so that writes start
+    /// without blocking (see `FileTimes`); None for a block device.
+    times: Option<FileTimes>,
 }
 
 /// Where this queue's requests' data is.
@@ -337,6 +345,11 @@ impl<D: BlockDevice> Handler<'_, D> {
         let iod = *q.get_iod(tag);
         if !cqe.is_tgt_io() {
             // A new request. (libublk hands us only fetches that succeeded.)
+            if iod.op_flags & 0xff == sys::UBLK_IO_OP_WRITE {
+                if let Some(times) = &self.times {
+                    times.before_write();
+                }
+            }
             let op = self.target.operation(&iod, self.memory(tag));
             let submitted = op.is_some_and(|op| {
                 let op = op.user_data(UblkIOCtx::build_user_data(tag, 0, 0, true));
@@ -621,6 +634,7 @@ mod tests {
     /// A 1 MiB device whose file sits in slot 1.
     const TARGET: DirectTarget = DirectTarget {
         slot: 1,
+        fd: -1,
         size: MIB,
         report: false,
     };
