@@ -156,7 +156,7 @@ fn main() {
         ),
         // No vmsync: a plain TCP sender in the primary's namespace hands
         // each peer the same cold MiB over the same shaped links (see
-        // `run_plain_tcp`), the kernel's own price of a peer.
+        // `plain_tcp::run`), the kernel's own price of a peer.
         ("tcp-1gbit-1p", "1gbit", 1, &[SEQ_1M], DEFAULTS),
         ("tcp-1gbit-2p", "1gbit", 2, &[SEQ_1M], DEFAULTS),
         ("tcp-1gbit-2p-napi-copy", "1gbit", 2, &[SEQ_1M], NAPI_COPY),
@@ -554,12 +554,17 @@ fn cpu_seconds(pid: u32) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
     };
-    let ns: u64 = tasks
+    tasks
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    ns as f64 / 1e9
+        .filter_map(|t| schedstat_seconds(&t.path().join("schedstat")))
+        .sum()
+}
+
+/// The run time a thread's `schedstat` file (`path`) holds, in seconds.
+fn schedstat_seconds(path: &std::path::Path) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
 }
 
 /// The primary's CPU seconds per second while nothing is written: what

@@ -20,7 +20,7 @@ use nix::sched::{setns, CloneFlags};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
-use super::{rate_bits, Row, Star, Workload, PAYLOAD_FRACTION};
+use super::{rate_bits, schedstat_seconds, Row, Star, Workload, PAYLOAD_FRACTION};
 
 const PORT: u16 = 7999;
 /// Distinct buffers the sender rotates through (of `Workload::block` each).
@@ -32,15 +32,10 @@ fn enter(netns: &str) {
     setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
-/// CPU time of the calling thread, in seconds (`schedstat`, nanoseconds).
+/// CPU time of the calling thread, in seconds.
 fn thread_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
-    let ns: u64 = stat
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .expect("schedstat's run time");
-    ns as f64 / 1e9
+    schedstat_seconds(std::path::Path::new("/proc/thread-self/schedstat"))
+        .expect("the thread's schedstat")
 }
 
 /// What the sender measured: requests (one buffer to every peer) in the

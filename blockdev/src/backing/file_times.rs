@@ -26,9 +26,10 @@
 //! Times are set only to "now", as a write would set them, so nothing a
 //! user sees changes. Only on local file systems (ext4, XFS, btrfs, f2fs,
 //! tmpfs): elsewhere writes do not start without blocking anyway, and a
-//! network file system would pay a round trip per tick. A file whose times cannot be set (not the owner and
-//! no write permission, which cannot happen to a file opened for writing by
-//! its owner or root) is left alone from the first failure on.
+//! network file system would pay a round trip per tick. A file whose
+//! times cannot be set (not the owner and no write permission, which
+//! cannot happen to a file opened for writing by its owner or root) is
+//! left alone from the first failure on.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
